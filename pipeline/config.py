@@ -1,0 +1,472 @@
+"""The run configuration: one YAML file, validated when it is loaded, hashed per stage.
+
+Every option has one home here. Loading fails with one message that names the key, the bad value and what
+is allowed. Each stage's output folder is named by a hash of only the sections that stage depends on (plus
+the data snapshot), so changing a training option does not re-ingest; the ``runtime`` section (workers,
+scheduler, workspace path, threads) never changes results and is never hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+SPLITS = ("train", "val", "calibration", "test")
+ID_TYPES = ("path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Section):
+    """What is predicted.
+
+    Attributes:
+        kind: ``binary``, ``multiclass`` or ``ordinal`` (ordered classes, label values 0..K-1 in order).
+        classes: Label value (as written in the labels CSV) -> class name, in class order.
+        positive_class: For binary tasks, the class whose detection "sensitivity" measures (name or label
+            value). For BreastMNIST, ``malignant`` (label 0).
+    """
+
+    kind: Literal["binary", "multiclass", "ordinal"]
+    classes: dict[str, str] = Field(min_length=2)
+    positive_class: str | None = None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _stringify(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): str(val) for k, val in v.items()}
+        if isinstance(v, list):
+            return {str(i): str(name) for i, name in enumerate(v)}
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        names = list(self.classes.values())
+        if len(set(names)) != len(names):
+            raise ValueError(f"task.classes: class names must be unique, got {names}")
+        if self.kind == "binary":
+            if len(self.classes) != 2:
+                raise ValueError(
+                    f"task.classes: a binary task needs exactly 2 classes, got {len(self.classes)} "
+                    f"({self.classes})"
+                )
+            if self.positive_class is None:
+                raise ValueError(
+                    "task.positive_class: required for a binary task; expected one of "
+                    f"{names + list(self.classes)}"
+                )
+        if self.positive_class is not None and self.positive_class not in names + list(self.classes):
+            raise ValueError(
+                f"task.positive_class: {self.positive_class!r} is not a class; expected one of "
+                f"names {names} or label values {list(self.classes)}"
+            )
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes.values())
+
+    @property
+    def label_values(self) -> list[str]:
+        return list(self.classes)
+
+    @property
+    def positive_index(self) -> int | None:
+        """Column index of the positive class, or None."""
+        if self.positive_class is None:
+            return None
+        if self.positive_class in self.classes.values():
+            return self.class_names.index(self.positive_class)
+        return self.label_values.index(self.positive_class)
+
+
+class DataConfig(_Section):
+    """Where the images and labels are.
+
+    Attributes:
+        source: Folder of DICOM / NIfTI / PNG-JPEG files (searched recursively), relative to the config file.
+        labels_csv: CSV with one row per case, relative to the config file.
+        id_column: Column of the labels CSV that identifies the case.
+        id_type: What ``id_column`` holds: a file path relative to ``source`` (``path``), or a DICOM
+            identifier (PatientID, StudyInstanceUID, SeriesInstanceUID, AccessionNumber).
+        label_column: Column with the label value (a key of ``task.classes``).
+        split_column: Optional column fixing each case's split (train, val, calibration, test); rows left
+            empty fall back to the hashed rule.
+        patient_column: Optional column with the patient identifier, for sources without DICOM headers
+            (NIfTI, PNG); hashed into a pseudonym like PatientID.
+        group_columns: Optional extra CSV columns (e.g. site) kept, pseudonymised of nothing, as subgroups.
+        kinds: Which file kinds to ingest.
+    """
+
+    source: Path
+    labels_csv: Path
+    id_column: str = "path"
+    id_type: Literal["path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"] = "path"
+    label_column: str = "label"
+    split_column: str | None = None
+    patient_column: str | None = None
+    group_columns: tuple[str, ...] = ()
+    kinds: tuple[Literal["dicom", "nifti", "image"], ...] = ("dicom", "nifti", "image")
+
+
+class SplitConfig(_Section):
+    """Patient-level split fractions of the hashed rule (the rest is train).
+
+    Attributes:
+        val: Share of patients for validation (early stopping, thresholds).
+        calibration: Share for post-hoc calibration and conformal prediction.
+        test: Share for the final, reported evaluation.
+        calibration_from_train: With a fixed split column, the share of ``train`` patients moved to
+            ``calibration`` (hashed, stable) when the column names no calibration cases.
+    """
+
+    val: float = Field(0.15, ge=0.0, lt=1.0)
+    calibration: float = Field(0.15, ge=0.0, lt=1.0)
+    test: float = Field(0.2, ge=0.0, lt=1.0)
+    calibration_from_train: float = Field(0.15, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        total = self.val + self.calibration + self.test
+        if total >= 0.9:
+            raise ValueError(
+                f"split: val + calibration + test = {total:.2f}; expected < 0.9 so that training keeps "
+                "at least 10% of patients"
+            )
+        return self
+
+
+class IngestConfig(_Section):
+    """Ingestion options.
+
+    Attributes:
+        tilt: Gantry-tilted CT series: ``correct`` (resample onto an orthogonal grid) or ``refuse``.
+        uneven_spacing: Unevenly spaced series: ``resample`` or ``refuse``.
+        processes: Decoder processes (not hashed; distinct from Luigi's ``--workers``).
+    """
+
+    tilt: Literal["correct", "refuse"] = "correct"
+    uneven_spacing: Literal["resample", "refuse"] = "resample"
+    processes: int = Field(1, ge=1, le=64)
+
+
+class DeidConfig(_Section):
+    """De-identification.
+
+    Attributes:
+        key_env: Environment variable holding the pseudonymisation key; unset means a key file created
+            once in the workspace's ``private/`` folder.
+    """
+
+    key_env: str | None = None
+
+
+class PreprocessConfig(_Section):
+    """Deterministic preprocessing (cached by the Augment stage).
+
+    Attributes:
+        spatial_dims: 2 for images, 3 for volumes.
+        image_size: Side of the square/cubic network input in pixels/voxels.
+        intensity: ``auto`` (from the backbone's spec), ``minmax`` (per image to [0, 1]), ``window``
+            (clip to ``window`` then scale), ``zscore_nonzero`` (MedicalNet convention).
+        window: Intensity window [low, high] (e.g. a CT HU window) used by ``window``.
+    """
+
+    spatial_dims: Literal[2, 3] = 2
+    image_size: int = Field(64, ge=8, le=1024)
+    intensity: Literal["auto", "minmax", "window", "zscore_nonzero"] = "auto"
+    window: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessConfig:
+        if self.intensity == "window" and self.window is None:
+            raise ValueError("preprocess.window: required when preprocess.intensity is 'window'")
+        if self.window is not None and not self.window[0] < self.window[1]:
+            raise ValueError(f"preprocess.window: {list(self.window)} must be [low, high] with low < high")
+        return self
+
+
+class AugmentConfig(_Section):
+    """Random training augmentation (MONAI), applied on the fly with a pipeline-owned RNG.
+
+    Attributes:
+        flip: Random left-right flip probability.
+        rotate_deg: Maximum in-plane rotation in degrees (0 disables).
+        scale: Maximum relative zoom (0.1 = +-10%).
+        translate: Maximum shift as a fraction of the image size.
+        intensity: Strength of intensity jitter (contrast/gamma and scale; 0 disables).
+        noise_std: Standard deviation of additive Gaussian noise on normalised intensities (0 disables).
+        prob: Probability of applying each of the affine and intensity transforms.
+        preview: Number of augmented training samples drawn on the preview sheet.
+    """
+
+    flip: float = Field(0.5, ge=0.0, le=1.0)
+    rotate_deg: float = Field(10.0, ge=0.0, le=180.0)
+    scale: float = Field(0.1, ge=0.0, le=0.9)
+    translate: float = Field(0.05, ge=0.0, le=0.5)
+    intensity: float = Field(0.1, ge=0.0, le=1.0)
+    noise_std: float = Field(0.0, ge=0.0, le=1.0)
+    prob: float = Field(0.8, ge=0.0, le=1.0)
+    preview: int = Field(16, ge=0, le=64)
+
+
+class ModelConfig(_Section):
+    """The backbone.
+
+    Attributes:
+        backbone: A registered backbone name (``medtl backbones`` lists them).
+        pretrained: Start from pretrained weights (ImageNet for 2D) or from scratch.
+        weights: Optional explicit weights file (overrides the offline search), relative to the config.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: Path | None = None
+
+
+class TrainConfig(_Section):
+    """Fine-tuning.
+
+    Attributes:
+        strategy: ``finetune`` (all layers) or ``linear_probe`` (frozen backbone, new head).
+        epochs: Maximum epochs.
+        batch_size: Mini-batch size.
+        lr: Peak learning rate of the new head; the backbone gets ``lr * backbone_lr_mult``.
+        backbone_lr_mult: Discriminative learning-rate factor for pretrained layers.
+        weight_decay: AdamW weight decay.
+        patience: Early stopping: epochs without validation-AUROC improvement.
+        warmup_epochs: Linear warm-up before the cosine schedule.
+        class_weighting: ``balanced`` (inverse-frequency loss weights) or ``none``.
+        label_smoothing: Cross-entropy label smoothing.
+        seed: Seed of every RNG of the run (weights init, order, augmentation).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (not hashed).
+        amp: Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU (not hashed).
+        label_fraction: Use only this stratified share of training labels (label-efficiency studies).
+    """
+
+    strategy: Literal["finetune", "linear_probe"] = "finetune"
+    epochs: int = Field(30, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    backbone_lr_mult: float = Field(0.3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    patience: int = Field(8, ge=1, le=1000)
+    warmup_epochs: int = Field(1, ge=0, le=100)
+    class_weighting: Literal["balanced", "none"] = "balanced"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class EvaluateConfig(_Section):
+    """Evaluation.
+
+    Attributes:
+        calibration: Post-hoc calibrator fitted on the calibration split.
+        n_bootstrap: Bootstrap resamples for confidence intervals.
+        ci_level: Confidence level of every interval.
+        ece_bins: Bins of the expected calibration error.
+        conformal_alpha: Miscoverage of conformal prediction sets (0.1 = 90% coverage).
+        min_subgroup: Subgroups smaller than this are reported with a warning.
+    """
+
+    calibration: Literal["none", "temperature", "vector", "platt", "isotonic", "auto"] = "temperature"
+    n_bootstrap: int = Field(2000, ge=100, le=100000)
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    ece_bins: int = Field(15, ge=2, le=100)
+    conformal_alpha: float = Field(0.1, gt=0.0, lt=0.5)
+    min_subgroup: int = Field(30, ge=1)
+
+
+class ReportConfig(_Section):
+    """The exported report.
+
+    Attributes:
+        title: Report title.
+        intended_use: Sentence for the model card's intended-use section.
+    """
+
+    title: str = "medtl evaluation report"
+    intended_use: str = (
+        "Research use only: decision support evaluated retrospectively; not a medical device."
+    )
+
+
+class RuntimeConfig(_Section):
+    """Where and how to run; never hashed (does not change results).
+
+    Attributes:
+        workspace: Workspace folder, relative to the config file.
+        workers: Luigi workers.
+        scheduler_host: Central ``luigid`` host; None runs Luigi's local scheduler.
+        scheduler_port: ``luigid`` port.
+        threads: Torch CPU threads (None: torch's default).
+        num_workers: DataLoader worker processes.
+    """
+
+    workspace: Path = Path("medtl-workspace")
+    workers: int = Field(1, ge=1, le=256)
+    scheduler_host: str | None = None
+    scheduler_port: int = Field(8082, ge=1, le=65535)
+    threads: int | None = Field(None, ge=1, le=1024)
+    num_workers: int = Field(0, ge=0, le=64)
+
+
+class Config(_Section):
+    """A whole medtl run configuration (see ``configs/*.yaml``)."""
+
+    name: str = Field("medtl-run", min_length=1)
+    task: TaskConfig
+    data: DataConfig
+    split: SplitConfig = SplitConfig()
+    ingest: IngestConfig = IngestConfig()
+    deid: DeidConfig = DeidConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    source_path: Path | None = Field(None, exclude=True)
+
+    def hashed(self, *sections: str, extra: dict[str, Any] | None = None) -> str:
+        """Return a 12-hex-digit hash of the named sections (plus ``extra``), excluding unhashed fields."""
+        payload: dict[str, Any] = {}
+        for name in sections:
+            value = getattr(self, name)
+            dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            for field in _UNHASHED.get(name, ()):
+                dumped.pop(field, None)
+            payload[name] = dumped
+        if extra:
+            payload["extra"] = extra
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as written into reports: no absolute paths (they may contain names)."""
+        out = self.model_dump(mode="json", exclude={"runtime", "source_path"})
+        out["data"]["source"] = Path(out["data"]["source"]).name
+        out["data"]["labels_csv"] = Path(out["data"]["labels_csv"]).name
+        if out["model"].get("weights"):
+            out["model"]["weights"] = Path(out["model"]["weights"]).name
+        return out
+
+
+# Fields that never change results, per section. The data paths are not hashed either: the data snapshot
+# (file list, sizes, mtimes, labels CSV digest) stands for the data.
+_UNHASHED: dict[str, tuple[str, ...]] = {
+    "ingest": ("processes",),
+    "train": ("device", "amp"),
+    "data": ("source", "labels_csv"),
+    "model": ("weights",),
+}
+
+
+def _format_validation_error(err: ValidationError, path: Path) -> str:
+    lines = [f"Invalid configuration {path}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            lines.append(f"  - {loc}: unknown key; allowed keys here: {', '.join(allowed)}")
+            continue
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            lines.append(f"  - {loc}: required key is missing")
+        else:
+            lines.append(f"  - {loc}: {msg} (got {shown})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [k for k, f in model.model_fields.items() if not f.exclude]
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a YAML config; relative paths are resolved against the config's folder.
+
+    Args:
+        path: The YAML file.
+        overrides: Optional nested dict merged over the file (used by the CLI and benchmarks).
+
+    Raises:
+        ConfigError: With one message naming each bad key, its value and what is allowed.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; expected a YAML file (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, path)) from err
+    return _resolve_paths(cfg, path)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve_paths(cfg: Config, path: Path) -> Config:
+    base = path.parent
+
+    def resolve(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = Path(os.path.expandvars(str(p))).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    data = cfg.data.model_copy(update={"source": resolve(cfg.data.source), "labels_csv": resolve(cfg.data.labels_csv)})
+    model = cfg.model.model_copy(update={"weights": resolve(cfg.model.weights)})
+    runtime = cfg.runtime.model_copy(update={"workspace": resolve(cfg.runtime.workspace)})
+    cfg = cfg.model_copy(update={"data": data, "model": model, "runtime": runtime, "source_path": path})
+    problems = []
+    if not data.source.is_dir():
+        problems.append(f"  - data.source: folder {data.source} does not exist; expected a folder of images")
+    if not data.labels_csv.is_file():
+        problems.append(f"  - data.labels_csv: file {data.labels_csv} does not exist; expected a CSV file")
+    if model.weights is not None and not model.weights.is_file():
+        problems.append(f"  - model.weights: file {model.weights} does not exist; expected a weights file")
+    if problems:
+        raise ConfigError("\n".join([f"Invalid configuration {path}:", *problems]))
+    return cfg
