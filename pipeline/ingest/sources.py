@@ -1,0 +1,279 @@
+"""Find the imaging inputs under a folder and load them one unit at a time.
+
+:func:`scan_sources` walks a tree, reads only headers (DICOM without pixels, NIfTI headers, image sizes),
+groups DICOM files into series/volumes as dcm2niix does and returns picklable :class:`SourceItem` s plus
+a :class:`Rejected` entry for every file it cannot use. :func:`load_item` decodes one item into a
+:class:`~pipeline.ingest.volume.Volume`; callers run it in a process pool. The source tree is only ever
+opened read-only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import IngestError
+from pipeline.ingest.volume import Volume
+
+KINDS = ("dicom", "nifti", "image")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Files never tried as images (side-cars, docs, archives); reported with code ``skipped``.
+SKIP_SUFFIXES = (
+    ".json", ".txt", ".md", ".csv", ".tsv", ".xml", ".html", ".htm", ".pdf", ".py", ".yaml", ".yml",
+    ".bval", ".bvec", ".zip", ".tar", ".tgz", ".sh", ".log", ".ini", ".cfg", ".rst",
+)
+SKIP_NAMES = ("LICENSE", "LICENSE.txt", "README", "NOTICE", "COPYING", ".DS_Store", "Thumbs.db")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One assembled unit: a DICOM series/volume, one NIfTI file or one 2D image (picklable).
+
+    Attributes:
+        key: Stable non-identifying id within the dataset (sha256 over grouping keys + file set), no PHI.
+        kind: ``"dicom"``, ``"nifti"`` or ``"image"``.
+        files: Absolute source paths, sorted (PRIVATE: never written to shared outputs).
+        ids: Identifying keys as :attr:`Volume.ids` (PRIVATE).
+        header: Non-identifying facts known without decoding pixels (modality, manufacturer, n_files,
+            shape guess ...).
+    """
+
+    key: str
+    kind: str
+    files: tuple[str, ...]
+    ids: dict = field(default_factory=dict, hash=False, compare=True)
+    header: dict = field(default_factory=dict, hash=False, compare=True)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A file that cannot be used, with a human-readable reason and a short stable code.
+
+    Codes: ``empty``, ``not_dicom``, ``dicomdir``, ``no_pixel_data``, ``truncated``,
+    ``unsupported_transfer_syntax``, ``mixed_sizes``, ``bad_mosaic``, ``bad_nifti``, ``bad_image``,
+    ``skipped``, ``unreadable``.
+    """
+
+    path: str
+    reason: str
+    code: str
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How :func:`load_item` treats irregular geometry.
+
+    Attributes:
+        tilt: ``"correct"`` resamples a gantry-tilted CT onto an orthogonal grid (flag ``tilt_corrected``);
+            ``"refuse"`` raises IngestError code ``gantry_tilt``.
+        uneven_spacing: ``"resample"`` resamples unevenly spaced slices to equal gaps (flag
+            ``resampled_uneven_slices``); ``"refuse"`` raises IngestError code ``uneven_spacing``.
+    """
+
+    tilt: str = "correct"
+    uneven_spacing: str = "resample"
+
+    def __post_init__(self) -> None:
+        if self.tilt not in ("correct", "refuse"):
+            raise ValueError(f"LoadOptions.tilt = {self.tilt!r}; expected 'correct' or 'refuse'")
+        if self.uneven_spacing not in ("resample", "refuse"):
+            raise ValueError(
+                f"LoadOptions.uneven_spacing = {self.uneven_spacing!r}; expected 'resample' or 'refuse'"
+            )
+
+
+def _kind_of(path: str) -> str | None:
+    low = path.lower()
+    name = os.path.basename(path)
+    if low.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if low.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name in SKIP_NAMES or name.startswith(".") or low.endswith(SKIP_SUFFIXES) or low.endswith(".gz"):
+        return None
+    return "dicom"
+
+
+def _walk(root: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            p = os.path.join(dirpath, fn)
+            if os.path.isfile(p):
+                out.append(os.path.abspath(p))
+    return out
+
+
+def scan_sources(
+    root: str | os.PathLike[str], kinds: tuple[str, ...] = KINDS, workers: int = 1
+) -> tuple[list[SourceItem], list[Rejected]]:
+    """Walk ``root`` recursively and return the usable units and the rejected files.
+
+    DICOM files are read header-only (``stop_before_pixels``), with or without the DICM preamble, and
+    grouped into series as dcm2niix does (see :func:`pipeline.ingest.dicom.group_series`); DICOMDIR files
+    are reported with code ``dicomdir``. Nothing under ``root`` is modified.
+
+    Args:
+        root: Folder (or single file) to scan.
+        kinds: Subset of ``("dicom", "nifti", "image")`` to look for.
+        workers: Threads used to read headers (I/O bound); 1 reads sequentially.
+
+    Returns:
+        ``(items, rejected)``, both in a deterministic order (by kind, then path).
+    """
+    from pipeline.ingest import dicom as dcm
+
+    root = os.fspath(root)
+    bad = set(kinds) - set(KINDS)
+    if bad:
+        raise ValueError(f"scan_sources: kinds {sorted(bad)} unknown; expected a subset of {KINDS}")
+    if not os.path.exists(root):
+        raise IngestError(f"{root}: input folder does not exist; expected a folder of DICOM/NIfTI/images", "missing")
+    paths = [os.path.abspath(root)] if os.path.isfile(root) else _walk(root)
+    items: list[SourceItem] = []
+    rejected: list[Rejected] = []
+    dicom_paths: list[str] = []
+    for p in paths:
+        kind = _kind_of(p)
+        if kind is None:
+            if "dicom" in kinds:
+                rejected.append(Rejected(p, f"{p}: skipped (side-car/document file name, not an image)", "skipped"))
+            continue
+        if kind not in kinds:
+            continue
+        if kind == "dicom":
+            dicom_paths.append(p)
+        elif kind == "nifti":
+            from pipeline.ingest.nifti import nifti_header
+
+            try:
+                items.append(SourceItem(dcm.item_key(["nifti", os.path.relpath(p, root)]), "nifti", (p,), {}, nifti_header(p)))
+            except IngestError as err:
+                rejected.append(Rejected(p, err.reason, err.code))
+        else:
+            from pipeline.ingest.images import image_header
+
+            try:
+                items.append(SourceItem(dcm.item_key(["image", os.path.relpath(p, root)]), "image", (p,), {}, image_header(p)))
+            except IngestError as err:
+                rejected.append(Rejected(p, err.reason, err.code))
+
+    if dicom_paths:
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as ex:
+                results = list(ex.map(dcm.read_header, dicom_paths))
+        else:
+            results = [dcm.read_header(p) for p in dicom_paths]
+        records = []
+        for p, res in zip(dicom_paths, results):
+            if isinstance(res, tuple):
+                rejected.append(Rejected(p, res[1], res[0]))
+            else:
+                records.append(res)
+        groups, rej = dcm.group_series(records)
+        rejected.extend(Rejected(p, reason, code) for p, code, reason in rej)
+        base = root if os.path.isdir(root) else os.path.dirname(root)
+        for g in groups:
+            files = tuple(sorted(r.path for r in g))
+            first = g[0]
+            header = {k: v for k, v in first.facts.items() if k != "flags"}
+            header["flags"] = list(first.facts.get("flags", []))
+            header["n_files"] = len(files)
+            header["mosaic"] = first.is_mosaic
+            header["enhanced"] = first.is_enhanced
+            header["shape_guess"] = _shape_guess(g)
+            key = dcm.item_key(["dicom", first.group_key, first.iop, [os.path.relpath(f, base) for f in files]])
+            items.append(SourceItem(key, "dicom", files, dict(first.ids), header))
+    items.sort(key=lambda it: (KINDS.index(it.kind), it.files[0]))
+    rejected.sort(key=lambda r: r.path)
+    return items, rejected
+
+
+def _shape_guess(group: list[Any]) -> list[int]:
+    r = group[0]
+    if r.is_mosaic:
+        n = int(r.facts.get("n_mosaic", 1))
+        import math
+
+        m = int(math.ceil(math.sqrt(n)))
+        return [r.columns // m, r.rows // m, n] + ([len(group)] if len(group) > 1 else [])
+    if r.is_enhanced or r.n_frames > 1:
+        return [r.columns, r.rows, r.n_frames]
+    return [r.columns, r.rows, len(group)]
+
+
+def load_item(item: SourceItem, options: LoadOptions | None = None) -> Volume:
+    """Decode one item into a :class:`Volume` (axis order ``(i, j, k[, t/c])``, RAS+ affine).
+
+    Raises:
+        IngestError: the item cannot be read or its geometry is refused; ``reason`` names the file, the
+            DICOM field (keyword and tag), the value and what was expected.
+    """
+    options = options or LoadOptions()
+    if item.kind == "dicom":
+        return load_dicom(list(item.files), options)
+    if item.kind == "nifti":
+        from pipeline.ingest.nifti import read_nifti
+
+        return read_nifti(item.files[0])
+    if item.kind == "image":
+        from pipeline.ingest.images import read_image
+
+        return read_image(item.files[0])
+    raise IngestError(f"SourceItem {item.key}: kind {item.kind!r} unknown; expected one of {KINDS}", "unknown_kind")
+
+
+def load_dicom(files: list[str], options: LoadOptions | None = None) -> Volume:
+    """Decode and assemble one DICOM series/volume (the files of one :class:`SourceItem`).
+
+    Pixel values: stored values (BitsStored (0028,0101) masked, signed per PixelRepresentation
+    (0028,0103)) through the modality LUT (RescaleSlope (0028,1053) / RescaleIntercept (0028,1052) or
+    ModalityLUTSequence (0028,3000)), so CT is in HU. Integer results are kept integer (int16 for CT).
+    """
+    from pipeline.ingest import dicom as dcm
+    from pipeline.ingest.dicom_geometry import assemble_slices
+
+    options = options or LoadOptions()
+    files = sorted(files)
+    records = []
+    for f in files:
+        rec = dcm.read_header(f)
+        if isinstance(rec, tuple):
+            raise IngestError(rec[1], rec[0])
+        records.append(rec)
+    slices = []
+    ds0 = None
+    for f, rec in zip(files, records):
+        s, ds = dcm.decode_file(f, rec)
+        slices.extend(s)
+        if ds0 is None:
+            ds0 = ds
+    where = files[0] if len(files) == 1 else f"series of {len(files)} files starting {files[0]}"
+    asm = assemble_slices(slices, where, tilt=options.tilt, uneven=options.uneven_spacing)
+    meta = dcm.public_facts(ds0)
+    meta["flags"] = list(dict.fromkeys(meta["flags"] + asm.flags))
+    if (meta.get("photometric") or "").upper() == "MONOCHROME1":
+        meta["flags"].append("inverted_monochrome1")
+    meta["n_files"] = len(files)
+    meta["axis4"] = asm.axis4
+    meta["geometry"] = asm.geometry
+    meta["source_kind"] = "dicom"
+    meta["measured_tilt_deg"] = round(asm.tilt_deg, 4)
+    if asm.slice_gaps_mm:
+        gaps = sorted(set(round(g, 3) for g in asm.slice_gaps_mm))
+        meta["slice_gaps_mm"] = gaps[:20]
+    meta["dtype"] = str(asm.array.dtype)
+    return Volume(asm.array, asm.affine, meta, dcm.private_ids(ds0))
+
+
+def item_to_dict(item: SourceItem) -> dict[str, Any]:
+    """A JSON-ready dict of an item (PRIVATE: holds source paths and ids)."""
+    return {"key": item.key, "kind": item.kind, "files": list(item.files), "ids": dict(item.ids), "header": dict(item.header)}
+
+
+__all__ = ["SourceItem", "Rejected", "LoadOptions", "scan_sources", "load_item", "load_dicom"]
