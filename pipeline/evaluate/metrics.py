@@ -56,6 +56,8 @@ from pipeline.evaluate.bootstrap import (
 from pipeline.evaluate.delong import delong_ci
 
 __all__ = [
+    "auroc_with_ci",
+    "paired_auroc_difference",
     "binned_calibration",
     "brier_score",
     "calibration_block",
@@ -412,6 +414,44 @@ def _auroc_entry(scores: np.ndarray, y_pos: np.ndarray, boot_samples: np.ndarray
     return value_ci(
         value, ci, method, ci_delong=[_num(lo), _num(hi)], ci_bootstrap=[_num(bci[0]), _num(bci[1])]
     )
+
+
+def auroc_with_ci(scores: np.ndarray, y_pos: np.ndarray, bootstrap: Bootstrap) -> dict:
+    """AUROC with DeLong and (cluster) bootstrap intervals.
+
+    Args:
+        scores: Score per case, shape (N,).
+        y_pos: Positive label per case, shape (N,).
+        bootstrap: Resampler over the N cases.
+    """
+    y_pos = np.asarray(y_pos, dtype=bool)
+    samples = bootstrap.run({"auc": auroc_stat(scores, y_pos)})["auc"]
+    return _auroc_entry(np.asarray(scores, dtype=np.float64), y_pos, samples, bootstrap)
+
+
+def paired_auroc_difference(
+    y_pos: np.ndarray, scores1: np.ndarray, scores2: np.ndarray, bootstrap: Bootstrap
+) -> dict:
+    """Paired bootstrap of AUROC(model 1) - AUROC(model 2) on the same cases (same resamples).
+
+    Args:
+        y_pos: Positive label per case, shape (N,).
+        scores1: Scores of model 1, shape (N,).
+        scores2: Scores of model 2, shape (N,).
+        bootstrap: Resampler over the N cases (cluster bootstrap when it has clusters).
+
+    Returns:
+        ``{"value", "ci", "ci_method", "p_value", "auroc1", "auroc2"}``; the p-value is the two-sided
+        bootstrap p-value ``2 * min(P*(d <= 0), P*(d >= 0))`` (capped at 1).
+    """
+    y_pos = np.asarray(y_pos, dtype=bool)
+    boot = bootstrap.run({"a": auroc_stat(scores1, y_pos), "b": auroc_stat(scores2, y_pos)})
+    d = boot["a"] - boot["b"]
+    d = d[np.isfinite(d)]
+    a1, a2 = roc_auc_score(y_pos, scores1), roc_auc_score(y_pos, scores2)
+    p = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))) if len(d) else float("nan")
+    method = "cluster_bootstrap" if bootstrap.clustered else "bootstrap"
+    return value_ci(a1 - a2, bootstrap.ci(d), method, p_value=p, auroc1=_num(a1), auroc2=_num(a2))
 
 
 def discrimination_block(
