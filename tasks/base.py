@@ -1,0 +1,85 @@
+"""Shared Luigi wiring: one ``config`` parameter, an output folder named by the stage digest, atomic runs.
+
+Tasks stay thin: ``run()`` publishes a temporary folder filled by a ``pipeline`` function. A task's
+``complete()`` is Luigi's default (its output folder exists); because the folder appears only through an
+atomic rename, a killed run never leaves an output Luigi would take as complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import luigi
+
+from pipeline.config import Config, load_config
+from pipeline.errors import MedtlError
+from pipeline.io import atomic_dir
+from pipeline.workspace import StagePlan, plan_stages
+
+_CACHE: dict[tuple[str, int], tuple[Config, StagePlan]] = {}
+#: MedtlErrors raised by tasks in this process, for the CLI's one-line error message.
+FAILURES: list[tuple[str, MedtlError]] = []
+
+
+def config_and_plan(path: str) -> tuple[Config, StagePlan]:
+    """Load (once per file version) the config and its stage plan."""
+    mtime = os.stat(path).st_mtime_ns
+    key = (os.path.abspath(path), mtime)
+    if key not in _CACHE:
+        cfg = load_config(path)
+        _CACHE[key] = (cfg, plan_stages(cfg))
+    return _CACHE[key]
+
+
+class StageTask(luigi.Task):
+    """Base class: subclasses set ``stage`` and implement ``build(cfg, plan, tmp_dir)``."""
+
+    config = luigi.Parameter(description="Path to the run's YAML config")
+    stage: ClassVar[str] = ""
+    retry_count = 0
+
+    @property
+    def cfg(self) -> Config:
+        return config_and_plan(self.config)[0]
+
+    @property
+    def plan(self) -> StagePlan:
+        return config_and_plan(self.config)[1]
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(getattr(self.plan, self.stage)))
+
+    def run(self) -> None:
+        with atomic_dir(self.output().path) as tmp:
+            self.build(self.cfg, self.plan, Path(tmp))
+
+    def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_failure(self, exception: BaseException) -> str:
+        if isinstance(exception, MedtlError):
+            FAILURES.append((self.task_family, exception))
+            return f"{self.task_family} failed: {exception}"
+        return super().on_failure(exception)
+
+
+class _HideMedtlTracebacks(logging.Filter):
+    """Luigi logs every task failure with a traceback; for medtl's own errors, the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MedtlError):
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install_log_filter() -> None:
+    for name in ("luigi-interface", "luigi"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HideMedtlTracebacks) for f in logger.filters):
+            logger.addFilter(_HideMedtlTracebacks())

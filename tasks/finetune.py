@@ -1,0 +1,30 @@
+"""FineTune task: trains the backbone (pipeline.train.loop), resuming from its work folder after a crash."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.train.loop import run_finetune
+from pipeline.workspace import StagePlan
+from tasks.augment import Augment
+from tasks.base import StageTask
+
+
+class FineTune(StageTask):
+    stage = "finetune"
+    resources = {"gpu": 1}
+
+    def requires(self) -> Augment:
+        return Augment(config=self.config)
+
+    def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
+        work = plan.finetune.with_name(plan.finetune.name + ".work")
+        run_finetune(cfg, plan.augment, tmp, work, progress=sys.stderr.isatty())
+
+    def run(self) -> None:
+        super().run()
+        work = self.plan.finetune.with_name(self.plan.finetune.name + ".work")
+        shutil.rmtree(work, ignore_errors=True)
