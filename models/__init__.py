@@ -13,6 +13,7 @@ Importing this package registers every built-in backbone (2D timm, 3D MedicalNet
 
 from __future__ import annotations
 
+from models import medicalnet as _medicalnet  # noqa: F401  (registers 3D MedicalNet backbones)
 from models import timm2d as _timm2d  # noqa: F401  (registers 2D backbones)
 from models.registry import (
     create_backbone,
