@@ -182,8 +182,15 @@ def _is_mosaic(ds: Any) -> bool:
     return "MOSAIC" in image_type and (0x0029, 0x1010) in ds
 
 
+def _csareader() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import csareader
+    return csareader
+
+
 def _csa_image(ds: Any) -> dict:
-    from nibabel.nicom import csareader
+    csareader = _csareader()
 
     try:
         with warnings.catch_warnings():
@@ -195,7 +202,7 @@ def _csa_image(ds: Any) -> dict:
 
 def mosaic_count(ds: Any, path: str) -> int:
     """NumberOfImagesInMosaic from the Siemens CSA image header (0029,1010)."""
-    from nibabel.nicom import csareader
+    csareader = _csareader()
 
     csa = _csa_image(ds)
     n = None
@@ -295,14 +302,17 @@ def read_header(path: str) -> HeaderRecord | tuple[str, str]:
     has_pixels = tag_le in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
     rows, cols = _i(ds.get("Rows")), _i(ds.get("Columns"))
     if not has_pixels:
-        if rows and cols:
+        sop = _s(ds.get("SOPClassUID"))
+        if _last_element_short(ds) or _is_image_sop(sop):
             return "truncated", (
-                f"{path}: file ends at byte {size} before Pixel Data (7FE0,0010) although Rows (0028,0010) = "
-                f"{rows} and Columns (0028,0011) = {cols} are set; expected the pixel element (truncated file)"
+                f"{path}: file ends at byte {size} before Pixel Data (7FE0,0010) although SOPClassUID "
+                f"(0008,0016) = {sop or 'n/a'} is an image class; expected a complete DICOM image file "
+                "(truncated, or pixel data stripped)"
             )
         return "no_pixel_data", (
             f"{path}: no Pixel Data (7FE0,0010) (SOPClassUID (0008,0016) = {_s(ds.get('SOPClassUID')) or 'n/a'}, "
-            f"Modality (0008,0060) = {_s(ds.get('Modality')) or 'n/a'}); expected an image object"
+            f"Modality (0008,0060) = {_s(ds.get('Modality')) or 'n/a'}, Rows (0028,0010) = {rows}, file size "
+            f"{size} bytes); expected an image object"
         )
     if not (rows and cols):
         return "no_pixel_data", (
@@ -392,6 +402,29 @@ def image_type_key(value: Any) -> tuple:
     tokens = [_s(v).upper() for v in (value or [])]
     first = tokens[0] if tokens else ""
     return (first, tuple(sorted(set(tokens[1:]) & _IMAGE_TYPE_TOKENS)))
+
+
+def _is_image_sop(uid: str) -> bool:
+    """SOP classes named '... Image Storage' in pydicom's UID dictionary (CT, MR, CR, DX, US, SC ...)."""
+    if not uid:
+        return False
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return "Image Storage" in name
+
+
+def _last_element_short(ds: Any) -> bool:
+    """True when the last element read holds fewer value bytes than its header announced (file cut)."""
+    try:
+        raw = list(ds._dict.values())[-1] if ds._dict else None
+    except Exception:  # noqa: BLE001
+        return False
+    length = getattr(raw, "length", None)
+    value = getattr(raw, "value", None)
+    if length is None or value is None or length == 0xFFFFFFFF or not isinstance(value, (bytes, bytearray)):
+        return False
+    return len(value) < length
 
 
 def _check_transfer_syntax(path: str, ts: str) -> tuple[str, str] | None:
@@ -607,8 +640,7 @@ def _mosaic_slices(ds: Any, arr: np.ndarray, path: str, order_key: tuple) -> lis
             "PixelSpacing (0028,0030); expected all three",
             "missing_geometry",
         )
-    from nibabel.nicom import csareader
-
+    csareader = _csareader()
     row_c, col_c = np.asarray(iop[:3]), np.asarray(iop[3:])
     normal = _normal(iop)
     csa = _csa_image(ds)

@@ -42,8 +42,8 @@ class SourceItem:
 
     key: str
     kind: str
-    files: tuple[str, ...]
-    ids: dict = field(default_factory=dict, hash=False, compare=True)
+    files: tuple[str, ...] = field(repr=False)
+    ids: dict = field(default_factory=dict, hash=False, compare=True, repr=False)
     header: dict = field(default_factory=dict, hash=False, compare=True)
 
 

@@ -61,7 +61,7 @@ class Volume:
     array: np.ndarray
     affine: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
-    ids: dict[str, str] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict, repr=False)  # never shown in logs/tracebacks
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64)

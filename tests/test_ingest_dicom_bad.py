@@ -1,0 +1,184 @@
+"""Bad DICOM input: every case ends as a Rejected (scan) or IngestError (load) with a clear reason and a
+stable code, never a traceback, and the source files stay byte-identical."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from pipeline.errors import IngestError
+from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _write_series(folder: Path, n: int, gap: float = 5.0, skip: tuple[int, ...] = (), size: dict | None = None,
+                  series_uid: str | None = None) -> list[Path]:
+    """n axial slices made from pydicom's CT_small, ImagePositionPatient z = k * gap; ``skip`` drops slices."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    series_uid = series_uid or generate_uid()
+    out = []
+    for k in range(n):
+        if k in skip:
+            continue
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = n - k  # deliberately reversed: sorting must use positions
+        ds.ImagePositionPatient = [-158.1, -179.0, k * gap]
+        if size and k in size:
+            r, c = size[k]
+            ds.Rows, ds.Columns = r, c
+            ds.PixelData = np.zeros((r, c), dtype=np.int16).tobytes()
+        p = folder / f"slice{k:02d}.dcm"
+        ds.save_as(p)
+        out.append(p)
+    return out
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _codes(rejected):
+    return {Path(r.path).name: r.code for r in rejected}
+
+
+def test_sorted_by_position_not_instance_number(tmp_path):
+    _write_series(tmp_path / "s", 5)
+    items, rejected = scan_sources(tmp_path)
+    assert len(items) == 1 and not rejected
+    vol = load_item(items[0])
+    assert vol.array.shape == (128, 128, 5)
+    np.testing.assert_allclose(vol.spacing[2], 5.0)
+    # k axis goes up in z (S) as positions do, although InstanceNumber goes down
+    assert vol.affine[2, 2] > 0
+
+
+def test_bad_files_are_rejected_with_codes_and_untouched(tmp_path):
+    src = tmp_path / "in"
+    good = _write_series(src / "good", 3)
+    raw = good[0].read_bytes()
+    (src / "empty.dcm").write_bytes(b"")
+    (src / "garbage.dcm").write_bytes(os.urandom(3000))
+    (src / "text.dcm").write_bytes(b"this is not dicom at all\n" * 40)
+    (src / "truncated.dcm").write_bytes(raw[: len(raw) - 5000])
+    (src / "truncated_header.dcm").write_bytes(raw[:700])
+    # no pixel data
+    ds = pydicom.dcmread(good[0])
+    for kw in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
+        delattr(ds, kw)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: a real pixel-less object
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = "SR"
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(src / "nopixels.dcm")
+    ds = pydicom.dcmread(good[0])
+    del ds.PixelData
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(src / "stripped.dcm")
+    # unknown transfer syntax
+    ds = pydicom.dcmread(good[0])
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(src / "unknown_ts.dcm", enforce_file_format=True)
+    # DICOMDIR
+    dd = pydicom.Dataset()
+    dd.file_meta = pydicom.dataset.FileMetaDataset()
+    dd.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    dd.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dd.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dd.DirectoryRecordSequence = []
+    dd.save_as(src / "DICOMDIR", enforce_file_format=True)
+    # a file without the 128-byte preamble + "DICM" is still DICOM (read with force=True) and is accepted
+    (src / "nopre").mkdir()
+    ds = pydicom.dcmread(good[0])
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(src / "nopre" / "full.dcm")
+    (src / "nopre" / "slice.dcm").write_bytes((src / "nopre" / "full.dcm").read_bytes()[132:])
+    (src / "nopre" / "full.dcm").unlink()
+    before = _snapshot(src)
+
+    items, rejected = scan_sources(src)
+    codes = _codes(rejected)
+    assert codes == {
+        "empty.dcm": "empty",
+        "garbage.dcm": "not_dicom",
+        "text.dcm": "not_dicom",
+        "truncated.dcm": "truncated",
+        "truncated_header.dcm": "truncated",
+        "nopixels.dcm": "no_pixel_data",
+        "stripped.dcm": "truncated",  # CT Image Storage without Pixel Data
+        "unknown_ts.dcm": "unsupported_transfer_syntax",
+        "DICOMDIR": "dicomdir",
+    }
+    for r in rejected:
+        assert r.path in r.reason and len(r.reason) > 30
+    ts_reason = next(r.reason for r in rejected if r.code == "unsupported_transfer_syntax")
+    assert "(0002,0010)" in ts_reason and "1.2.3.4.5.6.7" in ts_reason
+    assert sorted(len(i.files) for i in items) == [1, 3], items  # the preamble-less file and the good series
+    for it in items:
+        load_item(it)
+    assert _snapshot(src) == before, "source files were modified"
+
+
+def test_missing_slice_detected(tmp_path):
+    _write_series(tmp_path, 8, skip=(4,))
+    items, _ = scan_sources(tmp_path)
+    assert len(items) == 1
+    with pytest.raises(IngestError) as e:
+        load_item(items[0])
+    assert e.value.code == "missing_slice"
+    assert "(0020,0032)" in e.value.reason and "10.0" in e.value.reason
+
+
+def test_uneven_spacing_refused_or_resampled(tmp_path):
+    files = _write_series(tmp_path, 6)
+    ds = pydicom.dcmread(files[-1])
+    ds.ImagePositionPatient = [-158.1, -179.0, 27.5]  # last gap 2.5 instead of 5: not a multiple
+    ds.save_as(files[-1])
+    items, _ = scan_sources(tmp_path)
+    with pytest.raises(IngestError) as e:
+        load_item(items[0], LoadOptions(uneven_spacing="refuse"))
+    assert e.value.code == "uneven_spacing"
+    vol = load_item(items[0])
+    assert "resampled_uneven_slices" in vol.meta["flags"]
+    z = vol.affine @ np.array([0, 0, vol.array.shape[2] - 1, 1])
+    assert abs(z[2] - 27.5) < 1e-6  # resampled grid spans the true extent
+
+
+def test_mixed_sizes_in_one_series_rejected(tmp_path):
+    _write_series(tmp_path, 6, size={3: (64, 64)})
+    items, rejected = scan_sources(tmp_path)
+    assert _codes(rejected) == {"slice03.dcm": "mixed_sizes"}
+    assert "Rows (0028,0010)" in rejected[0].reason
+    # the rest of the series is still one item, now with a hole where the bad slice was
+    assert len(items) == 1 and len(items[0].files) == 5
+    with pytest.raises(IngestError) as e:
+        load_item(items[0])
+    assert e.value.code == "missing_slice"
+
+
+def test_load_item_on_vanished_file_is_ingest_error(tmp_path):
+    files = _write_series(tmp_path, 3)
+    items, _ = scan_sources(tmp_path)
+    files[1].write_bytes(files[1].read_bytes()[:-9000])
+    with pytest.raises(IngestError) as e:
+        load_item(items[0])
+    assert e.value.code == "truncated" and str(files[1]) in e.value.reason
