@@ -23,7 +23,11 @@ NO_GEOMETRY_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 def _open(path: str) -> Any:
     from PIL import Image
 
-    if os.path.getsize(path) == 0:
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise IngestError(f"{path}: cannot read file ({err}); expected a PNG/JPEG image", "unreadable") from err
+    if size == 0:
         raise IngestError(f"{path}: file is empty (0 bytes); expected a PNG/JPEG image", "empty")
     try:
         return Image.open(path)

@@ -30,6 +30,8 @@ def _load(path: str) -> Any:
 
 def nifti_header(path: str) -> dict[str, Any]:
     """Non-identifying header facts of a NIfTI file without reading its voxels."""
+    if not os.path.isfile(path):
+        raise IngestError(f"{path}: file not found; expected a NIfTI file", "unreadable")
     if os.path.getsize(path) == 0:
         raise IngestError(f"{path}: file is empty (0 bytes); expected a NIfTI file", "empty")
     img = _load(path)
