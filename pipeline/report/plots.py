@@ -1,0 +1,156 @@
+"""Report figures (matplotlib, Agg backend), returned as PNG bytes.
+
+Each function takes predictions or metrics and draws one figure; nothing here reads files of a run.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def to_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def roc_figure(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive_index: int | None,
+               auroc_text: dict[str, str] | None = None):
+    """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    classes = [positive_index] if (probs.shape[1] == 2 and positive_index is not None) else range(probs.shape[1])
+    for k in classes:
+        if len(np.unique(y == k)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y == k, probs[:, k])
+        label = class_names[k]
+        if auroc_text and class_names[k] in auroc_text:
+            label += f" (AUROC {auroc_text[class_names[k]]})"
+        ax.plot(fpr, tpr, lw=2, label=label)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title("ROC curve, test split")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_aspect("equal")
+    return fig
+
+
+def reliability_figure(y: np.ndarray, probs_before: np.ndarray, probs_after: np.ndarray, positive_index: int | None,
+                       n_bins: int = 15, titles: tuple[str, str] = ("uncalibrated", "calibrated")):
+    """Reliability diagrams before/after calibration with per-bin counts and Wilson 95% intervals.
+
+    Binary tasks plot the positive class's probability; multi-class tasks plot top-label confidence.
+    """
+    from scipy.stats import norm
+
+    z = norm.ppf(0.975)
+    fig, axes = plt.subplots(1, 2, figsize=(8.6, 4.2), sharey=True)
+    for ax, probs, title in zip(axes, (probs_before, probs_after), titles, strict=True):
+        if probs.shape[1] == 2 and positive_index is not None:
+            conf, hit = probs[:, positive_index], (y == positive_index).astype(float)
+            xlabel = "predicted probability of the positive class"
+        else:
+            conf, hit = probs.max(1), (probs.argmax(1) == y).astype(float)
+            xlabel = "confidence (top class)"
+        edges = np.linspace(0, 1, n_bins + 1)
+        idx = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
+        centers, freq, lo, hi, counts = [], [], [], [], []
+        for b in range(n_bins):
+            m = idx == b
+            n = int(m.sum())
+            if n == 0:
+                continue
+            p = hit[m].mean()
+            denom = 1 + z**2 / n
+            c = (p + z**2 / (2 * n)) / denom
+            h = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+            centers.append(conf[m].mean())
+            freq.append(p)
+            lo.append(p - max(0.0, c - h))
+            hi.append(max(0.0, c + h - p))
+            counts.append(n)
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+        ax.errorbar(centers, freq, yerr=[lo, hi], fmt="o-", ms=4, capsize=2, label="observed (95% CI)")
+        for cx, fy, n in zip(centers, freq, counts, strict=True):
+            ax.annotate(str(n), (cx, fy), textcoords="offset points", xytext=(3, 4), fontsize=6, color="dimgray")
+        ax2 = ax.twinx()
+        ax2.hist(conf, bins=edges, color="tab:orange", alpha=0.25)
+        ax2.set_yticks([])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Reliability, {title}")
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel("observed frequency")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(history: list[dict[str, str]]):
+    """Training curves: losses and validation AUROC per epoch."""
+    ep = [int(h["epoch"]) for h in history]
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    ax.plot(ep, [float(h["train_loss"]) for h in history], label="train loss")
+    ax.plot(ep, [float(h["val_loss"]) for h in history], label="val loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy")
+    ax2 = ax.twinx()
+    auc = [float(h["val_auroc"]) if h["val_auroc"] not in ("", "nan") else np.nan for h in history]
+    ax2.plot(ep, auc, c="tab:green", label="val AUROC")
+    best = [int(h["epoch"]) for h in history if h.get("best") in ("True", "true", "1")]
+    if best:
+        ax2.axvline(best[-1], c="tab:green", ls=":", lw=1)
+    ax2.set_ylabel("val AUROC")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, fontsize=8, loc="center right")
+    ax.set_title("Training (dotted line: kept checkpoint)")
+    fig.tight_layout()
+    return fig
+
+
+def histogram_figure(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive_index: int | None,
+                     thresholds: dict[str, float] | None = None):
+    """Distribution of the calibrated positive-class probability (or top confidence) per true class."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    col = positive_index if (probs.shape[1] == 2 and positive_index is not None) else None
+    for k, name in enumerate(class_names):
+        vals = probs[y == k, col] if col is not None else probs[y == k].max(1)
+        if len(vals):
+            ax.hist(vals, bins=np.linspace(0, 1, 26), alpha=0.5, label=f"true {name} (n={len(vals)})")
+    for name, t in (thresholds or {}).items():
+        ax.axvline(t, ls="--", lw=1, c="k")
+        ax.annotate(name, (t, ax.get_ylim()[1] * 0.9), fontsize=7, rotation=90, ha="right")
+    what = f"P({class_names[col]})" if col is not None else "top-class confidence"
+    ax.set_xlabel(f"calibrated {what}")
+    ax.set_ylabel("test cases")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def decision_curve_figure(curve: dict):
+    """Net benefit of the model against treat-all and treat-none."""
+    t = np.asarray(curve["thresholds"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    ax.plot(t, curve["model"], label="model (calibrated)")
+    ax.plot(t, curve["treat_all"], label="treat all", ls="--")
+    ax.plot(t, np.zeros_like(t), label="treat none", ls=":")
+    top = max(np.nanmax(np.asarray(curve["model"], dtype=float)), 0.05)
+    ax.set_ylim(-0.05, top * 1.15)
+    ax.set_xlabel("threshold probability")
+    ax.set_ylabel("net benefit")
+    ax.set_title("Decision curve, test split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from tests.conftest import make_dataset, write_config
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    make_dataset(tmp_path, n_patients=6)
+    return tmp_path
+
+
+def _edit(path: Path, fn) -> Path:
+    cfg = yaml.safe_load(path.read_text())
+    fn(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_valid_config_resolves_paths(project: Path) -> None:
+    cfg = load_config(write_config(project))
+    assert cfg.data.source == (project / "images").resolve()
+    assert cfg.task.positive_index == 1
+    assert cfg.task.class_names == ["normal", "lesion"]
+
+
+def test_unknown_key_names_key_and_allowed(project: Path) -> None:
+    path = _edit(write_config(project), lambda c: c["train"].update(learning_rate=0.1))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "train.learning_rate" in msg and "unknown key" in msg
+    assert "lr" in msg and "epochs" in msg  # lists what is allowed
+
+
+def test_wrong_type_names_key_value_and_expectation(project: Path) -> None:
+    path = _edit(write_config(project), lambda c: c["train"].update(epochs="many"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "train.epochs" in str(e.value) and "'many'" in str(e.value) and "integer" in str(e.value)
+
+
+def test_bad_choice_lists_allowed(project: Path) -> None:
+    path = _edit(write_config(project), lambda c: c["task"].update(kind="regression"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "task.kind" in str(e.value) and "'binary'" in str(e.value) and "regression" in str(e.value)
+
+
+def test_missing_data_file_is_named(project: Path) -> None:
+    path = _edit(write_config(project), lambda c: c["data"].update(labels_csv="nope.csv"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "data.labels_csv" in str(e.value) and "nope.csv" in str(e.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_positive_class_must_exist(project: Path) -> None:
+    path = _edit(write_config(project), lambda c: c["task"].update(positive_class="tumour"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "task.positive_class" in str(e.value) and "tumour" in str(e.value) and "lesion" in str(e.value)
+
+
+def test_positive_class_by_label_value(project: Path) -> None:
+    path = _edit(write_config(project), lambda c: c["task"].update(classes={0: "malignant", 1: "benign"}, positive_class="0"))
+    assert load_config(path).task.positive_index == 0
+
+
+def test_split_fractions_leave_training_data(project: Path) -> None:
+    path = _edit(write_config(project), lambda c: c["split"].update(val=0.4, test=0.4, calibration=0.2))
+    with pytest.raises(ConfigError, match="split"):
+        load_config(path)
+
+
+def test_stage_hashes_depend_only_on_their_sections(project: Path) -> None:
+    base = load_config(write_config(project))
+    lr = load_config(write_config(project, train={"epochs": 2, "batch_size": 16, "lr": 0.01, "patience": 5}))
+    workers = load_config(write_config(project, runtime={"workspace": "ws", "workers": 4, "threads": 1}))
+    ingest_sections = ("task", "data", "split", "ingest", "deid")
+    assert base.hashed(*ingest_sections) == lr.hashed(*ingest_sections)
+    assert base.hashed("model", "train") != lr.hashed("model", "train")
+    for sections in (ingest_sections, ("preprocess", "augment"), ("model", "train"), ("evaluate", "report")):
+        assert base.hashed(*sections) == workers.hashed(*sections)
+    # the device and the decoder process count do not change results either
+    dev = load_config(write_config(project, train={"epochs": 2, "batch_size": 16, "lr": 0.003, "patience": 5, "device": "cpu"},
+                                   ingest={"processes": 2}))
+    assert dev.hashed("model", "train") == base.hashed("model", "train")
+    assert dev.hashed(*ingest_sections) == base.hashed(*ingest_sections)

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DataConfig, TaskConfig
+from pipeline.errors import ConfigError
+from pipeline.ingest.labels import read_labels
+
+TASK = TaskConfig(kind="binary", classes={"0": "malignant", "1": "benign"}, positive_class="malignant")
+
+
+def _data(tmp_path: Path, text: str, **kw) -> DataConfig:
+    (tmp_path / "labels.csv").write_text(text)
+    return DataConfig(source=tmp_path, labels_csv=tmp_path / "labels.csv", id_column="path", label_column="label", **kw)
+
+
+def test_problems_are_reported_with_line_and_reason(tmp_path: Path) -> None:
+    text = "path,label\na.dcm,0\nb.dcm,\nc.dcm,7\n,1\nd.dcm,1\nd.dcm,0\ne.dcm,1.0\ne.dcm,1\n"
+    rows, problems = read_labels(_data(tmp_path, text), TASK)
+    assert set(rows) == {"a.dcm", "e.dcm"}
+    assert rows["e.dcm"].label == "1"
+    codes = {p.code: p for p in problems}
+    assert codes["missing_label"].row == 3
+    assert "'7'" in codes["unknown_label"].reason and "['0', '1']" in codes["unknown_label"].reason
+    assert codes["empty_id"].row == 5
+    assert "d.dcm" not in rows and codes["conflicting_duplicate"].row == 7
+    assert codes["duplicate"].row == 9
+
+
+def test_missing_column_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        read_labels(_data(tmp_path, "file,label\na,0\n"), TASK)
+    assert "data.id_column" in str(e.value) and "'path'" in str(e.value) and "file" in str(e.value)
+
+
+def test_split_aliases_and_bad_split(tmp_path: Path) -> None:
+    rows, problems = read_labels(_data(tmp_path, "path,label,s\na,0,Validation\nb,1,holdout\n", split_column="s"), TASK)
+    assert rows["a"].split == "val"
+    assert problems[0].code == "bad_split"
