@@ -13,9 +13,10 @@ Importing this package registers every built-in backbone (2D timm, 3D MedicalNet
 
 from __future__ import annotations
 
+from models import inflate as _inflate  # noqa: F401  (registers inflated 2D->3D backbones)
 from models import medicalnet as _medicalnet  # noqa: F401  (registers 3D MedicalNet backbones)
 from models import timm2d as _timm2d  # noqa: F401  (registers 2D backbones)
-from models import inflate as _inflate  # noqa: F401  (registers inflated 2D->3D backbones; after timm2d)
+from models.inflate import Inflated3d, InflationError, check_inflation, inflate_modules
 from models.registry import (
     create_backbone,
     freeze,
@@ -25,7 +26,6 @@ from models.registry import (
     register_backbone,
     register_prefix,
 )
-from models.inflate import Inflated3d, InflationError, check_inflation, inflate_modules
 from models.spec import INTENSITY_POLICIES, BackboneSpec, WeightSource
 from models.weights import ResolvedWeights, read_checkpoint, resolve_weights, sha256_file, verify_sha256
 

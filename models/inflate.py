@@ -23,6 +23,7 @@ from timm.layers import BatchNormAct2d, Conv2dSame, SelectAdaptivePool2d
 from timm.layers.padding import get_same_padding
 from torch import nn
 
+from models import timm2d as _timm2d  # noqa: F401  (the 2D backbones inflated below)
 from models.registry import BackboneFactory, _lookup, param_groups, register_backbone
 from models.spec import BackboneSpec
 from models.weights import ResolvedWeights
@@ -57,7 +58,9 @@ class InflatedConv3d(nn.Conv3d):
         depth_padding_mode: str = "replicate",
     ) -> None:
         if conv.padding_mode != "zeros":
-            raise InflationError(f"cannot inflate {conv}: padding_mode={conv.padding_mode!r}; expected 'zeros'")
+            raise InflationError(
+                f"cannot inflate {conv}: padding_mode={conv.padding_mode!r}; expected 'zeros'"
+            )
         kh, kw = conv.kernel_size
         sh, sw = conv.stride
         kd = kw if depth_kernel is None else int(depth_kernel)
@@ -75,7 +78,9 @@ class InflatedConv3d(nn.Conv3d):
             dtype=conv.weight.dtype,
         )
         if depth_padding_mode not in ("replicate", "constant"):
-            raise InflationError(f"depth_padding_mode={depth_padding_mode!r}; expected 'replicate' or 'constant'")
+            raise InflationError(
+                f"depth_padding_mode={depth_padding_mode!r}; expected 'replicate' or 'constant'"
+            )
         self.depth_padding_mode = depth_padding_mode
         self.same_hw = isinstance(conv, Conv2dSame) or conv.padding == "same"
         self.static_hw = (0, 0) if self.same_hw else tuple(int(p) for p in conv.padding)
@@ -143,8 +148,18 @@ class GlobalPool3d(nn.Module):
 
 
 #: Blocks whose forward hard-codes 2D axes (e.g. ``x.mean((2, 3))``); refused by name.
-KNOWN_2D_ONLY = ("SqueezeExcite", "SEModule", "EffectiveSEModule", "EcaModule", "CecaModule", "CbamModule",
-                 "GatherExcite", "GlobalContext", "SelectiveKernel", "SplitAttn")
+KNOWN_2D_ONLY = (
+    "SqueezeExcite",
+    "SEModule",
+    "EffectiveSEModule",
+    "EcaModule",
+    "CecaModule",
+    "CbamModule",
+    "GatherExcite",
+    "GlobalContext",
+    "SelectiveKernel",
+    "SplitAttn",
+)
 
 
 def _convert(module: nn.Module, depth_stride: int | None, depth_padding_mode: str) -> nn.Module | None:
@@ -155,13 +170,17 @@ def _convert(module: nn.Module, depth_stride: int | None, depth_padding_mode: st
             "choose a backbone without it (e.g. efficientnet_lite*, resnet*)"
         )
     if isinstance(module, nn.Conv2d):
-        return InflatedConv3d(module, depth_stride=None if depth_stride is None else (
-            depth_stride if module.stride[1] > 1 else 1), depth_padding_mode=depth_padding_mode)
+        return InflatedConv3d(
+            module,
+            depth_stride=None if depth_stride is None else (depth_stride if module.stride[1] > 1 else 1),
+            depth_padding_mode=depth_padding_mode,
+        )
     if isinstance(module, BatchNormAct2d):
         return BatchNormAct3d(module)
     if type(module) is nn.BatchNorm2d:
-        bn = nn.BatchNorm3d(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats)
+        bn = nn.BatchNorm3d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         bn.load_state_dict(module.state_dict())
         return bn
     if type(module) is nn.MaxPool2d:
@@ -312,7 +331,9 @@ def _inflated_factory(base_name: str, depth_stride: int | None) -> BackboneFacto
         vol = probe.unsqueeze(2).expand(-1, -1, 4, -1, -1).contiguous()
         with torch.no_grad():
             err = max(
-                float((model.forward_head(model.forward_features(vol), pre_logits=True) - ref_feat).abs().max()),
+                float(
+                    (model.forward_head(model.forward_features(vol), pre_logits=True) - ref_feat).abs().max()
+                ),
                 float((model(vol) - ref_logits).abs().max()),
             )
         scale = max(1.0, float(ref_logits.abs().max()), float(ref_feat.abs().max()))

@@ -201,7 +201,8 @@ def load_medicalnet_state_dict(model: MedicalNetResNet, checkpoint: dict, path: 
     sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(
-            f"MedicalNet checkpoint {path!r}: expected {{'state_dict': {{name: tensor}}}}; got top-level keys "
+            f"MedicalNet checkpoint {path!r}: expected {{'state_dict': {{name: tensor}}}}; "
+            "got top-level keys "
             f"{list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__}"
         )
     sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
@@ -219,14 +220,17 @@ def load_medicalnet_state_dict(model: MedicalNetResNet, checkpoint: dict, path: 
     ]
     if missing or unexpected or bad_shapes:
         raise WeightsError(
-            f"MedicalNet checkpoint {path!r} does not fit ResNet-{model.depth} (shortcut {model.shortcut_type}): "
+            f"MedicalNet checkpoint {path!r} does not fit ResNet-{model.depth} "
+            f"(shortcut {model.shortcut_type}): "
             f"missing backbone keys {missing}; unexpected keys {unexpected}; shape mismatches {bad_shapes}. "
             "Check the depth (resnet_10.pth goes with medicalnet_resnet10, ...)"
         )
     result = model.load_state_dict(sd, strict=False)
     leftover = [k for k in result.missing_keys if k not in head and not k.endswith("num_batches_tracked")]
     if leftover or result.unexpected_keys:  # pragma: no cover - guarded above
-        raise WeightsError(f"MedicalNet checkpoint {path!r}: missing {leftover}, unexpected {result.unexpected_keys}")
+        raise WeightsError(
+            f"MedicalNet checkpoint {path!r}: missing {leftover}, unexpected {result.unexpected_keys}"
+        )
 
 
 def _medicalnet_spec(depth: int) -> BackboneSpec:
@@ -242,7 +246,9 @@ def _medicalnet_spec(depth: int) -> BackboneSpec:
         intensity="zscore_nonzero",
         classifier="fc",
         weights=WeightSource(
-            description=f"Tencent MedicalNet 3D ResNet-{depth} (segmentation pre-training on 23 medical data sets)",
+            description=(
+                f"Tencent MedicalNet 3D ResNet-{depth} (segmentation pre-training on 23 medical data sets)"
+            ),
             license="MIT",
             format="medicalnet",
             hf_repo=f"TencentMedicalNet/MedicalNet-Resnet{depth}",

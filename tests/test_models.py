@@ -26,8 +26,11 @@ def test_registry_lists_builtins() -> None:
     names = list_backbones()
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18"} <= set(names)
     assert names == sorted(names)
-    assert list_backbones("efficientnet_lite*") == ["efficientnet_lite0", "efficientnet_lite1",
-                                                      "efficientnet_lite2"]
+    assert list_backbones("efficientnet_lite*") == [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    ]
     assert all(get_spec(n).spatial_dims == 2 for n in list_backbones(spatial_dims=2))
 
 
@@ -60,7 +63,9 @@ def test_lite0_spec_is_the_preprocessing_contract() -> None:
 
     json.dumps(d)  # serialisable for the run summary
     assert d["weights"]["sha256"]["efficientnet-lite0-57934424.pth"].startswith("57934424")
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "x"  # frozen
 
 

@@ -133,8 +133,10 @@ def test_fine_tuning_interface_and_spatial_dims_dispatch(rng) -> None:
     groups = param_groups(m)
     assert groups[-1] == list(m.get_classifier().parameters())
     freeze(m, 1)
-    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["net.classifier.weight",
-                                                                        "net.classifier.bias"]
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == [
+        "net.classifier.weight",
+        "net.classifier.bias",
+    ]
     with pytest.raises(ValueError, match="spatial_dims=2"):
         create_backbone("medicalnet_resnet10", num_classes=2, spatial_dims=2, pretrained=False)
 

@@ -64,7 +64,9 @@ class _Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv3d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride=stride, dilation=dilation, padding=dilation, bias=False)
+        self.conv2 = nn.Conv3d(
+            planes, planes, 3, stride=stride, dilation=dilation, padding=dilation, bias=False
+        )
         self.bn2 = nn.BatchNorm3d(planes)
         self.conv3 = nn.Conv3d(planes, planes * 4, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm3d(planes * 4)
@@ -110,7 +112,9 @@ class _OriginalMedicalNet(nn.Module):
                 downsample = partial(_downsample_basic_block, planes=planes * block.expansion, stride=stride)
             else:
                 downsample = nn.Sequential(
-                    nn.Conv3d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                    nn.Conv3d(
+                        self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False
+                    ),
                     nn.BatchNorm3d(planes * block.expansion),
                 )
         layers = [block(self.inplanes, planes, stride=stride, dilation=dilation, downsample=downsample)]
@@ -271,8 +275,9 @@ def test_three_channel_input_adapts_conv1(tmp_path: Path, rng) -> None:
     m3 = create_backbone("medicalnet_resnet10", num_classes=2, in_chans=3, weights=str(f)).eval()
     x = torch.from_numpy(rng.standard_normal((1, 1, 8, 16, 16)).astype(np.float32))
     with torch.no_grad():
-        torch.testing.assert_close(m3.forward_features(x.expand(-1, 3, -1, -1, -1)), m1.forward_features(x),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            m3.forward_features(x.expand(-1, 3, -1, -1, -1)), m1.forward_features(x), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_param_groups_and_gradient_through_shortcut_a(rng) -> None:

@@ -84,8 +84,14 @@ def test_not_found_lists_every_place_and_the_package(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as info:
         resolve_weights(src, torch_hub_dir=tmp_path / "hub", hf_cache=tmp_path / "hf")
     msg = str(info.value)
-    for needle in (str(tmp_path / "hub"), "w-1234.pth", str(tmp_path / "hf"), "someone/some-repo",
-                   "medtl-no-such-package", "pip install"):
+    for needle in (
+        str(tmp_path / "hub"),
+        "w-1234.pth",
+        str(tmp_path / "hf"),
+        "someone/some-repo",
+        "medtl-no-such-package",
+        "pip install",
+    ):
         assert needle in msg
 
 
@@ -134,8 +140,12 @@ def test_hf_cache_lookup_is_offline_and_honours_env(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    src = WeightSource(description="x", license="MIT", hf_repo="someone/model",
-                       hf_filenames=("model.safetensors", "pytorch_model.bin"))
+    src = WeightSource(
+        description="x",
+        license="MIT",
+        hf_repo="someone/model",
+        hf_filenames=("model.safetensors", "pytorch_model.bin"),
+    )
     res = resolve_weights(src, torch_hub_dir=tmp_path / "hub")
     assert res.source == "hf_cache"
     assert Path(res.path).resolve() == path.resolve()
