@@ -20,7 +20,7 @@ from pipeline.io import write_bytes, write_text
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
-CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "breastmnist_demo.yaml"
+CONFIG_TEMPLATE = DATA_DIR / "breastmnist_demo.yaml"
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 OFFICIAL_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
@@ -104,7 +104,7 @@ def prepare_demo(workspace: Path, epochs: int | None = None) -> Path:
         print(f"medtl demo: reusing the demo data in {workspace}")
     config = workspace / "breastmnist_demo.yaml"
     if not CONFIG_TEMPLATE.is_file():
-        raise FileNotFoundError(f"demo config template {CONFIG_TEMPLATE} is missing; reinstall medtl from its repository")
+        raise FileNotFoundError(f"demo config template {CONFIG_TEMPLATE} is missing; reinstall medtl")
     text = CONFIG_TEMPLATE.read_text()
     if epochs is not None:
         cfg = yaml.safe_load(text)
