@@ -40,6 +40,9 @@ META_KEYS = (
     "source_kind",
     "slice_gaps_mm",
     "dtype",
+    "measured_tilt_deg",
+    "sform_code",
+    "qform_code",
 )
 
 #: Keys allowed in :attr:`Volume.ids` (identifying; PRIVATE, never written to shared outputs).
