@@ -186,3 +186,72 @@ def test_lite1_lite2_when_installed(k: int) -> None:
     x = (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 0.5) / 0.5
     with torch.no_grad():
         assert int(m(x).argmax()) == 652
+
+
+def _fake_hf_snapshot(cache, repo: str, filename: str, payload: bytes):
+    """Lay out a Hugging Face hub cache entry (blobs, refs/main, snapshots/<commit>/<file> symlink)."""
+    import hashlib
+    import os
+
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    commit = "b" * 40
+    digest = hashlib.sha256(payload).hexdigest()
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "blobs" / digest).write_bytes(payload)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True)
+    os.symlink(os.path.relpath(folder / "blobs" / digest, snap), snap / filename)
+
+
+def test_timm_model_from_hf_cache_with_one_channel(tmp_path, monkeypatch, rng) -> None:
+    """timm pretrained_cfg hf_hub_id -> offline HF cache lookup; 1 channel sums the RGB kernels."""
+    import timm
+    from safetensors.torch import save
+
+    src = timm.create_model("resnet18", num_classes=1000)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    hf_home = tmp_path / "hf"
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    _fake_hf_snapshot(hf_home / "hub", "timm/resnet18.a1_in1k", "model.safetensors", save(sd))
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    m = create_backbone("timm/resnet18", num_classes=2, in_chans=1)
+    assert m.pretrained_weights.source == "hf_cache" and not m.pretrained_weights.pinned
+    torch.testing.assert_close(m.conv1.weight, src.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(m.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    assert m.fc.out_features == 2
+    assert m.backbone_spec.name == "timm/resnet18" and m.backbone_spec.in_chans == 1
+
+
+def test_torchvision_file_in_torch_hub_cache(tmp_path, monkeypatch, rng) -> None:
+    """A torchvision resnet18 checkpoint left in the torch hub cache is found and gives the same logits."""
+    import torchvision
+
+    tv = torchvision.models.resnet18().eval()
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save(tv.state_dict(), ckpt / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    m = create_backbone("resnet18", num_classes=1000).eval()
+    assert m.pretrained_weights.source == "torch_hub_cache"
+    x = _randn(rng, 1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), tv(x), atol=1e-4, rtol=1e-4)
+
+
+def test_wrong_architecture_checkpoint_is_refused(tmp_path) -> None:
+    import timm
+
+    f = tmp_path / "not_lite0.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), f)
+    with pytest.raises(WeightsError, match="not_lite0.pth"):
+        create_backbone("efficientnet_lite0", num_classes=2, weights=str(f))
