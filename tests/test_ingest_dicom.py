@@ -194,3 +194,27 @@ def test_flipping_array_and_affine_keeps_world_coordinates():
     back = np.linalg.inv(aa) @ world
     i, j, k = np.rint(back[:3]).astype(int)
     assert a[i, j, k] == vol.array[10, 20, 5]
+
+
+@pytest.mark.parametrize("syntax", ["DeflatedExplicitVRLittleEndian", "RLELossless"])
+def test_syntaxes_written_by_pydicom_decode_identically(tmp_path, syntax):
+    """Deflate and RLE copies of CT_small decode to the same HU as the original."""
+    import pydicom
+    import pydicom.uid as uid
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    ts = getattr(uid, syntax)
+    if syntax == "RLELossless":
+        ds.compress(ts)
+        ds.save_as(tmp_path / "x.dcm")
+    else:
+        ds.file_meta.TransferSyntaxUID = ts
+        ds.save_as(tmp_path / "x.dcm")
+    assert str(pydicom.dcmread(tmp_path / "x.dcm").file_meta.TransferSyntaxUID) == ts
+    a = load_dicom([src])
+    b = load_dicom([str(tmp_path / "x.dcm")])
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine)
+    assert b.meta["transfer_syntax"] == ts

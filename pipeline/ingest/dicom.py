@@ -300,6 +300,15 @@ def read_header(path: str) -> HeaderRecord | tuple[str, str]:
         pixel_tag = fh.read(12)
     tag_le = pixel_tag[:4]
     has_pixels = tag_le in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+    ts_early = _s(getattr(file_meta, "TransferSyntaxUID", None)) if file_meta is not None else ""
+    deflated = ts_early == "1.2.840.10008.1.2.1.99"
+    if deflated:
+        # the dataset is a zlib stream: file offsets mean nothing; inflate fully (rare syntax) to check
+        try:
+            full = _quiet_dcmread(path, force=True)
+            has_pixels = "PixelData" in full
+        except Exception as err:  # noqa: BLE001
+            return "truncated", f"{path}: deflated dataset (TransferSyntaxUID (0002,0010) = {ts_early}) cannot be inflated ({err})"
     rows, cols = _i(ds.get("Rows")), _i(ds.get("Columns"))
     if not has_pixels:
         sop = _s(ds.get("SOPClassUID"))
@@ -326,7 +335,7 @@ def read_header(path: str) -> HeaderRecord | tuple[str, str]:
     if code_reason:
         return code_reason
     n_frames = _i(ds.get("NumberOfFrames"), 1) or 1
-    if ts in _UNCOMPRESSED_TS:
+    if ts in _UNCOMPRESSED_TS and not deflated:
         bits = _i(ds.get("BitsAllocated"), 16) or 16
         spp = _i(ds.get("SamplesPerPixel"), 1) or 1
         expected = rows * cols * n_frames * spp * bits // 8

@@ -226,7 +226,10 @@ def assemble_slices(slices: list[Slice], where: str, tilt: str = "correct", unev
     gaps_list = [round(float(x), 4) for x in gaps.tolist()]
 
     if len(clusters) == 1:
-        dz = _single_thickness(slices[clusters[0][0]])
+        s0 = slices[clusters[0][0]]
+        if not (s0.spacing_between or s0.thickness):
+            flags.append("assumed_slice_thickness_1mm")
+        dz = _single_thickness(s0)
         aff = _lps_affine(iop0, ps, positions[0], dz, where)
         arr = vols[0] if n_vol == 1 else np.stack(vols, axis=-1)
         return Assembled(_narrow(arr), LPS_TO_RAS @ aff, flags, "time" if n_vol > 1 else None, gaps_list)
