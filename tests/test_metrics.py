@@ -314,3 +314,22 @@ def test_roc_points_thinned_and_monotone(rng: np.random.Generator) -> None:
     assert 2 <= len(pts["fpr"]) <= 200
     assert pts["fpr"][0] == 0.0 and pts["fpr"][-1] == 1.0 and pts["tpr"][-1] == 1.0
     assert np.all(np.diff(pts["fpr"]) >= 0) and np.all(np.diff(pts["tpr"]) >= 0)
+
+
+def test_bias_shifted_ci_contains_ece_of_well_calibrated_model() -> None:
+    from pipeline.evaluate.metrics import bias_shifted_ci
+
+    rng = np.random.default_rng(31)
+    n = 400
+    p = rng.random(n)
+    y = rng.random(n) < p
+    probs = np.column_stack([1 - p, p])
+    out = calibration_block(probs, y.astype(int), "binary", 1, Bootstrap(n, 1000, seed=0))
+    e = out["ece"]
+    assert e["ci_method"] == "bootstrap_bias_shifted"
+    assert e["ci"][0] <= e["value"] <= e["ci"][1]
+    samples = Bootstrap(n, 1000, seed=0).run({"x": mean_stat(p)})["x"]
+    lo, hi = bias_shifted_ci(float(p.mean()), samples)
+    plain = percentile_ci(samples)
+    # For an unbiased statistic the shift is negligible.
+    assert lo == pytest.approx(plain[0], abs=2e-3) and hi == pytest.approx(plain[1], abs=2e-3)

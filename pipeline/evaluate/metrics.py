@@ -32,7 +32,10 @@ Conventions:
   Van Calster et al. 2016). Ideal: intercept 0, slope 1. Binary tasks only.
 * Brier score: binary ``mean((p_pos - y_pos)^2)`` (scikit-learn's ``brier_score_loss``, range 0..1);
   multi-class ``mean(sum_k (p_k - 1[y = k])^2)`` (Brier's original, range 0..2).
-* Bootstrap CIs of binned metrics keep the bin edges of the full sample.
+* Bootstrap CIs of binned metrics keep the bin edges of the full sample. Binned calibration errors
+  (ECE, MCE, debiased L2) are biased upwards and a resample's error more so, so their percentile
+  interval is shifted by the bootstrap bias estimate (``ci_method`` ends in ``_bias_shifted``; see
+  ``bias_shifted_ci``).
 """
 
 from __future__ import annotations
@@ -52,10 +55,12 @@ from pipeline.evaluate.bootstrap import (
     average_precision_stat,
     confusion_stat,
     mean_stat,
+    percentile_ci,
 )
 from pipeline.evaluate.delong import delong_ci
 
 __all__ = [
+    "bias_shifted_ci",
     "auroc_with_ci",
     "paired_auroc_difference",
     "binned_calibration",
@@ -214,6 +219,23 @@ def _binned_stat(conf: np.ndarray, correct: np.ndarray, n_bins: int, strategy: s
         return _ece_from_sums(w @ onehot, w @ oc, w @ oy)
 
     return stat
+
+
+def bias_shifted_ci(point: float, samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval shifted by the bootstrap bias estimate, clipped at 0.
+
+    Binned calibration errors are biased upwards, and a resample's error is biased further, so the plain
+    percentile interval can lie entirely above the point estimate of a well-calibrated model. Shifting
+    the interval by ``mean(samples) - point`` (the bootstrap estimate of that bias) centres it on the
+    point estimate's scale: ``[q_lo - bias, q_hi - bias]`` clipped to ``>= 0``.
+    """
+    s = np.asarray(samples, dtype=np.float64)
+    lo, hi = percentile_ci(s, level)
+    finite = s[np.isfinite(s)]
+    if not finite.size or not math.isfinite(point):
+        return lo, hi
+    bias = float(finite.mean()) - point
+    return max(0.0, lo - bias), max(0.0, hi - bias)
 
 
 def reliability_bins(
@@ -611,11 +633,16 @@ def calibration_block(
     out: dict[str, Any] = {"reference": reference, "n_bins": n_bins}
     out["brier"] = value_ci(float(np.mean(brier_cases)), bootstrap.ci(boot["brier"]), bmethod)
     out["nll"] = value_ci(float(np.mean(_nll_per_case(probs, y))), bootstrap.ci(boot["nll"]), bmethod)
-    out["ece"] = value_ci(uni[0], bootstrap.ci(boot["uniform"][:, 0]), bmethod, bins="equal_width")
-    out["ece_equal_mass"] = value_ci(qua[0], bootstrap.ci(boot["quantile"][:, 0]), bmethod, bins="equal_mass")
-    out["mce"] = value_ci(uni[1], bootstrap.ci(boot["uniform"][:, 1]), bmethod, bins="equal_width")
+    shifted = bmethod + "_bias_shifted"
+
+    def sci(point: float, samples: np.ndarray) -> tuple[float, float]:
+        return bias_shifted_ci(point, samples, bootstrap.ci_level)
+
+    out["ece"] = value_ci(uni[0], sci(uni[0], boot["uniform"][:, 0]), shifted, bins="equal_width")
+    out["ece_equal_mass"] = value_ci(qua[0], sci(qua[0], boot["quantile"][:, 0]), shifted, bins="equal_mass")
+    out["mce"] = value_ci(uni[1], sci(uni[1], boot["uniform"][:, 1]), shifted, bins="equal_width")
     out["l2_ce_debiased"] = value_ci(
-        qua[2], bootstrap.ci(boot["quantile"][:, 2]), bmethod, bins="equal_mass", estimator="kumar2019"
+        qua[2], sci(qua[2], boot["quantile"][:, 2]), shifted, bins="equal_mass", estimator="kumar2019"
     )
     if binary_fit:
         nan = np.full(bootstrap.n_resamples, np.nan)
