@@ -48,7 +48,7 @@ def test_chain_writes_every_stage_output(finished_run: Path) -> None:
     record = json.loads(runs[0].read_text())
     assert set(record["stages"]) == {"ingest", "augment", "finetune", "evaluate"}
     metrics = json.loads(next((ws / "evaluate").glob("*/metrics.json")).read_text())
-    auroc = metrics["test"]["uncalibrated"]["auroc"]
+    auroc = metrics["evaluation"]["test"]["uncalibrated"]["discrimination"]["auroc"]
     assert auroc["ci"][0] <= auroc["value"] <= auroc["ci"][1]
     html = next((ws / "evaluate").glob("*/report.html")).read_text()
     assert "data:image/png;base64," in html

@@ -101,13 +101,14 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """A few key test figures for run records and notifications."""
-    test = metrics.get("test", {})
+    test = metrics.get("evaluation", {}).get("test", {})
     out: dict[str, Any] = {}
     for block in ("uncalibrated", "calibrated"):
         b = test.get(block, {})
-        for key in ("auroc", "ece", "brier"):
-            if isinstance(b.get(key), dict):
-                out[f"{key}_{block}"] = b[key]
+        for section, key in (("discrimination", "auroc"), ("calibration", "ece"), ("calibration", "brier")):
+            value = b.get(section, {}).get(key)
+            if isinstance(value, dict):
+                out[f"{key}_{block}"] = {"value": value.get("value"), "ci": value.get("ci")}
     return out
 
 

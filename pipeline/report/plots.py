@@ -45,47 +45,25 @@ def roc_figure(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], pos
     return fig
 
 
-def reliability_figure(y: np.ndarray, probs_before: np.ndarray, probs_after: np.ndarray, positive_index: int | None,
-                       n_bins: int = 15, titles: tuple[str, str] = ("uncalibrated", "calibrated")):
-    """Reliability diagrams before/after calibration with per-bin counts and Wilson 95% intervals.
+def reliability_figure(bins_before: list[dict], bins_after: list[dict], xlabel: str,
+                       titles: tuple[str, str] = ("uncalibrated", "calibrated")):
+    """Reliability diagrams before/after calibration from the metrics' reliability bins.
 
-    Binary tasks plot the positive class's probability; multi-class tasks plot top-label confidence.
+    Each bin dict has ``mean_confidence``, ``observed_frequency``, ``observed_ci`` (Wilson 95%) and
+    ``count`` (see docs/metrics_schema.md); counts are written next to the points.
     """
-    from scipy.stats import norm
-
-    z = norm.ppf(0.975)
     fig, axes = plt.subplots(1, 2, figsize=(8.6, 4.2), sharey=True)
-    for ax, probs, title in zip(axes, (probs_before, probs_after), titles, strict=True):
-        if probs.shape[1] == 2 and positive_index is not None:
-            conf, hit = probs[:, positive_index], (y == positive_index).astype(float)
-            xlabel = "predicted probability of the positive class"
-        else:
-            conf, hit = probs.max(1), (probs.argmax(1) == y).astype(float)
-            xlabel = "confidence (top class)"
-        edges = np.linspace(0, 1, n_bins + 1)
-        idx = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
-        centers, freq, lo, hi, counts = [], [], [], [], []
-        for b in range(n_bins):
-            m = idx == b
-            n = int(m.sum())
-            if n == 0:
-                continue
-            p = hit[m].mean()
-            denom = 1 + z**2 / n
-            c = (p + z**2 / (2 * n)) / denom
-            h = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-            centers.append(conf[m].mean())
-            freq.append(p)
-            lo.append(p - max(0.0, c - h))
-            hi.append(max(0.0, c + h - p))
-            counts.append(n)
+    for ax, bins, title in zip(axes, (bins_before, bins_after), titles, strict=True):
+        bins = [b for b in bins if b.get("count")]
+        x = np.array([b["mean_confidence"] for b in bins], dtype=float)
+        f = np.array([b["observed_frequency"] for b in bins], dtype=float)
+        lo = np.array([b["observed_ci"][0] for b in bins], dtype=float)
+        hi = np.array([b["observed_ci"][1] for b in bins], dtype=float)
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-        ax.errorbar(centers, freq, yerr=[lo, hi], fmt="o-", ms=4, capsize=2, label="observed (95% CI)")
-        for cx, fy, n in zip(centers, freq, counts, strict=True):
-            ax.annotate(str(n), (cx, fy), textcoords="offset points", xytext=(3, 4), fontsize=6, color="dimgray")
-        ax2 = ax.twinx()
-        ax2.hist(conf, bins=edges, color="tab:orange", alpha=0.25)
-        ax2.set_yticks([])
+        yerr = np.clip(np.vstack([f - lo, hi - f]), 0, None)
+        ax.errorbar(x, f, yerr=yerr, fmt="o-", ms=4, capsize=2, label="observed (95% CI)")
+        for b, cx, fy in zip(bins, x, f, strict=True):
+            ax.annotate(str(b["count"]), (cx, fy), textcoords="offset points", xytext=(3, 4), fontsize=6, color="dimgray")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_title(f"Reliability, {title}")

@@ -64,15 +64,15 @@ def is_metric(v: Any) -> bool:
     return isinstance(v, dict) and "value" in v
 
 
-def metric_rows(block: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Flatten the ``{"value","ci"}`` leaves of a metrics block (two levels deep) into (name, metric)."""
+def metric_rows(block: dict[str, Any], prefix: str = "", depth: int = 3) -> list[tuple[str, Any]]:
+    """Flatten the ``{"value","ci"}`` leaves of a metrics block into (name, metric), depth-first."""
     rows = []
     for k, v in block.items():
         name = f"{prefix}{k}"
-        if is_metric(v) or isinstance(v, (int, float)) and not isinstance(v, bool):
+        if is_metric(v):
             rows.append((name, v))
-        elif isinstance(v, dict) and not prefix and all(is_metric(x) or isinstance(x, (int, float)) for x in v.values()):
-            rows.extend(metric_rows(v, prefix=f"{name}."))
+        elif isinstance(v, dict) and depth > 1:
+            rows.extend(metric_rows(v, prefix=f"{name}.", depth=depth - 1))
     return rows
 
 
@@ -249,18 +249,20 @@ def build_document(cfg: Config, plan, metrics: dict[str, Any], preds: dict[str, 
     pos = cfg.task.positive_index
     ingest = _load_json(Path(plan.ingest) / "ingest_report.json")
     train = _load_json(Path(plan.finetune) / "train_summary.json")
-    test = metrics.get("test", {})
+    test = metrics.get("evaluation", {}).get("test", {})
     unc, cal = test.get("uncalibrated", {}), test.get("calibrated", {})
+    d_unc, d_cal = unc.get("discrimination", {}), cal.get("discrimination", {})
+    c_unc, c_cal = unc.get("calibration", {}), cal.get("calibration", {})
 
     # Summary ---------------------------------------------------------------------------------------
     doc.h("Summary")
     kp = []
-    for label, key in (("Test AUROC", "auroc"), ("ECE before calibration", "ece"), ("Brier (calibrated)", "brier")):
-        block = cal if key in ("brier",) else unc
+    for label, block, key in (
+        ("Test AUROC", d_unc, "auroc"), ("ECE before calibration", c_unc, "ece"),
+        ("ECE after calibration", c_cal, "ece"), ("Brier after calibration", c_cal, "brier"),
+    ):
         if key in block:
             kp.append((label, fmt(block[key])))
-    if "ece" in cal:
-        kp.append(("ECE after calibration", fmt(cal["ece"])))
     doc.kpis(kp)
     doc.p(
         f"Task: {cfg.task.kind} classification of {', '.join(names)}"
@@ -330,18 +332,22 @@ def build_document(cfg: Config, plan, metrics: dict[str, Any], preds: dict[str, 
 
     # Discrimination and calibration --------------------------------------------------------------------
     doc.h("Discrimination and calibration on the test split")
-    rows = []
-    names_seen = []
-    for name, _ in metric_rows(unc) + metric_rows(cal):
-        if name not in names_seen:
-            names_seen.append(name)
-    flat_u, flat_c = dict(metric_rows(unc)), dict(metric_rows(cal))
-    for name in names_seen:
-        rows.append([name, fmt(flat_u.get(name)), fmt(flat_c.get(name))])
-    doc.table(["metric", "uncalibrated", f"calibrated ({metrics.get('calibration', {}).get('method', cfg.evaluate.calibration)})"], rows)
     calinfo = metrics.get("calibration", {})
+    method = calinfo.get("applied", cfg.evaluate.calibration)
+    for title, bu, bc in (("Discrimination", d_unc, d_cal), ("Calibration", c_unc, c_cal)):
+        rows = []
+        flat_u, flat_c = dict(metric_rows(bu)), dict(metric_rows(bc))
+        for name in dict.fromkeys(list(flat_u) + list(flat_c)):
+            rows.append([name, fmt(flat_u.get(name)), fmt(flat_c.get(name))])
+        if rows:
+            doc.p(f"{title} (test split, 95% CIs by {test.get('ci_resampling', 'bootstrap')} resampling):")
+            doc.table(["metric", "uncalibrated", f"calibrated ({method})"], rows)
     if calinfo:
-        doc.p("Calibration: " + "; ".join(f"{k}: {fmt(v)}" for k, v in calinfo.items() if not isinstance(v, (dict, list))))
+        params = ", ".join(f"{k} = {fmt(v)}" for k, v in (calinfo.get("parameters") or {}).items())
+        doc.p(
+            f"Calibration: {method} fitted on the calibration split only ({calinfo.get('n_cases', '?')} cases)"
+            + (f"; {params}" if params else "") + "."
+        )
         for w in calinfo.get("warnings", []):
             doc.warn(w)
     if "test" in preds:
@@ -349,23 +355,29 @@ def build_document(cfg: Config, plan, metrics: dict[str, Any], preds: dict[str, 
         raw = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
         calp = calibrated.get("test", raw)
         auc_txt = {}
-        if pos is not None and "auroc" in unc:
-            auc_txt[names[pos]] = fmt(unc["auroc"])
+        if pos is not None and "auroc" in d_unc:
+            auc_txt[names[pos]] = fmt(d_unc["auroc"])
         doc.fig("roc", plots.to_png(plots.roc_figure(sp.y, calp, names, pos, auc_txt)), "ROC curve of the test split.")
-        doc.fig(
-            "reliability",
-            plots.to_png(plots.reliability_figure(sp.y, raw, calp, pos, cfg.evaluate.ece_bins)),
-            f"Reliability diagrams ({cfg.evaluate.ece_bins} equal-width bins; numbers are bin counts; bars show 95% Wilson intervals).",
-        )
+        rel_u = (c_unc.get("reliability") or {}).get("equal_width")
+        rel_c = (c_cal.get("reliability") or {}).get("equal_width")
+        if rel_u and rel_c:
+            ref = c_unc.get("reference", "")
+            xlabel = "predicted probability of the positive class" if ref == "positive_class" else "confidence (top class)"
+            doc.fig(
+                "reliability",
+                plots.to_png(plots.reliability_figure(rel_u, rel_c, xlabel)),
+                f"Reliability diagrams ({c_unc.get('n_bins', cfg.evaluate.ece_bins)} equal-width bins; numbers are bin "
+                "counts; bars are 95% Wilson intervals).",
+            )
         thr = {}
-        for op_name, op in (metrics.get("operating_points") or {}).items():
+        for op_name, op in (cal.get("operating_points") or {}).items():
             if isinstance(op, dict) and isinstance(op.get("threshold"), (int, float)):
                 thr[op_name] = float(op["threshold"])
         doc.fig("histogram", plots.to_png(plots.histogram_figure(sp.y, calp, names, pos, thr)),
                 "Calibrated probabilities per true class; dashed lines are the operating points chosen on validation.")
 
     # Operating points --------------------------------------------------------------------------------
-    ops = metrics.get("operating_points")
+    ops = cal.get("operating_points")
     if ops:
         doc.h("Operating points (chosen on validation, reported on test)")
         keys = ["threshold", "sensitivity", "specificity", "ppv", "npv"]
@@ -377,7 +389,7 @@ def build_document(cfg: Config, plan, metrics: dict[str, Any], preds: dict[str, 
             cm = test_op.get("confusion_matrix", op.get("confusion_matrix"))
             rows.append([op_name] + [fmt(test_op.get(k, op.get(k))) for k in keys] + [fmt(cm) if cm is not None else ""])
         doc.table(["operating point"] + keys + ["confusion matrix [[TN, FP], [FN, TP]]"], rows)
-    dc = metrics.get("decision_curve")
+    dc = cal.get("decision_curve")
     if isinstance(dc, dict) and "thresholds" in dc:
         doc.fig("decision_curve", plots.to_png(plots.decision_curve_figure(dc)), "Net benefit across threshold probabilities.")
 
