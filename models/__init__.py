@@ -18,6 +18,7 @@ from models import medicalnet as _medicalnet  # noqa: F401  (registers 3D Medica
 from models import timm2d as _timm2d  # noqa: F401  (registers 2D backbones)
 from models.inflate import Inflated3d, InflationError, check_inflation, inflate_modules
 from models.registry import (
+    GradualUnfreezing,
     create_backbone,
     freeze,
     get_spec,
@@ -41,6 +42,7 @@ __all__ = [
     "register_prefix",
     "param_groups",
     "freeze",
+    "GradualUnfreezing",
     "resolve_weights",
     "read_checkpoint",
     "sha256_file",

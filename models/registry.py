@@ -18,7 +18,8 @@ to the requested channels) and ``model.pretrained_weights`` (a
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import nn
@@ -36,6 +37,7 @@ __all__ = [
     "create_backbone",
     "param_groups",
     "freeze",
+    "GradualUnfreezing",
 ]
 
 
@@ -236,3 +238,44 @@ def freeze(model: nn.Module, n_trainable_groups: int) -> list[list[nn.Parameter]
         for p in group:
             p.requires_grad_(i >= first_trainable)
     return groups
+
+
+@dataclass(frozen=True)
+class GradualUnfreezing:
+    """Freeze schedule as its own object (like Lightning's ``MilestonesFinetuning``).
+
+    Training starts with the last ``initial_groups`` parameter groups trainable (1 = head only); at each
+    epoch in ``milestones`` another ``groups_per_step`` groups, walking back from the head to the stem,
+    become trainable. Create the optimizer over all parameters: frozen ones get no gradient and are
+    skipped by the optimizer until they are unfrozen.
+
+    Args:
+        initial_groups: Trainable groups at epoch 0 (>= 1).
+        milestones: Strictly increasing epochs at which more groups are unfrozen.
+        groups_per_step: Groups unfrozen at each milestone (>= 1).
+    """
+
+    initial_groups: int = 1
+    milestones: Sequence[int] = ()
+    groups_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.initial_groups < 1 or self.groups_per_step < 1:
+            raise ValueError(
+                f"GradualUnfreezing: initial_groups={self.initial_groups}, groups_per_step="
+                f"{self.groups_per_step}; expected both >= 1"
+            )
+        ms = list(self.milestones)
+        if any(b <= a for a, b in zip(ms, ms[1:], strict=False)) or any(m < 0 for m in ms):
+            raise ValueError(f"GradualUnfreezing: milestones={ms}; expected strictly increasing epochs >= 0")
+
+    def n_trainable(self, epoch: int, n_groups: int) -> int:
+        """Number of trailing groups trainable at ``epoch`` (capped at ``n_groups``)."""
+        passed = sum(1 for m in self.milestones if epoch >= m)
+        return min(n_groups, self.initial_groups + passed * self.groups_per_step)
+
+    def apply(self, model: nn.Module, epoch: int) -> int:
+        """Set ``requires_grad`` for ``epoch``; returns the number of trainable groups."""
+        n = self.n_trainable(epoch, len(param_groups(model)))
+        freeze(model, n)
+        return n

@@ -255,3 +255,19 @@ def test_wrong_architecture_checkpoint_is_refused(tmp_path) -> None:
     torch.save(timm.create_model("resnet18").state_dict(), f)
     with pytest.raises(WeightsError, match="not_lite0.pth"):
         create_backbone("efficientnet_lite0", num_classes=2, weights=str(f))
+
+
+def test_gradual_unfreezing_walks_back_from_head() -> None:
+    m = create_backbone("efficientnet_lite0", num_classes=2, pretrained=False)
+    n_groups = len(param_groups(m))
+    sched = models.GradualUnfreezing(initial_groups=1, milestones=(2, 4), groups_per_step=2)
+    assert [sched.n_trainable(e, n_groups) for e in range(6)] == [1, 1, 3, 3, 5, 5]
+    assert sched.apply(m, 0) == 1
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+    assert sched.apply(m, 4) == 5
+    groups = param_groups(m)
+    assert all(p.requires_grad for g in groups[-5:] for p in g)
+    assert not any(p.requires_grad for g in groups[:-5] for p in g)
+    assert models.GradualUnfreezing(milestones=tuple(range(20))).n_trainable(100, n_groups) == n_groups
+    with pytest.raises(ValueError, match="milestones"):
+        models.GradualUnfreezing(milestones=(3, 2))
