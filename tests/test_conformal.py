@@ -63,7 +63,11 @@ def test_randomized_aps_matches_mapie_in_distribution() -> None:
         pt, yt = _exchangeable(rng, 2000, 4)
         rows = np.arange(len(yt))
         ref = SplitConformalClassifier(
-            _Passthrough().fit(pc, yc), confidence_level=0.9, conformity_score="aps", prefit=True, random_state=rep
+            _Passthrough().fit(pc, yc),
+            confidence_level=0.9,
+            conformity_score="aps",
+            prefit=True,
+            random_state=rep,
         ).conformalize(pc, yc)
         _, s = ref.predict_set(pt, conformity_score_params={"include_last_label": "randomized"})
         s = s[:, :, 0]
@@ -145,7 +149,11 @@ def test_coverage_report_counts() -> None:
     assert rep["mean_set_size"] == pytest.approx(1.0)
     assert rep["empty_fraction"] == pytest.approx(0.25)
     assert rep["set_size_histogram"] == [1, 2, 1]
-    assert rep["per_class"]["a"] == {"n": 3, "coverage": pytest.approx(1 / 3), "mean_set_size": pytest.approx(2 / 3)}
+    assert rep["per_class"]["a"] == {
+        "n": 3,
+        "coverage": pytest.approx(1 / 3),
+        "mean_set_size": pytest.approx(2 / 3),
+    }
 
 
 def test_input_validation() -> None:

@@ -15,7 +15,12 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics_schema.md"
 
 
 def _split(
-    rng: np.random.Generator, n_patients: int, k: int, scale: float, cases_per_patient: int = 1, prefix: str = "p"
+    rng: np.random.Generator,
+    n_patients: int,
+    k: int,
+    scale: float,
+    cases_per_patient: int = 1,
+    prefix: str = "p",
 ) -> SplitPredictions:
     """Patients with one or more cases; true logits shared within a patient; logits over-confident."""
     patient_logits = rng.normal(size=(n_patients, k)) * 1.5
@@ -60,8 +65,18 @@ def test_metrics_are_json_and_have_schema(binary_result) -> None:
     text = json.dumps(m, allow_nan=False)
     assert json.loads(text) == m
     assert m["schema_version"] == 1
-    for key in ("task", "options", "splits", "calibration", "evaluation", "conformal", "subgroups",
-                "patient_level", "warnings", "seed"):
+    for key in (
+        "task",
+        "options",
+        "splits",
+        "calibration",
+        "evaluation",
+        "conformal",
+        "subgroups",
+        "patient_level",
+        "warnings",
+        "seed",
+    ):
         assert key in m
     assert m["task"]["positive_class"] == "malignant"
     assert m["splits"]["test"]["cases"] == 800 and m["splits"]["test"]["patients"] == 400
@@ -89,7 +104,11 @@ def test_calibration_improves_nll_and_keeps_auroc(binary_result) -> None:
     assert cal["calibration"]["ece"]["value"] < unc["calibration"]["ece"]["value"]
     assert cal["discrimination"]["auroc"]["value"] == pytest.approx(unc["discrimination"]["auroc"]["value"])
     assert unc["calibration"]["calibration_slope"]["value"] < 0.6  # over-confident by a factor 3
-    assert cal["calibration"]["calibration_slope"]["ci"][0] < 1.0 < cal["calibration"]["calibration_slope"]["ci"][1]
+    assert (
+        cal["calibration"]["calibration_slope"]["ci"][0]
+        < 1.0
+        < cal["calibration"]["calibration_slope"]["ci"][1]
+    )
 
 
 def test_every_number_has_a_ci_containing_it(binary_result) -> None:
@@ -109,7 +128,9 @@ def test_patient_clusters_drive_resampling_and_patient_level(binary_result) -> N
     m = binary_result[3].metrics
     assert m["evaluation"]["test"]["ci_resampling"] == "patient_cluster"
     assert m["evaluation"]["val"]["ci_resampling"] == "case"
-    assert m["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]["ci_method"] == "cluster_bootstrap"
+    assert (
+        m["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]["ci_method"] == "cluster_bootstrap"
+    )
     pl = m["patient_level"]
     assert pl["n_patients"] == 400 and pl["label_rule"] == "any_positive"
     assert pl["metrics"]["discrimination"]["auroc"]["value"] > 0.7
@@ -156,15 +177,21 @@ def test_calibrated_probabilities_returned(binary_result) -> None:
 
 def test_reproducible_for_a_seed() -> None:
     rng = np.random.default_rng(1)
-    splits = {"val": _split(rng, 80, 2, 2.0), "calibration": _split(rng, 80, 2, 2.0), "test": _split(rng, 100, 2, 2.0)}
+    splits = {
+        "val": _split(rng, 80, 2, 2.0),
+        "calibration": _split(rng, 80, 2, 2.0),
+        "test": _split(rng, 100, 2, 2.0),
+    }
     task = TaskInfo("binary", ["neg", "pos"], positive_index=1)
     opts = EvalOptions(n_bootstrap=200, min_subgroup=5)
     a = evaluate_run(splits, task, opts, seed=3).metrics
     b = evaluate_run(splits, task, opts, seed=3).metrics
     c = evaluate_run(splits, task, opts, seed=4).metrics
     assert a == b
-    assert a["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]["ci_bootstrap"] != \
-        c["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]["ci_bootstrap"]
+    assert (
+        a["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]["ci_bootstrap"]
+        != c["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]["ci_bootstrap"]
+    )
 
 
 def test_without_calibration_split() -> None:
@@ -183,12 +210,22 @@ def test_without_calibration_split() -> None:
 
 def test_ordinal_task_with_auto_calibration() -> None:
     rng = np.random.default_rng(3)
-    splits = {"val": _split(rng, 150, 4, 2.5), "calibration": _split(rng, 300, 4, 2.5), "test": _split(rng, 300, 4, 2.5)}
+    splits = {
+        "val": _split(rng, 150, 4, 2.5),
+        "calibration": _split(rng, 300, 4, 2.5),
+        "test": _split(rng, 300, 4, 2.5),
+    }
     task = TaskInfo("ordinal", ["g0", "g1", "g2", "g3"])
     res = evaluate_run(splits, task, EvalOptions(calibration="auto", n_bootstrap=200), seed=0)
     m = res.metrics
     assert m["calibration"]["applied"] in {"temperature", "vector", "platt", "isotonic"}
-    assert set(m["calibration"]["parameters"]["scores"]) == {"none", "temperature", "vector", "platt", "isotonic"}
+    assert set(m["calibration"]["parameters"]["scores"]) == {
+        "none",
+        "temperature",
+        "vector",
+        "platt",
+        "isotonic",
+    }
     d = m["evaluation"]["test"]["calibrated"]["discrimination"]
     assert "kappa_quadratic" in d and "macro_auroc" in d and set(d["per_class"]) == set(task.class_names)
     assert m["evaluation"]["test"]["calibrated"]["calibration"]["reference"] == "top_label"

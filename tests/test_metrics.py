@@ -266,7 +266,17 @@ def test_discrimination_block_binary_positive_column_zero(rng: np.random.Generat
     pred_pos = probs[:, 0] >= 0.5
     assert out["sensitivity"]["value"] == pytest.approx(recall_score(y == 0, pred_pos))
     assert out["ppv"]["ci_method"] == "wilson"
-    for key in ("accuracy", "balanced_accuracy", "auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "f1"):
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "auroc",
+        "auprc",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "f1",
+    ):
         lo, hi = out[key]["ci"]
         assert lo <= out[key]["value"] <= hi, key
 
@@ -294,7 +304,15 @@ def test_calibration_block_binary_contains_point_estimates(rng: np.random.Genera
     probs = np.column_stack([1 - p, p])
     out = calibration_block(probs, y, "binary", 1, Bootstrap(n, 500, seed=0))
     assert out["reference"] == "positive_class"
-    for key in ("brier", "nll", "ece", "ece_equal_mass", "l2_ce_debiased", "calibration_intercept", "calibration_slope"):
+    for key in (
+        "brier",
+        "nll",
+        "ece",
+        "ece_equal_mass",
+        "l2_ce_debiased",
+        "calibration_intercept",
+        "calibration_slope",
+    ):
         lo, hi = out[key]["ci"]
         assert lo <= out[key]["value"] <= hi, key
     assert out["calibration_slope"]["ci"][0] < 1.0 < out["calibration_slope"]["ci"][1]

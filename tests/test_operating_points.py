@@ -86,7 +86,12 @@ def test_rule_that_calls_nothing_positive_is_above_one() -> None:
     y = np.array([True, True, False, False])
     r = choose_threshold(s, y, "spec99")
     assert r["threshold"] > 1.0 and r["val_specificity"] == 1.0 and r["val_sensitivity"] == 0.0
-    assert apply_threshold(np.array([1.0, 0.5]), np.array([True, False]), r["threshold"])["confusion_matrix"]["tp"] == 0
+    assert (
+        apply_threshold(np.array([1.0, 0.5]), np.array([True, False]), r["threshold"])["confusion_matrix"][
+            "tp"
+        ]
+        == 0
+    )
 
 
 def test_decision_curve_properties(rng: np.random.Generator) -> None:

@@ -428,9 +428,7 @@ def make_calibrator(name: str, **params: Any) -> _BaseCalibrator:
     return cls(**params)
 
 
-def calibration_warnings(
-    method: str, n_cal: int, n_classes: int, alpha: float | None = None
-) -> list[str]:
+def calibration_warnings(method: str, n_cal: int, n_classes: int, alpha: float | None = None) -> list[str]:
     """Human-readable warnings about a calibration set-up that is likely to be unreliable.
 
     Args:
@@ -444,21 +442,31 @@ def calibration_warnings(
     """
     out: list[str] = []
     if n_cal <= 0:
-        out.append("no calibration split: probabilities are uncalibrated softmax outputs and no conformal "
-                   "sets can be built")
+        out.append(
+            "no calibration split: probabilities are uncalibrated softmax outputs and no conformal "
+            "sets can be built"
+        )
         return out
     if method != "none" and n_cal < MIN_CAL_CASES:
-        out.append(f"calibration split has only {n_cal} cases (< {MIN_CAL_CASES}): the fitted calibrator "
-                   "is very noisy")
+        out.append(
+            f"calibration split has only {n_cal} cases (< {MIN_CAL_CASES}): the fitted calibrator "
+            "is very noisy"
+        )
     if method in ("isotonic", "auto") and n_cal < ISOTONIC_MIN_CASES:
-        out.append(f"isotonic calibration on {n_cal} cases (< ~{ISOTONIC_MIN_CASES}) tends to overfit; "
-                   "prefer temperature or Platt scaling")
+        out.append(
+            f"isotonic calibration on {n_cal} cases (< ~{ISOTONIC_MIN_CASES}) tends to overfit; "
+            "prefer temperature or Platt scaling"
+        )
     if method in ("vector", "auto") and n_cal < VECTOR_MIN_PER_CLASS * n_classes:
-        out.append(f"vector scaling fits {2 * n_classes} parameters on {n_cal} cases "
-                   f"({n_cal / n_classes:.0f} per class, < {VECTOR_MIN_PER_CLASS}): likely to overfit")
+        out.append(
+            f"vector scaling fits {2 * n_classes} parameters on {n_cal} cases "
+            f"({n_cal / n_classes:.0f} per class, < {VECTOR_MIN_PER_CLASS}): likely to overfit"
+        )
     if alpha is not None:
         need = math.ceil(1.0 / alpha - 1.0 - 1e-9)
         if n_cal < need:
-            out.append(f"conformal prediction at alpha={alpha:g} needs at least {need} calibration cases "
-                       f"(1/alpha - 1), got {n_cal}: every prediction set will contain all classes")
+            out.append(
+                f"conformal prediction at alpha={alpha:g} needs at least {need} calibration cases "
+                f"(1/alpha - 1), got {n_cal}: every prediction set will contain all classes"
+            )
     return out

@@ -54,8 +54,10 @@ def _check_probs(probs: Any, name: str, n_classes: int | None = None) -> np.ndar
     if not np.all(np.isfinite(p)) or p.min() < -1e-9 or p.max() > 1 + 1e-9:
         raise ValueError(f"{name}: expected finite probabilities in [0, 1]")
     if not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
-        raise ValueError(f"{name}: expected rows summing to 1, got row sums in "
-                         f"[{p.sum(axis=1).min():.4f}, {p.sum(axis=1).max():.4f}]")
+        raise ValueError(
+            f"{name}: expected rows summing to 1, got row sums in "
+            f"[{p.sum(axis=1).min():.4f}, {p.sum(axis=1).max():.4f}]"
+        )
     return p
 
 
@@ -84,7 +86,9 @@ class SplitConformal(BaseEstimator):
         n_classes_: Number of classes K.
     """
 
-    def __init__(self, alpha: float = 0.1, method: str = "lac", randomized: bool = False, random_state: int = 0) -> None:
+    def __init__(
+        self, alpha: float = 0.1, method: str = "lac", randomized: bool = False, random_state: int = 0
+    ) -> None:
         self.alpha = alpha
         self.method = method
         self.randomized = randomized
@@ -107,9 +111,13 @@ class SplitConformal(BaseEstimator):
         p = _check_probs(probs, "probs")
         y_arr = np.asarray(y)
         if y_arr.shape != (p.shape[0],) or y_arr.dtype.kind not in "iu":
-            raise ValueError(f"y: expected integer labels of shape ({p.shape[0]},), got {y_arr.dtype} {y_arr.shape}")
+            raise ValueError(
+                f"y: expected integer labels of shape ({p.shape[0]},), got {y_arr.dtype} {y_arr.shape}"
+            )
         if y_arr.min() < 0 or y_arr.max() >= p.shape[1]:
-            raise ValueError(f"y: expected class indices in [0, {p.shape[1] - 1}], got [{y_arr.min()}, {y_arr.max()}]")
+            raise ValueError(
+                f"y: expected class indices in [0, {p.shape[1] - 1}], got [{y_arr.min()}, {y_arr.max()}]"
+            )
         rng = np.random.default_rng(self.random_state)
         u = rng.random(len(y_arr)) if (self.method == "aps" and self.randomized) else None
         scores = self._scores(p, y_arr.astype(np.int64), u)

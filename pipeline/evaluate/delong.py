@@ -34,8 +34,9 @@ def _check(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     y = np.asarray(y_true)
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     if y.ndim != 1 or s.shape[1] != y.shape[0]:
-        raise ValueError(f"scores: expected shape (N,) or (M, N) with N = len(y_true) = {y.shape}, "
-                         f"got {np.shape(scores)}")
+        raise ValueError(
+            f"scores: expected shape (N,) or (M, N) with N = len(y_true) = {y.shape}, got {np.shape(scores)}"
+        )
     uniq = np.unique(y)
     if not np.all(np.isin(uniq, [0, 1, False, True])):
         raise ValueError(f"y_true: expected binary labels (0/1 or bool), got values {uniq[:5]!r}")

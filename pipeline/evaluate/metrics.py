@@ -108,7 +108,9 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 def _binary_view(probs: np.ndarray, y: np.ndarray, positive_index: int) -> tuple[np.ndarray, np.ndarray]:
     if not 0 <= positive_index < probs.shape[1]:
-        raise ValueError(f"positive_index: expected a column in [0, {probs.shape[1] - 1}], got {positive_index}")
+        raise ValueError(
+            f"positive_index: expected a column in [0, {probs.shape[1] - 1}], got {positive_index}"
+        )
     return probs[:, positive_index], (y == positive_index)
 
 
@@ -140,10 +142,14 @@ def _bin_edges(conf: np.ndarray, n_bins: int, strategy: str) -> np.ndarray:
         return np.linspace(0.0, 1.0, n_bins + 1)
     if strategy == "quantile":
         return np.percentile(conf, np.linspace(0.0, 100.0, n_bins + 1))
-    raise ValueError(f"strategy: expected 'uniform' (equal width) or 'quantile' (equal mass), got {strategy!r}")
+    raise ValueError(
+        f"strategy: expected 'uniform' (equal width) or 'quantile' (equal mass), got {strategy!r}"
+    )
 
 
-def binned_calibration(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15, strategy: str = "uniform") -> dict:
+def binned_calibration(
+    conf: np.ndarray, correct: np.ndarray, n_bins: int = 15, strategy: str = "uniform"
+) -> dict:
     """Per-bin counts, mean confidence and observed frequency.
 
     Args:
@@ -356,11 +362,17 @@ def roc_points(scores: np.ndarray, y_pos: np.ndarray, max_points: int = 200) -> 
     if len(fpr) > max_points:
         keep = np.unique(np.round(np.linspace(0, len(fpr) - 1, max_points)).astype(int))
         fpr, tpr, thr = fpr[keep], tpr[keep], thr[keep]
-    return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr], "threshold": [_num(v) for v in thr]}
+    return {
+        "fpr": [float(v) for v in fpr],
+        "tpr": [float(v) for v in tpr],
+        "threshold": [_num(v) for v in thr],
+    }
 
 
 # ------------------------------------------------------------------------------ confusion-derived metrics
-def confusion_metrics(cm: np.ndarray, positive_index: int | None = None, labels: np.ndarray | None = None) -> dict:
+def confusion_metrics(
+    cm: np.ndarray, positive_index: int | None = None, labels: np.ndarray | None = None
+) -> dict:
     """Metrics from confusion matrices, vectorised over a leading axis.
 
     Args:
@@ -521,7 +533,10 @@ def discrimination_block(
     cm_boot = boot["cm"].reshape(-1, k, k)
     cm_point = np.zeros((k, k))
     np.add.at(cm_point, (y, pred), 1.0)
-    point = {n: float(v[0]) for n, v in confusion_metrics(cm_point[None], positive_index if binary else None, labels).items()}
+    point = {
+        n: float(v[0])
+        for n, v in confusion_metrics(cm_point[None], positive_index if binary else None, labels).items()
+    }
     samples = confusion_metrics(cm_boot, positive_index if binary else None, labels)
     bmethod = "cluster_bootstrap" if bootstrap.clustered else "bootstrap"
 
@@ -533,11 +548,15 @@ def discrimination_block(
 
     out: dict[str, Any] = {"n": int(len(y)), "prediction_rule": None}
     out["accuracy"] = prop("accuracy")
-    out["balanced_accuracy"] = value_ci(point["balanced_accuracy"], bootstrap.ci(samples["balanced_accuracy"]), bmethod)
+    out["balanced_accuracy"] = value_ci(
+        point["balanced_accuracy"], bootstrap.ci(samples["balanced_accuracy"]), bmethod
+    )
     if binary:
         out["prediction_rule"] = f"positive if p[{class_names[positive_index]}] >= {threshold:g}"
         out["positive_class"] = class_names[positive_index]
-        out["prevalence"] = value_ci(float(y_pos.mean()), wilson_ci(int(y_pos.sum()), len(y), level), "wilson")
+        out["prevalence"] = value_ci(
+            float(y_pos.mean()), wilson_ci(int(y_pos.sum()), len(y), level), "wilson"
+        )
         out["auroc"] = _auroc_entry(p_pos, y_pos, boot["auroc"], bootstrap)
         ap = average_precision_score(y_pos, p_pos) if y_pos.any() else float("nan")
         out["auprc"] = value_ci(ap, bootstrap.ci(boot["auprc"]), bmethod)
@@ -556,7 +575,9 @@ def discrimination_block(
             per_class[class_names[j]] = {
                 "n": int(yj.sum()),
                 "auroc": entry,
-                "sensitivity": value_ci(tp / yj.sum() if yj.any() else np.nan, wilson_ci(tp, int(yj.sum()), level), "wilson"),
+                "sensitivity": value_ci(
+                    tp / yj.sum() if yj.any() else np.nan, wilson_ci(tp, int(yj.sum()), level), "wilson"
+                ),
                 "ppv": value_ci(
                     tp / cm_point[:, j].sum() if cm_point[:, j].sum() else np.nan,
                     wilson_ci(tp, int(cm_point[:, j].sum()), level),
@@ -574,8 +595,13 @@ def discrimination_block(
             out["macro_auroc"] = value_ci(float("nan"), None, None)
         out["macro_f1"] = value_ci(point["macro_f1"], bootstrap.ci(samples["macro_f1"]), bmethod)
         if kind == "ordinal":
-            out["kappa_quadratic"] = value_ci(point["kappa_quadratic"], bootstrap.ci(samples["kappa_quadratic"]), bmethod)
-    out["confusion_matrix"] = {"labels": list(class_names), "rows_true_cols_pred": cm_point.astype(int).tolist()}
+            out["kappa_quadratic"] = value_ci(
+                point["kappa_quadratic"], bootstrap.ci(samples["kappa_quadratic"]), bmethod
+            )
+    out["confusion_matrix"] = {
+        "labels": list(class_names),
+        "rows_true_cols_pred": cm_point.astype(int).tolist(),
+    }
     return out
 
 
@@ -653,4 +679,3 @@ def calibration_block(
         "equal_mass": reliability_bins(conf, correct, n_bins, "quantile", bootstrap.ci_level),
     }
     return out
-

@@ -47,7 +47,8 @@ def parse_rule(rule: str) -> tuple[str, float | None]:
     m = _RULE.match(rule) if isinstance(rule, str) else None
     if not m or (m.group(2) or m.group(3) or "01") == "00":
         raise ValueError(
-            f"operating point: got {rule!r}, expected 'youden', 'sensXX' or 'specXX' (XX = 01..99, e.g. 'sens90')"
+            f"operating point: got {rule!r}, "
+            "expected 'youden', 'sensXX' or 'specXX' (XX = 01..99, e.g. 'sens90')"
         )
     if m.group(1) == "youden":
         return "youden", None
@@ -70,7 +71,9 @@ def choose_threshold(scores: np.ndarray, y_pos: np.ndarray, rule: str) -> dict:
     kind, target = parse_rule(rule)
     y_pos = np.asarray(y_pos, dtype=bool)
     if y_pos.all() or not y_pos.any():
-        raise ValueError(f"validation labels: operating point {rule!r} needs both classes, got one class only")
+        raise ValueError(
+            f"validation labels: operating point {rule!r} needs both classes, got one class only"
+        )
     fpr, tpr, thr = roc_curve(y_pos, np.asarray(scores, dtype=np.float64), drop_intermediate=False)
     spec = 1.0 - fpr
     if kind == "youden":
@@ -90,7 +93,11 @@ def choose_threshold(scores: np.ndarray, y_pos: np.ndarray, rule: str) -> dict:
 
 
 def apply_threshold(
-    scores: np.ndarray, y_pos: np.ndarray, threshold: float, bootstrap: Bootstrap | None = None, level: float = 0.95
+    scores: np.ndarray,
+    y_pos: np.ndarray,
+    threshold: float,
+    bootstrap: Bootstrap | None = None,
+    level: float = 0.95,
 ) -> dict:
     """Sensitivity, specificity, PPV, NPV with CIs and the confusion matrix at a fixed threshold.
 
@@ -119,7 +126,9 @@ def apply_threshold(
         boot = bootstrap.run({"cm": confusion_stat(y_pos.astype(int), pred.astype(int), 2)})["cm"]
         samples = confusion_metrics(boot.reshape(-1, 2, 2), positive_index=1)
         for name, (k, n) in frac.items():
-            out[name] = value_ci(k / n if n else float("nan"), bootstrap.ci(samples[name]), "cluster_bootstrap", n=n)
+            out[name] = value_ci(
+                k / n if n else float("nan"), bootstrap.ci(samples[name]), "cluster_bootstrap", n=n
+            )
     else:
         lvl = bootstrap.ci_level if bootstrap is not None else level
         for name, (k, n) in frac.items():
@@ -167,7 +176,11 @@ def decision_curve(scores: np.ndarray, y_pos: np.ndarray, thresholds: np.ndarray
     Returns:
         ``{"thresholds", "model", "treat_all", "treat_none"}``, lists of equal length.
     """
-    pt = np.round(np.arange(1, 100) / 100.0, 2) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    pt = (
+        np.round(np.arange(1, 100) / 100.0, 2)
+        if thresholds is None
+        else np.asarray(thresholds, dtype=np.float64)
+    )
     if np.any((pt <= 0) | (pt >= 1)):
         raise ValueError(f"thresholds: expected values in (0, 1), got range [{pt.min()}, {pt.max()}]")
     s = np.asarray(scores, dtype=np.float64)

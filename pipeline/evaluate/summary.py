@@ -77,7 +77,9 @@ class SplitPredictions:
                 raise ValueError(f"split {name!r}: {fname}: expected shape ({n},), got {arr.shape}")
         for gname, arr in self.groups.items():
             if np.shape(arr) != (n,):
-                raise ValueError(f"split {name!r}: groups[{gname!r}]: expected shape ({n},), got {np.shape(arr)}")
+                raise ValueError(
+                    f"split {name!r}: groups[{gname!r}]: expected shape ({n},), got {np.shape(arr)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,9 @@ class TaskInfo:
             if len(self.class_names) != 2:
                 raise ValueError(f"task.class_names: a binary task has 2 classes, got {self.class_names!r}")
             if self.positive_index not in (0, 1):
-                raise ValueError(f"task.positive_index: expected 0 or 1 for a binary task, got {self.positive_index!r}")
+                raise ValueError(
+                    f"task.positive_index: expected 0 or 1 for a binary task, got {self.positive_index!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,10 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATOR_NAMES:
-            raise ValueError(f"options.calibration: got {self.calibration!r}, expected one of {', '.join(CALIBRATOR_NAMES)}")
+            raise ValueError(
+                f"options.calibration: got {self.calibration!r}, "
+                f"expected one of {', '.join(CALIBRATOR_NAMES)}"
+            )
         if int(self.n_bootstrap) < 100:
             raise ValueError(f"options.n_bootstrap: expected >= 100 resamples, got {self.n_bootstrap!r}")
         if not 0.5 <= float(self.ci_level) < 1.0:
@@ -139,7 +146,9 @@ class EvalOptions:
         if int(self.ece_bins) < 2:
             raise ValueError(f"options.ece_bins: expected >= 2, got {self.ece_bins!r}")
         if self.conformal_alpha is not None and not 0.0 < float(self.conformal_alpha) < 1.0:
-            raise ValueError(f"options.conformal_alpha: expected a value in (0, 1) or None, got {self.conformal_alpha!r}")
+            raise ValueError(
+                f"options.conformal_alpha: expected a value in (0, 1) or None, got {self.conformal_alpha!r}"
+            )
         for rule in self.operating_points:
             parse_rule(rule)
         if int(self.min_subgroup) < 1:
@@ -204,7 +213,9 @@ def _variant_block(
     probs: np.ndarray, y: np.ndarray, task: TaskInfo, bs: Bootstrap, options: EvalOptions, full: bool = True
 ) -> dict:
     block = {
-        "discrimination": discrimination_block(probs, y, task.kind, task.class_names, task.positive_index, bs),
+        "discrimination": discrimination_block(
+            probs, y, task.kind, task.class_names, task.positive_index, bs
+        ),
         "calibration": calibration_block(probs, y, task.kind, task.positive_index, bs, options.ece_bins),
     }
     if not full:
@@ -222,7 +233,9 @@ def _variant_block(
     return block
 
 
-def _patient_level(probs: np.ndarray, sp: SplitPredictions, task: TaskInfo) -> tuple[np.ndarray, np.ndarray, int]:
+def _patient_level(
+    probs: np.ndarray, sp: SplitPredictions, task: TaskInfo
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean probability per patient; label rule documented in docs/metrics_schema.md."""
     patients, inv = np.unique(np.asarray(sp.patient), return_inverse=True)
     inv = inv.reshape(-1)
@@ -286,7 +299,9 @@ def evaluate_run(
         cal_info["applied"] = "none"
         cal_info["reason"] = "calibration disabled in options"
     else:
-        params = {"random_state": int(ss.generate_state(1)[0] % (2**31))} if options.calibration == "auto" else {}
+        params = (
+            {"random_state": int(ss.generate_state(1)[0] % (2**31))} if options.calibration == "auto" else {}
+        )
         calibrator = make_calibrator(options.calibration, **params).fit(cal_split.logits, cal_split.y)
         cal_info["applied"] = getattr(calibrator, "chosen_", options.calibration)
         cal_info["parameters"] = _calibrator_params(calibrator)
@@ -310,14 +325,21 @@ def evaluate_run(
             continue
         sp = splits[name]
         y = np.asarray(sp.y, dtype=np.int64)
-        bs = Bootstrap(len(y), options.n_bootstrap, seed=children[name], clusters=np.asarray(sp.patient),
-                       ci_level=options.ci_level)
+        bs = Bootstrap(
+            len(y),
+            options.n_bootstrap,
+            seed=children[name],
+            clusters=np.asarray(sp.patient),
+            ci_level=options.ci_level,
+        )
         boots[name] = bs
         entry: dict[str, Any] = {
             "primary": primary,
             "ci_resampling": "patient_cluster" if bs.clustered else "case",
             "uncalibrated": _variant_block(raw[name], y, task, bs, options),
-            "calibrated": _variant_block(calibrated[name], y, task, bs, options) if calibrator is not None else None,
+            "calibrated": _variant_block(calibrated[name], y, task, bs, options)
+            if calibrator is not None
+            else None,
         }
         evaluation[name] = entry
 
@@ -337,8 +359,13 @@ def evaluate_run(
                 if block is None:
                     continue
                 block["operating_points"] = operating_points(
-                    probs["val"][:, pos], y_val, probs["test"][:, pos], y_test, options.operating_points,
-                    boots["test"], options.ci_level,
+                    probs["val"][:, pos],
+                    y_val,
+                    probs["test"][:, pos],
+                    y_test,
+                    options.operating_points,
+                    boots["test"],
+                    options.ci_level,
                 )
 
     # ------------------------------------------------------------------------------------- conformal
@@ -361,7 +388,9 @@ def evaluate_run(
             for name in ("test", "val"):
                 if name in splits:
                     sets = cp.predict_sets(raw[name])
-                    res[name] = coverage_report(sets, np.asarray(splits[name].y, dtype=np.int64), task.class_names)
+                    res[name] = coverage_report(
+                        sets, np.asarray(splits[name].y, dtype=np.int64), task.class_names
+                    )
             conformal["methods"][key] = res
 
     # ----------------------------------------------------------------------------------- subgroups
@@ -375,15 +404,26 @@ def evaluate_run(
         for vi, v in enumerate(np.unique(vals)):
             m = vals == v
             n = int(m.sum())
-            sub_sp = SplitPredictions(np.asarray(test.logits)[m], y_test_all[m], np.asarray(test.patient)[m],
-                                      np.asarray(test.case)[m])
+            sub_sp = SplitPredictions(
+                np.asarray(test.logits)[m],
+                y_test_all[m],
+                np.asarray(test.patient)[m],
+                np.asarray(test.case)[m],
+            )
             g_entry: dict[str, Any] = {"size": _split_size(sub_sp, task.class_names), "warning": None}
             if n < options.min_subgroup:
                 g_entry["warning"] = "too_small"
-            bs = Bootstrap(n, options.n_bootstrap, seed=np.random.SeedSequence([int(seed), 7, gi, vi]),
-                           clusters=np.asarray(test.patient)[m], ci_level=options.ci_level)
+            bs = Bootstrap(
+                n,
+                options.n_bootstrap,
+                seed=np.random.SeedSequence([int(seed), 7, gi, vi]),
+                clusters=np.asarray(test.patient)[m],
+                ci_level=options.ci_level,
+            )
             try:
-                g_entry["metrics"] = _variant_block(primary_probs[m], y_test_all[m], task, bs, options, full=False)
+                g_entry["metrics"] = _variant_block(
+                    primary_probs[m], y_test_all[m], task, bs, options, full=False
+                )
             except ValueError as err:  # e.g. a subgroup too small for any estimate
                 g_entry["metrics"] = None
                 g_entry["error"] = str(err)
@@ -391,8 +431,10 @@ def evaluate_run(
         subgroups[gname] = col
         small = [v for v, e in col.items() if e["warning"] == "too_small"]
         if small:
-            warnings.append(f"subgroup column {gname!r}: {len(small)} group(s) below min_subgroup="
-                            f"{options.min_subgroup} cases: their metrics are unreliable")
+            warnings.append(
+                f"subgroup column {gname!r}: {len(small)} group(s) below min_subgroup="
+                f"{options.min_subgroup} cases: their metrics are unreliable"
+            )
 
     # ------------------------------------------------------------------------------- patient level
     patient_level: dict[str, Any] | None = None
@@ -402,7 +444,9 @@ def evaluate_run(
         patient_level = {
             "n_patients": int(len(yp)),
             "aggregation": "mean_probability",
-            "label_rule": {"binary": "any_positive", "ordinal": "max_grade", "multiclass": "most_frequent"}[task.kind],
+            "label_rule": {"binary": "any_positive", "ordinal": "max_grade", "multiclass": "most_frequent"}[
+                task.kind
+            ],
             "n_patients_with_mixed_labels": mixed,
             "probabilities": primary,
             "metrics": _variant_block(pp, yp, task, bs, options, full=False),
@@ -411,8 +455,12 @@ def evaluate_run(
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "seed": int(seed),
-        "task": {"kind": task.kind, "class_names": list(task.class_names), "positive_index": task.positive_index,
-                 "positive_class": task.class_names[task.positive_index] if task.kind == "binary" else None},
+        "task": {
+            "kind": task.kind,
+            "class_names": list(task.class_names),
+            "positive_index": task.positive_index,
+            "positive_class": task.class_names[task.positive_index] if task.kind == "binary" else None,
+        },
         "options": {**asdict(options), "operating_points": list(options.operating_points)},
         "splits": {name: _split_size(sp, task.class_names) for name, sp in splits.items()},
         "calibration": cal_info,
