@@ -351,3 +351,25 @@ def test_bias_shifted_ci_contains_ece_of_well_calibrated_model() -> None:
     plain = percentile_ci(samples)
     # For an unbiased statistic the shift is negligible.
     assert lo == pytest.approx(plain[0], abs=2e-3) and hi == pytest.approx(plain[1], abs=2e-3)
+
+
+def test_clustered_split_uses_cluster_bootstrap_for_every_metric(rng: np.random.Generator) -> None:
+    n_pat = 150
+    y = np.repeat(rng.integers(0, 3, n_pat), 2)
+    probs = softmax(rng.normal(size=(2 * n_pat, 3)) + 1.5 * np.eye(3)[y], axis=1)
+    bs = Bootstrap(2 * n_pat, 300, seed=0, clusters=np.repeat(np.arange(n_pat), 2))
+    out = discrimination_block(probs, y, "multiclass", ["a", "b", "c"], None, bs)
+    methods = {e["ci_method"] for _, e in _walk(out)}
+    assert methods == {"cluster_bootstrap"}
+    yb = (y == 0).astype(int)
+    pb = np.column_stack([probs[:, 1:].sum(1), probs[:, 0]])
+    outb = discrimination_block(pb, yb, "binary", ["rest", "a"], 1, bs)
+    assert {e["ci_method"] for _, e in _walk(outb)} == {"cluster_bootstrap"}
+
+
+def _walk(obj, path=""):
+    if isinstance(obj, dict):
+        if "value" in obj and "ci_method" in obj:
+            yield path, obj
+        for key, val in obj.items():
+            yield from _walk(val, f"{path}.{key}")

@@ -554,8 +554,13 @@ def discrimination_block(
     if binary:
         out["prediction_rule"] = f"positive if p[{class_names[positive_index]}] >= {threshold:g}"
         out["positive_class"] = class_names[positive_index]
+        prev_ci = (
+            bootstrap.ci((cm_boot[:, positive_index, :].sum(axis=1)) / cm_boot.sum(axis=(1, 2)))
+            if bootstrap.clustered
+            else wilson_ci(int(y_pos.sum()), len(y), level)
+        )
         out["prevalence"] = value_ci(
-            float(y_pos.mean()), wilson_ci(int(y_pos.sum()), len(y), level), "wilson"
+            float(y_pos.mean()), prev_ci, bmethod if bootstrap.clustered else "wilson"
         )
         out["auroc"] = _auroc_entry(p_pos, y_pos, boot["auroc"], bootstrap)
         ap = average_precision_score(y_pos, p_pos) if y_pos.any() else float("nan")
@@ -572,17 +577,19 @@ def discrimination_block(
             yj = y == j
             entry = _auroc_entry(probs[:, j], yj, boot[f"auroc_{j}"], bootstrap)
             tp = int(cm_point[j, j])
+            n_true, n_pred = int(yj.sum()), int(cm_point[:, j].sum())
+            if bootstrap.clustered:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    rec_ci = bootstrap.ci(cm_boot[:, j, j] / cm_boot[:, j, :].sum(axis=1))
+                    ppv_ci = bootstrap.ci(cm_boot[:, j, j] / cm_boot[:, :, j].sum(axis=1))
+                pmethod = bmethod
+            else:
+                rec_ci, ppv_ci, pmethod = wilson_ci(tp, n_true, level), wilson_ci(tp, n_pred, level), "wilson"
             per_class[class_names[j]] = {
-                "n": int(yj.sum()),
+                "n": n_true,
                 "auroc": entry,
-                "sensitivity": value_ci(
-                    tp / yj.sum() if yj.any() else np.nan, wilson_ci(tp, int(yj.sum()), level), "wilson"
-                ),
-                "ppv": value_ci(
-                    tp / cm_point[:, j].sum() if cm_point[:, j].sum() else np.nan,
-                    wilson_ci(tp, int(cm_point[:, j].sum()), level),
-                    "wilson",
-                ),
+                "sensitivity": value_ci(tp / n_true if n_true else np.nan, rec_ci, pmethod),
+                "ppv": value_ci(tp / n_pred if n_pred else np.nan, ppv_ci, pmethod),
             }
             if yj.any() and not yj.all():
                 auc_samples.append(boot[f"auroc_{j}"])
