@@ -750,7 +750,15 @@ def decode_file(path: str, record: HeaderRecord | None = None) -> tuple[list[Sli
     if bad:
         raise IngestError(bad[1], bad[0])
     arr = _decode(ds, path)
-    order_key = record.order_key if record is not None else (0, 0, _i(ds.get("InstanceNumber"), 0) or 0, path)
+    if record is not None:
+        order_key = record.order_key
+    else:
+        order_key = (
+            _i(ds.get("AcquisitionNumber"), 0) or 0,
+            _i(ds.get("TemporalPositionIdentifier"), 0) or 0,
+            _i(ds.get("InstanceNumber"), 0) or 0,
+            os.path.basename(path),
+        )
     if "PerFrameFunctionalGroupsSequence" in ds:
         slices = _enhanced_slices(ds, arr, path)
     else:

@@ -278,6 +278,31 @@ def _lps_affine(iop: np.ndarray, ps: Any, pos: Any, dz: float, where: str) -> np
     return aff
 
 
+def _shift2d(src: np.ndarray, oi: float, oj: float, nx: int, ny: int, fill: float) -> np.ndarray:
+    """``out[x, y] = src[x + oi, y + oj]`` with bilinear interpolation, ``fill`` outside; shape (nx, ny)."""
+    i0, j0 = int(math.floor(oi + 1e-9)), int(math.floor(oj + 1e-9))
+    fi, fj = oi - i0, oj - j0
+    fi = 0.0 if fi < 1e-6 else fi
+    fj = 0.0 if fj < 1e-6 else fj
+    X, Y = src.shape
+    pl_i, pr_i = max(0, -i0), max(0, i0 + nx + 1 - X)
+    pl_j, pr_j = max(0, -j0), max(0, j0 + ny + 1 - Y)
+    P = np.pad(src, ((pl_i, pr_i), (pl_j, pr_j)), constant_values=fill) if (pl_i or pr_i or pl_j or pr_j) else src
+    a, b = i0 + pl_i, j0 + pl_j
+    out = P[a : a + nx, b : b + ny].astype(np.float32, copy=True)
+    if fi:
+        out *= 1 - fi
+        out += fi * P[a + 1 : a + 1 + nx, b : b + ny]
+    if fj:
+        right = P[a : a + nx, b + 1 : b + 1 + ny].astype(np.float32)
+        if fi:
+            right *= 1 - fi
+            right += fi * P[a + 1 : a + 1 + nx, b + 1 : b + 1 + ny]
+        out *= 1 - fj
+        out += fj * right
+    return out
+
+
 def resample_orthogonal(
     vols: list[np.ndarray],
     positions: np.ndarray,
@@ -299,8 +324,6 @@ def resample_orthogonal(
     Returns:
         (list of output volumes ``(X', Y', n_out)``, LPS affine of the output grid).
     """
-    from scipy import ndimage
-
     rel = positions - positions[0]
     u = rel @ row_c / dc  # in-plane offsets in voxels along i (columns)
     v = rel @ col_c / dr  # along j (rows)
@@ -323,16 +346,8 @@ def resample_orthogonal(
 
         def shifted(k: int) -> np.ndarray:
             if k not in cache:
-                # output voxel (i', j') <- source (i' + u0 - u_k, j' + v0 - v_k)
-                cache[k] = ndimage.affine_transform(
-                    src[:, :, k],
-                    np.eye(2),
-                    offset=(u0 - u[k], v0 - v[k]),
-                    output_shape=(nx, ny),
-                    order=1,
-                    mode="constant",
-                    cval=fill,
-                )
+                # output voxel (i', j') <- source (i' + u0 - u_k, j' + v0 - v_k), bilinear
+                cache[k] = _shift2d(src[:, :, k], u0 - u[k], v0 - v[k], nx, ny, fill)
             return cache[k]
 
         for t in range(n_out):
@@ -343,10 +358,17 @@ def resample_orthogonal(
             if w <= 1e-6 or k0 == len(d) - 1:
                 out[:, :, t] = shifted(k0)
             else:
-                out[:, :, t] = (1 - w) * shifted(k0) + w * shifted(k0 + 1)
+                plane = out[:, :, t]
+                np.multiply(shifted(k0), 1 - w, out=plane)
+                plane += w * shifted(k0 + 1)
             for k in [k for k in cache if k < k0]:
                 del cache[k]
         if vol.dtype.kind in "iu":
-            out = _narrow(np.rint(out).astype(np.int32))
+            np.rint(out, out=out)
+            lo, hi = float(out.min()), float(out.max())
+            for dt in (np.int16, np.int32):
+                if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+                    out = out.astype(dt)
+                    break
         out_vols.append(out)
     return out_vols, aff

@@ -240,16 +240,10 @@ def load_dicom(files: list[str], options: LoadOptions | None = None) -> Volume:
 
     options = options or LoadOptions()
     files = sorted(files)
-    records = []
-    for f in files:
-        rec = dcm.read_header(f)
-        if isinstance(rec, tuple):
-            raise IngestError(rec[1], rec[0])
-        records.append(rec)
     slices = []
     ds0 = None
-    for f, rec in zip(files, records):
-        s, ds = dcm.decode_file(f, rec)
+    for f in files:
+        s, ds = dcm.decode_file(f)  # one read per file: header checks happen there too
         slices.extend(s)
         if ds0 is None:
             ds0 = ds
