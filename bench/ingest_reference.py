@@ -50,40 +50,110 @@ class Case:
 
 
 def default_cases() -> list[Case]:
-    cases = [Case(f"dcm_qa_ts/{i}", [f"dcm_qa_ts/In/{i}.dcm"], f"dcm_qa_ts/Ref/{i}.nii") for i in range(1, 10)]
+    cases = [
+        Case(f"dcm_qa_ts/{i}", [f"dcm_qa_ts/In/{i}.dcm"], f"dcm_qa_ts/Ref/{i}.nii") for i in range(1, 10)
+    ]
     cases += [
         Case("dcm_qa_12bit/unsigned", ["dcm_qa_12bit/In/12bitUnsigned.dcm"], "dcm_qa_12bit/Ref/2.nii"),
-        Case("dcm_qa_12bit/unsigned_0x0F0F", ["dcm_qa_12bit/In/12bitUnsigned_0x0F0F.dcm"], "dcm_qa_12bit/Ref/3.nii"),
-        Case("dcm_qa_12bit/signed_0x0F0F", ["dcm_qa_12bit/In/12bitSigned_0x0F0F.dcm"], "dcm_qa_12bit/Ref/4.nii"),
-        Case("dcm_qa_nih/GE_4D", ["dcm_qa_nih/In/20180918GE/mr_0004"], "dcm_qa_nih/Ref/DCM2NIIX_regression_test_4.nii"),
+        Case(
+            "dcm_qa_12bit/unsigned_0x0F0F",
+            ["dcm_qa_12bit/In/12bitUnsigned_0x0F0F.dcm"],
+            "dcm_qa_12bit/Ref/3.nii",
+        ),
+        Case(
+            "dcm_qa_12bit/signed_0x0F0F", ["dcm_qa_12bit/In/12bitSigned_0x0F0F.dcm"], "dcm_qa_12bit/Ref/4.nii"
+        ),
+        Case(
+            "dcm_qa_nih/GE_4D",
+            ["dcm_qa_nih/In/20180918GE/mr_0004"],
+            "dcm_qa_nih/Ref/DCM2NIIX_regression_test_4.nii",
+        ),
         Case("dcm_qa_nih/Si_AP", ["dcm_qa_nih/In/20180918Si/mr_0003"], "dcm_qa_nih/Ref/EPI_PE=AP_3.nii"),
         Case("dcm_qa_nih/Si_PA", ["dcm_qa_nih/In/20180918Si/mr_0004"], "dcm_qa_nih/Ref/EPI_PE=PA_4.nii"),
         Case("dcm_qa_nih/Si_RL", ["dcm_qa_nih/In/20180918Si/mr_0005"], "dcm_qa_nih/Ref/EPI_PE=RL_5.nii"),
         Case("dcm_qa_nih/Si_LR", ["dcm_qa_nih/In/20180918Si/mr_0006"], "dcm_qa_nih/Ref/EPI_PE=LR_6.nii"),
-        Case("dcm_qa_ct/GE_raw_stack", ["dcm_qa_ct/In/GE"], "dcm_qa_ct/Ref_dcm2niix_deb/2_.nii.gz", "raw_stack",
-             note="tilt 18.5 deg + uneven gaps; voxels of the position-sorted stack"),
-        Case("dcm_qa_ct/GE_corrected", ["dcm_qa_ct/In/GE"], "dcm_qa_ct/Ref_dcm2niix_deb/2__Tilt_Eq_1.nii.gz", "corrected",
-             note="tilt corrected + equidistant; compared in world space"),
-        Case("dcm_qa_ct/GE_refuse_tilt", ["dcm_qa_ct/In/GE"], None, "expect_error", {"tilt": "refuse"}, "gantry_tilt"),
-        Case("dcm_qa_ct/GE_refuse_uneven", ["dcm_qa_ct/In/GE"], None, "expect_error",
-             {"uneven_spacing": "refuse"}, "uneven_spacing"),
+        Case(
+            "dcm_qa_ct/GE_raw_stack",
+            ["dcm_qa_ct/In/GE"],
+            "dcm_qa_ct/Ref_dcm2niix_deb/2_.nii.gz",
+            "raw_stack",
+            note="tilt 18.5 deg + uneven gaps; voxels of the position-sorted stack",
+        ),
+        Case(
+            "dcm_qa_ct/GE_corrected",
+            ["dcm_qa_ct/In/GE"],
+            "dcm_qa_ct/Ref_dcm2niix_deb/2__Tilt_Eq_1.nii.gz",
+            "corrected",
+            note="tilt corrected + equidistant; compared in world space",
+        ),
+        Case(
+            "dcm_qa_ct/GE_refuse_tilt",
+            ["dcm_qa_ct/In/GE"],
+            None,
+            "expect_error",
+            {"tilt": "refuse"},
+            "gantry_tilt",
+        ),
+        Case(
+            "dcm_qa_ct/GE_refuse_uneven",
+            ["dcm_qa_ct/In/GE"],
+            None,
+            "expect_error",
+            {"uneven_spacing": "refuse"},
+            "uneven_spacing",
+        ),
     ]
-    for sub in ("ge/anatomical", "generic/anatomical", "generic/compressed_j2k", "generic/compressed_jpeg",
-                "generic/compressed_jpegls", "generic/compressed_rle", "hitachi/anatomical", "philips/anatomical",
-                "philips_enhanced/anatomical", "siemens/anatomical", "siemens_multiframe/anatomical"):
+    for sub in (
+        "ge/anatomical",
+        "generic/anatomical",
+        "generic/compressed_j2k",
+        "generic/compressed_jpeg",
+        "generic/compressed_jpegls",
+        "generic/compressed_rle",
+        "hitachi/anatomical",
+        "philips/anatomical",
+        "philips_enhanced/anatomical",
+        "siemens/anatomical",
+        "siemens_multiframe/anatomical",
+    ):
         lossy = sub.endswith("compressed_jpeg")
-        cases.append(Case(f"dicom2nifti/{sub}", [f"{D2N}/{sub}/001"], f"{D2N}/{sub}/001_ground_truth.nii.gz",
-                          note="lossy JPEG twin" if lossy else ""))
+        cases.append(
+            Case(
+                f"dicom2nifti/{sub}",
+                [f"{D2N}/{sub}/001"],
+                f"{D2N}/{sub}/001_ground_truth.nii.gz",
+                note="lossy JPEG twin" if lossy else "",
+            )
+        )
     cases += [
-        Case("dicom2nifti/generic/002_non_isotropic", [f"{D2N}/generic/anatomical/002_non_isotropic"],
-             f"{D2N}/generic/anatomical/002_non_isotropic_ground_truth.nii.gz"),
-        Case("dicom2nifti/failing/slicecount", [f"{D2N}/failing/slicecount/001"],
-             f"{D2N}/failing/slicecount/001_ground_truth.nii.gz"),
-        Case("dicom2nifti/failing/gantrytilting", [f"{D2N}/failing/gantrytilting/001"], None, "corrected_noref"),
-        Case("dicom2nifti/failing/gantrytilting_refuse", [f"{D2N}/failing/gantrytilting/001"], None, "expect_error",
-             {"tilt": "refuse"}, "gantry_tilt"),
-        Case("dicom2nifti/failing/sliceorientation", [f"{D2N}/failing/sliceorientation/001"], None, "scan_groups",
-             note="two orientations in one folder must give two series"),
+        Case(
+            "dicom2nifti/generic/002_non_isotropic",
+            [f"{D2N}/generic/anatomical/002_non_isotropic"],
+            f"{D2N}/generic/anatomical/002_non_isotropic_ground_truth.nii.gz",
+        ),
+        Case(
+            "dicom2nifti/failing/slicecount",
+            [f"{D2N}/failing/slicecount/001"],
+            f"{D2N}/failing/slicecount/001_ground_truth.nii.gz",
+        ),
+        Case(
+            "dicom2nifti/failing/gantrytilting", [f"{D2N}/failing/gantrytilting/001"], None, "corrected_noref"
+        ),
+        Case(
+            "dicom2nifti/failing/gantrytilting_refuse",
+            [f"{D2N}/failing/gantrytilting/001"],
+            None,
+            "expect_error",
+            {"tilt": "refuse"},
+            "gantry_tilt",
+        ),
+        Case(
+            "dicom2nifti/failing/sliceorientation",
+            [f"{D2N}/failing/sliceorientation/001"],
+            None,
+            "scan_groups",
+            note="two orientations in one folder must give two series",
+        ),
     ]
     return cases
 
@@ -94,7 +164,9 @@ def _files(root: str, inputs: list[str]) -> list[str]:
         p = os.path.join(root, rel)
         if os.path.isdir(p):
             out += sorted(
-                os.path.join(p, f) for f in os.listdir(p) if os.path.isfile(os.path.join(p, f)) and f.endswith(".dcm")
+                os.path.join(p, f)
+                for f in os.listdir(p)
+                if os.path.isfile(os.path.join(p, f)) and f.endswith(".dcm")
             )
         else:
             out.append(p)
@@ -158,7 +230,9 @@ def raw_stack(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return arr, np.diag([-1.0, -1.0, 1, 1]) @ aff
 
 
-def world_sample_diff(vol_arr: np.ndarray, vol_aff: np.ndarray, ref_arr: np.ndarray, ref_aff: np.ndarray) -> float:
+def world_sample_diff(
+    vol_arr: np.ndarray, vol_aff: np.ndarray, ref_arr: np.ndarray, ref_aff: np.ndarray
+) -> float:
     """Mean |difference| of two volumes sampled at our voxel centres (ref resampled, linear), inside both."""
     from scipy import ndimage
 
@@ -191,8 +265,16 @@ def source_consistency(arr: np.ndarray, aff: np.ndarray, files: list[str]) -> li
     for s in slices:
         ps = s.pixel_spacing
         rows, cols = s.pixels.shape
-        ii, jj = np.meshgrid(np.arange(cols // 10, cols - cols // 10, 8), np.arange(rows // 10, rows - rows // 10, 8), indexing="ij")
-        lps = s.position[:, None] + np.outer(iop[:3] * ps[1], ii.ravel()) + np.outer(iop[3:] * ps[0], jj.ravel())
+        ii, jj = np.meshgrid(
+            np.arange(cols // 10, cols - cols // 10, 8),
+            np.arange(rows // 10, rows - rows // 10, 8),
+            indexing="ij",
+        )
+        lps = (
+            s.position[:, None]
+            + np.outer(iop[:3] * ps[1], ii.ravel())
+            + np.outer(iop[3:] * ps[0], jj.ravel())
+        )
         ras = np.diag([-1.0, -1.0, 1.0]) @ lps
         v = inv @ np.vstack([ras, np.ones(ras.shape[1])])
         vals = ndimage.map_coordinates(data, v[:3], order=1, mode="nearest")
@@ -201,7 +283,15 @@ def source_consistency(arr: np.ndarray, aff: np.ndarray, files: list[str]) -> li
 
 
 def run_case(root: str, case: Case) -> dict:
-    row = {"case": case.name, "files": 0, "shape": "", "voxels": "", "affine_err_mm": None, "status": "", "note": case.note}
+    row = {
+        "case": case.name,
+        "files": 0,
+        "shape": "",
+        "voxels": "",
+        "affine_err_mm": None,
+        "status": "",
+        "note": case.note,
+    }
     files = _files(root, case.inputs)
     row["files"] = len(files)
     if not files:
@@ -258,12 +348,20 @@ def run_case(root: str, case: Case) -> dict:
         a, aa = canonical(vol.array, vol.affine)
         b, ba = canonical(ref, ref_aff)
         eq, diff = compare_arrays(a, b)
-        row["voxels"] = "equal" if eq else (f"max diff {diff:.4g}" if a.shape == b.shape else f"shape {a.shape} vs {b.shape}")
+        row["voxels"] = (
+            "equal"
+            if eq
+            else (f"max diff {diff:.4g}" if a.shape == b.shape else f"shape {a.shape} vs {b.shape}")
+        )
         err = corner_error_mm(aa, ba, a.shape) if a.shape[:3] == b.shape[:3] else float("nan")
         row["affine_err_mm"] = round(err, 6)
         lossy = "lossy" in case.note
         ok_vox = eq or (lossy and a.shape == b.shape)
-        row["status"] = "ok" if (ok_vox and err <= 1e-3) else ("ok (affine within 0.1 mm)" if ok_vox and err <= 0.1 else "FAIL")
+        row["status"] = (
+            "ok"
+            if (ok_vox and err <= 1e-3)
+            else ("ok (affine within 0.1 mm)" if ok_vox and err <= 0.1 else "FAIL")
+        )
         if lossy and not eq:
             row["voxels"] += " (lossy JPEG: decoder-dependent)"
         return row

@@ -40,12 +40,23 @@ from ingest_reference import canonical, compare_arrays, corner_error_mm, load_re
 DEFAULT_ROOT = "/work/shared/data/dicom"
 D2N = "dicom2nifti_tests/tests/data"
 SERIES = [
-    ("GE EPI 4D (150 files)", "dcm_qa_nih/In/20180918GE/mr_0004", "dcm_qa_nih/Ref/DCM2NIIX_regression_test_4.nii"),
+    (
+        "GE EPI 4D (150 files)",
+        "dcm_qa_nih/In/20180918GE/mr_0004",
+        "dcm_qa_nih/Ref/DCM2NIIX_regression_test_4.nii",
+    ),
     ("Siemens mosaic 4D", "dcm_qa_nih/In/20180918Si/mr_0003", "dcm_qa_nih/Ref/EPI_PE=AP_3.nii"),
     ("GE CT tilt+uneven (28)", "dcm_qa_ct/In/GE", None),
-    ("Siemens anatomical (4)", f"{D2N}/siemens/anatomical/001", f"{D2N}/siemens/anatomical/001_ground_truth.nii.gz"),
-    ("Philips enhanced (1x8)", f"{D2N}/philips_enhanced/anatomical/001",
-     f"{D2N}/philips_enhanced/anatomical/001_ground_truth.nii.gz"),
+    (
+        "Siemens anatomical (4)",
+        f"{D2N}/siemens/anatomical/001",
+        f"{D2N}/siemens/anatomical/001_ground_truth.nii.gz",
+    ),
+    (
+        "Philips enhanced (1x8)",
+        f"{D2N}/philips_enhanced/anatomical/001",
+        f"{D2N}/philips_enhanced/anatomical/001_ground_truth.nii.gz",
+    ),
 ]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -124,7 +135,11 @@ def geometry_ok(arr: np.ndarray, aff: np.ndarray, root: str, folder: str, ref_re
         arr = arr[..., 0]
     if ref_rel is None:
         per = source_consistency(arr if arr.ndim == 3 else arr[..., 0], aff, _files(folder))
-        return "right" if per[0] < 1.0 and float(np.mean(per)) < 40 else f"WRONG (world |diff| {np.mean(per):.0f})"
+        return (
+            "right"
+            if per[0] < 1.0 and float(np.mean(per)) < 40
+            else f"WRONG (world |diff| {np.mean(per):.0f})"
+        )
     ref, ref_aff = load_reference(os.path.join(root, ref_rel))
     a, aa = canonical(arr, aff)
     b, ba = canonical(ref, ref_aff)
@@ -158,8 +173,14 @@ def run(root: str, repeat: int) -> list[dict]:
                     base = best
                 row["ratio_to_medtl"] = round(best / base, 2) if base else None
             except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
-                row.update({"seconds": None, "files_per_s": None, "ratio_to_medtl": None,
-                            "geometry": f"failed: {type(err).__name__}: {str(err)[:80]}"})
+                row.update(
+                    {
+                        "seconds": None,
+                        "files_per_s": None,
+                        "ratio_to_medtl": None,
+                        "geometry": f"failed: {type(err).__name__}: {str(err)[:80]}",
+                    }
+                )
             rows.append(row)
     return rows
 
@@ -167,8 +188,10 @@ def run(root: str, repeat: int) -> list[dict]:
 def to_markdown(rows: list[dict]) -> str:
     out = "| series | tool | files | s (best) | files/s | time / medtl | geometry |\n|---|---|---|---|---|---|---|\n"
     for r in rows:
-        out += (f"| {r['series']} | {r['tool']} | {r['files']} | {r['seconds']} | {r['files_per_s']} | "
-                f"{r['ratio_to_medtl']} | {r['geometry']} |\n")
+        out += (
+            f"| {r['series']} | {r['tool']} | {r['files']} | {r['seconds']} | {r['files_per_s']} | "
+            f"{r['ratio_to_medtl']} | {r['geometry']} |\n"
+        )
     return out
 
 

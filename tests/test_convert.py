@@ -43,8 +43,18 @@ def _phi_values(src: Path) -> set[str]:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
         except Exception:
             continue
-        for kw in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
-                   "SOPInstanceUID", "AccessionNumber", "InstitutionName", "StudyDate", "ReferringPhysicianName"):
+        for kw in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "AccessionNumber",
+            "InstitutionName",
+            "StudyDate",
+            "ReferringPhysicianName",
+        ):
             v = str(ds.get(kw, "") or "").strip()
             if len(v) >= 4:
                 vals.add(v)
@@ -76,8 +86,16 @@ def test_convert_tree_outputs_and_privacy(tree, tmp_path):
     # free text cannot slip in: side-car keys are a fixed, non-identifying set
     from pipeline.ingest.convert import SIDECAR_KEYS
 
-    allowed = set(SIDECAR_KEYS) | {"pseudonym", "kind", "shape", "spacing_mm", "orientation", "affine_ras",
-                                   "axis_order", "converter"}
+    allowed = set(SIDECAR_KEYS) | {
+        "pseudonym",
+        "kind",
+        "shape",
+        "spacing_mm",
+        "orientation",
+        "affine_ras",
+        "axis_order",
+        "converter",
+    }
     for p in out.glob("*.json"):
         if p.name != "convert_report.json":
             assert set(json.loads(p.read_text())) <= allowed
@@ -91,8 +109,13 @@ def test_convert_tree_outputs_and_privacy(tree, tmp_path):
     # sidecar pseudonym is the keyed HMAC of PatientID
     items, _ = scan_sources(tree)
     ct_item = next(i for i in items if i.header.get("modality") == "CT" and i.header["n_files"] == 4)
-    side = json.loads(next(p for p in out.glob("*.json") if p.name != "convert_report.json" and
-                           json.loads(p.read_text()).get("measured_tilt_deg", 0) > 1).read_text())
+    side = json.loads(
+        next(
+            p
+            for p in out.glob("*.json")
+            if p.name != "convert_report.json" and json.loads(p.read_text()).get("measured_tilt_deg", 0) > 1
+        ).read_text()
+    )
     assert side["pseudonym"] == pseudonym(ct_item.ids["PatientID"], KEY)
     assert "tilt_corrected" in side["flags"] and side["modality"] == "CT"
     # NIfTI content equals what load_item gives

@@ -88,7 +88,9 @@ def test_enhanced_multiframe_philips_matches_dicom2nifti():
     assert len(items) == 1 and items[0].header["enhanced"]
     vol = load_item(items[0])
     assert vol.array.shape == (256, 256, 8) and vol.array.dtype == np.float32
-    _assert_matches_reference(vol, DATA / "dicom2nifti" / "philips_enhanced" / "anatomical" / "001_ground_truth.nii.gz", exact=False)
+    _assert_matches_reference(
+        vol, DATA / "dicom2nifti" / "philips_enhanced" / "anatomical" / "001_ground_truth.nii.gz", exact=False
+    )
 
 
 def _ct_files():
@@ -171,14 +173,21 @@ def test_items_are_picklable_and_keys_stable():
 
 
 def test_meta_holds_no_identifiers():
-    from pydicom.data import get_testdata_file
     import pydicom
+    from pydicom.data import get_testdata_file
 
     path = get_testdata_file("CT_small.dcm")
     ds = pydicom.dcmread(path)
     vol = load_dicom([path])
     text = repr(vol.meta)
-    for kw in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "InstitutionName", "StudyDate"):
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "InstitutionName",
+        "StudyDate",
+    ):
         value = str(ds.get(kw, "")).strip()
         if value:
             assert value not in text, f"{kw} leaked into meta"

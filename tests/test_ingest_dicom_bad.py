@@ -21,8 +21,14 @@ from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
 warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def _write_series(folder: Path, n: int, gap: float = 5.0, skip: tuple[int, ...] = (), size: dict | None = None,
-                  series_uid: str | None = None) -> list[Path]:
+def _write_series(
+    folder: Path,
+    n: int,
+    gap: float = 5.0,
+    skip: tuple[int, ...] = (),
+    size: dict | None = None,
+    series_uid: str | None = None,
+) -> list[Path]:
     """n axial slices made from pydicom's CT_small, ImagePositionPatient z = k * gap; ``skip`` drops slices."""
     folder.mkdir(parents=True, exist_ok=True)
     base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))

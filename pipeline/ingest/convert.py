@@ -130,7 +130,9 @@ def convert_tree(
             codes[err.code] = codes.get(err.code, 0) + 1
             for f in item.files:
                 per_file[f] = {"status": "refused", "code": err.code, "reason": err.reason, "item": stem}
-            private_items.append({"output": None, "files": list(item.files), "ids": item.ids, "code": err.code})
+            private_items.append(
+                {"output": None, "files": list(item.files), "ids": item.ids, "code": err.code}
+            )
             continue
         nii = f"{stem}.nii.gz"
         write_nifti(vol, out / nii)

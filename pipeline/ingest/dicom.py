@@ -299,7 +299,12 @@ def read_header(path: str) -> HeaderRecord | tuple[str, str]:
         fh.seek(pixel_offset)
         pixel_tag = fh.read(12)
     tag_le = pixel_tag[:4]
-    has_pixels = tag_le in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+    has_pixels = tag_le in (
+        b"\xe0\x7f\x10\x00",
+        b"\x7f\xe0\x00\x10",
+        b"\xe0\x7f\x08\x00",
+        b"\xe0\x7f\x09\x00",
+    )
     ts_early = _s(getattr(file_meta, "TransferSyntaxUID", None)) if file_meta is not None else ""
     deflated = ts_early == "1.2.840.10008.1.2.1.99"
     if deflated:
@@ -308,7 +313,10 @@ def read_header(path: str) -> HeaderRecord | tuple[str, str]:
             full = _quiet_dcmread(path, force=True)
             has_pixels = "PixelData" in full
         except Exception as err:  # noqa: BLE001
-            return "truncated", f"{path}: deflated dataset (TransferSyntaxUID (0002,0010) = {ts_early}) cannot be inflated ({err})"
+            return (
+                "truncated",
+                f"{path}: deflated dataset (TransferSyntaxUID (0002,0010) = {ts_early}) cannot be inflated ({err})",
+            )
     rows, cols = _i(ds.get("Rows")), _i(ds.get("Columns"))
     if not has_pixels:
         sop = _s(ds.get("SOPClassUID"))
@@ -460,7 +468,7 @@ def _check_transfer_syntax(path: str, ts: str) -> tuple[str, str] | None:
 def _iop_close(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return max(abs(x - y) for x, y in zip(a, b)) <= IOP_TOL
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) <= IOP_TOL
 
 
 def _normal(iop: tuple[float, ...]) -> np.ndarray:
@@ -588,7 +596,11 @@ def _decode(ds: Any, path: str) -> np.ndarray:
     except Exception as err:  # noqa: BLE001 - decoder errors become IngestError
         ts = _s(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None))
         msg = str(err)
-        code = "truncated" if ("length" in msg.lower() or "expected" in msg.lower() or "end" in msg.lower()) else "decode_failed"
+        code = (
+            "truncated"
+            if ("length" in msg.lower() or "expected" in msg.lower() or "end" in msg.lower())
+            else "decode_failed"
+        )
         raise IngestError(
             f"{path}: Pixel Data (7FE0,0010) cannot be decoded (TransferSyntaxUID (0002,0010) = {ts}): "
             f"{type(err).__name__}: {msg}",
@@ -667,9 +679,7 @@ def _mosaic_slices(ds: Any, arr: np.ndarray, path: str, order_key: tuple) -> lis
             "missing_geometry",
         )
     origin = (
-        np.asarray(ipp)
-        + row_c * ps[1] * (cols - cols / m) / 2.0
-        + col_c * ps[0] * (rows - rows / m) / 2.0
+        np.asarray(ipp) + row_c * ps[1] * (cols - cols / m) / 2.0 + col_c * ps[0] * (rows - rows / m) / 2.0
     )
     slices = []
     for t in range(n):
@@ -736,7 +746,9 @@ def decode_file(path: str, record: HeaderRecord | None = None) -> tuple[list[Sli
     try:
         ds = _quiet_dcmread(path, force=True)
     except Exception as err:  # noqa: BLE001
-        raise IngestError(f"{path}: not readable as DICOM ({type(err).__name__}: {err})", "not_dicom") from err
+        raise IngestError(
+            f"{path}: not readable as DICOM ({type(err).__name__}: {err})", "not_dicom"
+        ) from err
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise IngestError(f"{path}: no Pixel Data (7FE0,0010); expected an image object", "no_pixel_data")
     if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:

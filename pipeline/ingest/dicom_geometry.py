@@ -61,7 +61,9 @@ def _gap_kind(gaps: np.ndarray) -> tuple[str, float]:
     base = float(np.min(gaps))
     tol_b = max(POS_TOL, 0.005 * base)
     ratios = gaps / base
-    if base > POS_TOL and np.all(np.abs(gaps - np.round(ratios) * base) <= tol_b * np.maximum(1, np.round(ratios))):
+    if base > POS_TOL and np.all(
+        np.abs(gaps - np.round(ratios) * base) <= tol_b * np.maximum(1, np.round(ratios))
+    ):
         if np.sum(np.round(ratios) == 1) >= gaps.size / 2:
             return "missing", base
     return "uneven", g
@@ -94,7 +96,9 @@ def no_geometry_affine(pixel_spacing: tuple[float, float] | None) -> np.ndarray:
     return np.diag([-float(dc), -float(dr), 1.0, 1.0])
 
 
-def assemble_slices(slices: list[Slice], where: str, tilt: str = "correct", uneven: str = "resample") -> Assembled:
+def assemble_slices(
+    slices: list[Slice], where: str, tilt: str = "correct", uneven: str = "resample"
+) -> Assembled:
     """Sort, check and stack slices into a volume (see module docstring).
 
     Args:
@@ -136,12 +140,18 @@ def assemble_slices(slices: list[Slice], where: str, tilt: str = "correct", unev
         arr = _stack(planes).transpose(1, 0, 2)  # (cols, rows, n)
         if arr.shape[2] > 1:
             arr = arr[:, :, None, :]  # frames without positions are time, not slices
-            return Assembled(_narrow(arr), affine, flags + ["no_patient_geometry"], "time", None, "pixel_spacing_only")
-        return Assembled(_narrow(arr), affine, flags + ["no_patient_geometry"], None, None, "pixel_spacing_only")
+            return Assembled(
+                _narrow(arr), affine, flags + ["no_patient_geometry"], "time", None, "pixel_spacing_only"
+            )
+        return Assembled(
+            _narrow(arr), affine, flags + ["no_patient_geometry"], None, None, "pixel_spacing_only"
+        )
 
     if rgb:
         if len(slices) > 1:
-            raise IngestError(f"{where}: multi-slice RGB series; expected greyscale slices", "unsupported_layout")
+            raise IngestError(
+                f"{where}: multi-slice RGB series; expected greyscale slices", "unsupported_layout"
+            )
         s = slices[0]
         iop = np.asarray(s.iop)
         aff = _lps_affine(iop, s.pixel_spacing, s.position, _single_thickness(s), where)
@@ -190,7 +200,11 @@ def assemble_slices(slices: list[Slice], where: str, tilt: str = "correct", unev
     kind, g = _gap_kind(gaps)
 
     if kind == "missing":
-        bad = [(round(float(d[i]), 3), round(float(gaps[i]), 3)) for i in range(gaps.size) if abs(gaps[i] - g) > max(POS_TOL, 0.005 * g)]
+        bad = [
+            (round(float(d[i]), 3), round(float(gaps[i]), 3))
+            for i in range(gaps.size)
+            if abs(gaps[i] - g) > max(POS_TOL, 0.005 * g)
+        ]
         raise IngestError(
             f"{where}: slice gap(s) {[b[1] for b in bad]} mm after position(s) {[b[0] for b in bad]} mm along the "
             f"slice normal are whole multiples of the regular gap {g:.4f} mm (ImagePositionPatient (0020,0032)): "
@@ -242,7 +256,9 @@ def assemble_slices(slices: list[Slice], where: str, tilt: str = "correct", unev
         aff[:3, 2] = step
         aff[:3, 3] = positions[0]
         arr = vols[0] if n_vol == 1 else np.stack(vols, axis=-1)
-        return Assembled(_narrow(arr), LPS_TO_RAS @ aff, flags, "time" if n_vol > 1 else None, gaps_list, tilt_deg=0.0)
+        return Assembled(
+            _narrow(arr), LPS_TO_RAS @ aff, flags, "time" if n_vol > 1 else None, gaps_list, tilt_deg=0.0
+        )
 
     # resample onto an orthogonal, equidistant grid
     if kind == "uneven":
@@ -257,7 +273,9 @@ def assemble_slices(slices: list[Slice], where: str, tilt: str = "correct", unev
         flags.append("tilt_corrected")
     out_vols, aff = resample_orthogonal(vols, positions, d, row_c, col_c, normal, dc, dr, n_out, dz)
     arr = out_vols[0] if n_vol == 1 else np.stack(out_vols, axis=-1)
-    return Assembled(arr, LPS_TO_RAS @ aff, flags, "time" if n_vol > 1 else None, gaps_list, tilt_deg=tilt_deg)
+    return Assembled(
+        arr, LPS_TO_RAS @ aff, flags, "time" if n_vol > 1 else None, gaps_list, tilt_deg=tilt_deg
+    )
 
 
 def _single_thickness(s: Slice) -> float:
@@ -266,7 +284,9 @@ def _single_thickness(s: Slice) -> float:
 
 def _lps_affine(iop: np.ndarray, ps: Any, pos: Any, dz: float, where: str) -> np.ndarray:
     if ps is None:
-        raise IngestError(f"{where}: PixelSpacing (0028,0030) missing; expected in-plane spacing", "missing_geometry")
+        raise IngestError(
+            f"{where}: PixelSpacing (0028,0030) missing; expected in-plane spacing", "missing_geometry"
+        )
     iop = np.asarray(iop, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
     normal /= np.linalg.norm(normal)
@@ -287,7 +307,11 @@ def _shift2d(src: np.ndarray, oi: float, oj: float, nx: int, ny: int, fill: floa
     X, Y = src.shape
     pl_i, pr_i = max(0, -i0), max(0, i0 + nx + 1 - X)
     pl_j, pr_j = max(0, -j0), max(0, j0 + ny + 1 - Y)
-    P = np.pad(src, ((pl_i, pr_i), (pl_j, pr_j)), constant_values=fill) if (pl_i or pr_i or pl_j or pr_j) else src
+    P = (
+        np.pad(src, ((pl_i, pr_i), (pl_j, pr_j)), constant_values=fill)
+        if (pl_i or pr_i or pl_j or pr_j)
+        else src
+    )
     a, b = i0 + pl_i, j0 + pl_j
     out = P[a : a + nx, b : b + ny].astype(np.float32, copy=True)
     if fi:
@@ -344,7 +368,7 @@ def resample_orthogonal(
         out = np.empty((nx, ny, n_out), dtype=np.float32)
         cache: dict[int, np.ndarray] = {}
 
-        def shifted(k: int) -> np.ndarray:
+        def shifted(k: int, cache=cache, src=src, fill=fill) -> np.ndarray:
             if k not in cache:
                 # output voxel (i', j') <- source (i' + u0 - u_k, j' + v0 - v_k), bilinear
                 cache[k] = _shift2d(src[:, :, k], u0 - u[k], v0 - v[k], nx, ny, fill)

@@ -26,19 +26,29 @@ def _open(path: str) -> Any:
     try:
         size = os.path.getsize(path)
     except OSError as err:
-        raise IngestError(f"{path}: cannot read file ({err}); expected a PNG/JPEG image", "unreadable") from err
+        raise IngestError(
+            f"{path}: cannot read file ({err}); expected a PNG/JPEG image", "unreadable"
+        ) from err
     if size == 0:
         raise IngestError(f"{path}: file is empty (0 bytes); expected a PNG/JPEG image", "empty")
     try:
         return Image.open(path)
     except Exception as err:  # noqa: BLE001
-        raise IngestError(f"{path}: not readable as PNG/JPEG ({type(err).__name__}: {err})", "bad_image") from err
+        raise IngestError(
+            f"{path}: not readable as PNG/JPEG ({type(err).__name__}: {err})", "bad_image"
+        ) from err
 
 
 def image_header(path: str) -> dict[str, Any]:
     """Size and mode of an image without decoding it."""
     with _open(path) as im:
-        return {"shape_guess": [im.width, im.height, 1], "mode": im.mode, "format": im.format, "n_files": 1, "modality": None}
+        return {
+            "shape_guess": [im.width, im.height, 1],
+            "mode": im.mode,
+            "format": im.format,
+            "n_files": 1,
+            "modality": None,
+        }
 
 
 def read_image(path: str | os.PathLike[str]) -> Volume:
@@ -51,7 +61,9 @@ def read_image(path: str | os.PathLike[str]) -> Volume:
         try:
             im.load()
         except Exception as err:  # noqa: BLE001
-            raise IngestError(f"{path}: image data truncated or corrupt ({type(err).__name__}: {err})", "truncated") from err
+            raise IngestError(
+                f"{path}: image data truncated or corrupt ({type(err).__name__}: {err})", "truncated"
+            ) from err
         mode = im.mode
         if mode in ("L", "I;16", "I;16B", "I", "F", "1"):
             arr = np.asarray(im.convert("L") if mode == "1" else im)

@@ -24,7 +24,8 @@ def _load(path: str) -> Any:
         return nib.load(path)
     except Exception as err:  # noqa: BLE001 - nibabel raises many types for bad files
         raise IngestError(
-            f"{path}: not readable as NIfTI ({type(err).__name__}: {err}); expected a .nii/.nii.gz file", "bad_nifti"
+            f"{path}: not readable as NIfTI ({type(err).__name__}: {err}); expected a .nii/.nii.gz file",
+            "bad_nifti",
         ) from err
 
 
@@ -59,7 +60,9 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         else:
             arr = img.get_fdata(dtype=np.float32)
     except Exception as err:  # noqa: BLE001
-        raise IngestError(f"{path}: voxel data unreadable ({type(err).__name__}: {err}); file truncated?", "truncated") from err
+        raise IngestError(
+            f"{path}: voxel data unreadable ({type(err).__name__}: {err}); file truncated?", "truncated"
+        ) from err
     arr = np.asarray(arr)
     if arr.dtype.byteorder not in ("=", "|"):
         arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -68,10 +71,16 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
     while arr.ndim > 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim > 4:
-        raise IngestError(f"{path}: NIfTI shape {arr.shape} has {arr.ndim} dimensions; expected 2 to 4", "unsupported_layout")
+        raise IngestError(
+            f"{path}: NIfTI shape {arr.shape} has {arr.ndim} dimensions; expected 2 to 4",
+            "unsupported_layout",
+        )
     affine = np.asarray(img.affine, dtype=np.float64)
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise IngestError(f"{path}: affine {affine.tolist()} is singular; expected an invertible sform/qform", "bad_geometry")
+        raise IngestError(
+            f"{path}: affine {affine.tolist()} is singular; expected an invertible sform/qform",
+            "bad_geometry",
+        )
     codes = {}
     if hasattr(hdr, "get_sform"):
         codes = {"sform_code": int(hdr["sform_code"]), "qform_code": int(hdr["qform_code"])}

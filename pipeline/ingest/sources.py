@@ -21,8 +21,28 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Files never tried as images (side-cars, docs, archives); reported with code ``skipped``.
 SKIP_SUFFIXES = (
-    ".json", ".txt", ".md", ".csv", ".tsv", ".xml", ".html", ".htm", ".pdf", ".py", ".yaml", ".yml",
-    ".bval", ".bvec", ".zip", ".tar", ".tgz", ".sh", ".log", ".ini", ".cfg", ".rst",
+    ".json",
+    ".txt",
+    ".md",
+    ".csv",
+    ".tsv",
+    ".xml",
+    ".html",
+    ".htm",
+    ".pdf",
+    ".py",
+    ".yaml",
+    ".yml",
+    ".bval",
+    ".bvec",
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".sh",
+    ".log",
+    ".ini",
+    ".cfg",
+    ".rst",
 )
 SKIP_NAMES = ("LICENSE", "LICENSE.txt", "README", "NOTICE", "COPYING", ".DS_Store", "Thumbs.db")
 
@@ -131,7 +151,9 @@ def scan_sources(
     if bad:
         raise ValueError(f"scan_sources: kinds {sorted(bad)} unknown; expected a subset of {KINDS}")
     if not os.path.exists(root):
-        raise IngestError(f"{root}: input folder does not exist; expected a folder of DICOM/NIfTI/images", "missing")
+        raise IngestError(
+            f"{root}: input folder does not exist; expected a folder of DICOM/NIfTI/images", "missing"
+        )
     paths = [os.path.abspath(root)] if os.path.isfile(root) else _walk(root)
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
@@ -140,7 +162,9 @@ def scan_sources(
         kind = _kind_of(p)
         if kind is None:
             if "dicom" in kinds:
-                rejected.append(Rejected(p, f"{p}: skipped (side-car/document file name, not an image)", "skipped"))
+                rejected.append(
+                    Rejected(p, f"{p}: skipped (side-car/document file name, not an image)", "skipped")
+                )
             continue
         if kind not in kinds:
             continue
@@ -150,14 +174,22 @@ def scan_sources(
             from pipeline.ingest.nifti import nifti_header
 
             try:
-                items.append(SourceItem(dcm.item_key(["nifti", os.path.relpath(p, root)]), "nifti", (p,), {}, nifti_header(p)))
+                items.append(
+                    SourceItem(
+                        dcm.item_key(["nifti", os.path.relpath(p, root)]), "nifti", (p,), {}, nifti_header(p)
+                    )
+                )
             except IngestError as err:
                 rejected.append(Rejected(p, err.reason, err.code))
         else:
             from pipeline.ingest.images import image_header
 
             try:
-                items.append(SourceItem(dcm.item_key(["image", os.path.relpath(p, root)]), "image", (p,), {}, image_header(p)))
+                items.append(
+                    SourceItem(
+                        dcm.item_key(["image", os.path.relpath(p, root)]), "image", (p,), {}, image_header(p)
+                    )
+                )
             except IngestError as err:
                 rejected.append(Rejected(p, err.reason, err.code))
 
@@ -170,7 +202,7 @@ def scan_sources(
         else:
             results = [dcm.read_header(p) for p in dicom_paths]
         records = []
-        for p, res in zip(dicom_paths, results):
+        for p, res in zip(dicom_paths, results, strict=True):
             if isinstance(res, tuple):
                 rejected.append(Rejected(p, res[1], res[0]))
             else:
@@ -187,7 +219,9 @@ def scan_sources(
             header["mosaic"] = first.is_mosaic
             header["enhanced"] = first.is_enhanced
             header["shape_guess"] = _shape_guess(g)
-            key = dcm.item_key(["dicom", first.group_key, first.iop, [os.path.relpath(f, base) for f in files]])
+            key = dcm.item_key(
+                ["dicom", first.group_key, first.iop, [os.path.relpath(f, base) for f in files]]
+            )
             items.append(SourceItem(key, "dicom", files, dict(first.ids), header))
     items.sort(key=lambda it: (KINDS.index(it.kind), it.files[0]))
     rejected.sort(key=lambda r: r.path)
@@ -225,7 +259,9 @@ def load_item(item: SourceItem, options: LoadOptions | None = None) -> Volume:
         from pipeline.ingest.images import read_image
 
         return read_image(item.files[0])
-    raise IngestError(f"SourceItem {item.key}: kind {item.kind!r} unknown; expected one of {KINDS}", "unknown_kind")
+    raise IngestError(
+        f"SourceItem {item.key}: kind {item.kind!r} unknown; expected one of {KINDS}", "unknown_kind"
+    )
 
 
 def load_dicom(files: list[str], options: LoadOptions | None = None) -> Volume:
@@ -267,7 +303,13 @@ def load_dicom(files: list[str], options: LoadOptions | None = None) -> Volume:
 
 def item_to_dict(item: SourceItem) -> dict[str, Any]:
     """A JSON-ready dict of an item (PRIVATE: holds source paths and ids)."""
-    return {"key": item.key, "kind": item.kind, "files": list(item.files), "ids": dict(item.ids), "header": dict(item.header)}
+    return {
+        "key": item.key,
+        "kind": item.kind,
+        "files": list(item.files),
+        "ids": dict(item.ids),
+        "header": dict(item.header),
+    }
 
 
 __all__ = ["SourceItem", "Rejected", "LoadOptions", "scan_sources", "load_item", "load_dicom"]

@@ -73,7 +73,9 @@ class Volume:
         if not np.all(np.isfinite(self.affine)):
             raise ValueError(f"Volume.affine has non-finite values: {self.affine.tolist()}")
         if abs(np.linalg.det(self.affine[:3, :3])) < 1e-12:
-            raise ValueError(f"Volume.affine is singular: {self.affine.tolist()}; expected an invertible 3x3 part")
+            raise ValueError(
+                f"Volume.affine is singular: {self.affine.tolist()}; expected an invertible 3x3 part"
+            )
         if not np.allclose(self.affine[3], [0, 0, 0, 1]):
             raise ValueError(f"Volume.affine last row is {self.affine[3].tolist()}; expected [0, 0, 0, 1]")
         if self.array.ndim not in (3, 4):
