@@ -255,3 +255,26 @@ def test_input_errors() -> None:
     bad = SplitPredictions(sp.logits, sp.y, sp.patient[:-1], sp.case)
     with pytest.raises(ValueError, match="patient: expected shape"):
         evaluate_run({"test": bad}, task, EvalOptions(), 0)
+
+
+def test_degenerate_splits_give_nulls_not_crashes() -> None:
+    rng = np.random.default_rng(9)
+
+    def one_class(sp: SplitPredictions, cls: int) -> SplitPredictions:
+        return SplitPredictions(sp.logits, np.full(len(sp.y), cls), sp.patient, sp.case, sp.groups)
+
+    task = TaskInfo("binary", ["a", "b"], 1)
+    splits = {
+        "val": one_class(_split(rng, 30, 2, 2.0), 1),
+        "calibration": _split(rng, 5, 2, 2.0),
+        "test": one_class(_split(rng, 40, 2, 2.0), 0),
+    }
+    m = evaluate_run(splits, task, EvalOptions(n_bootstrap=200, calibration="auto"), seed=0).metrics
+    json.dumps(m, allow_nan=False)
+    auroc = m["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]
+    assert auroc["value"] is None and "one class" in auroc["note"]
+    assert m["evaluation"]["test"]["calibrated"]["roc_curve"] is None
+    assert any("operating points were not chosen" in w for w in m["warnings"])
+    assert any("only 5 cases" in w for w in m["warnings"])
+    assert any("at least 9" in w for w in m["warnings"])  # conformal at alpha 0.1 needs 9 cases
+    assert m["conformal"]["methods"]["lac"]["test"]["coverage"] == 1.0  # qhat = inf: all classes

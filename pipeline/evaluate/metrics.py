@@ -306,19 +306,23 @@ def _logistic_recal(
     s = np.full(b, 1.0 if offset else start[1])
     step = np.full(b, np.inf)
     xx = x * x
+    wt = w @ t
+    wtx = w @ (t * x)
+    active = np.arange(b)  # rows still iterating: converged rows drop out (most do within ~4 steps)
     for _ in range(iters):
-        eta = a[:, None] + (x[None, :] if offset else s[:, None] * x[None, :])
-        mu = expit(np.clip(eta, -35, 35))
-        r = w * (t[None, :] - mu)
-        v = w * mu * (1 - mu)
-        g0 = r.sum(axis=1)
+        wa = w[active]
+        eta = a[active, None] + (x[None, :] if offset else s[active, None] * x[None, :])
+        mu = expit(eta)
+        wm = wa * mu
+        v = wm - wm * mu  # w * mu * (1 - mu)
+        g0 = wt[active] - wm.sum(axis=1)
         h00 = v.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             if offset:
                 da = g0 / h00
-                ds = np.zeros(b)
+                ds = np.zeros(len(active))
             else:
-                g1 = r @ x
+                g1 = wtx[active] - wm @ x
                 h01 = v @ x
                 h11 = v @ xx
                 det = h00 * h11 - h01**2
@@ -328,10 +332,11 @@ def _logistic_recal(
         ds = np.nan_to_num(ds, nan=0.0, posinf=0.0, neginf=0.0)
         size = np.abs(da) + np.abs(ds)
         damp = np.minimum(1.0, 2.0 / np.maximum(size, 1e-300))  # cap each step at length 2
-        a = a + damp * da
-        s = s + damp * ds
-        step = size
-        if np.all(step < 1e-8):
+        a[active] += damp * da
+        s[active] += damp * ds
+        step[active] = size
+        active = active[size >= 1e-7]
+        if not len(active):
             break
     ok = (step < 1e-5) & (np.abs(a) < 1e3) & (np.abs(s) < 1e3)
     return np.where(ok[:, None], np.column_stack([a, s]), np.nan)

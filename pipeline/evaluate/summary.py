@@ -305,9 +305,8 @@ def evaluate_run(
         calibrator = make_calibrator(options.calibration, **params).fit(cal_split.logits, cal_split.y)
         cal_info["applied"] = getattr(calibrator, "chosen_", options.calibration)
         cal_info["parameters"] = _calibrator_params(calibrator)
-    cal_info["warnings"] = calibration_warnings(
-        options.calibration if calibrator is not None else "none", n_cal, k, options.conformal_alpha
-    )
+    # Warn about the method actually applied (for "auto", the one it chose).
+    cal_info["warnings"] = calibration_warnings(cal_info["applied"], n_cal, k, options.conformal_alpha)
     warnings.extend(cal_info["warnings"])
 
     raw = {name: softmax(np.asarray(sp.logits, dtype=np.float64), axis=1) for name, sp in splits.items()}
