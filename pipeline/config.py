@@ -154,11 +154,26 @@ class IngestConfig(_Section):
         tilt: Gantry-tilted CT series: ``correct`` (resample onto an orthogonal grid) or ``refuse``.
         uneven_spacing: Unevenly spaced series: ``resample`` or ``refuse``.
         processes: Decoder processes (not hashed; distinct from Luigi's ``--workers``).
+        mask_regions: Boxes ``[x0, y0, x1, y1]`` in pixel coordinates (x = column, y = row, end exclusive)
+            blanked in 2D images flagged for pixel review (US, SC, BurnedInAnnotation YES) before caching,
+            e.g. where a scanner burns in the patient's name. Empty = no masking (cases are still flagged).
     """
 
     tilt: Literal["correct", "refuse"] = "correct"
     uneven_spacing: Literal["resample", "refuse"] = "resample"
     processes: int = Field(1, ge=1, le=64)
+    mask_regions: tuple[tuple[int, int, int, int], ...] = ()
+
+    @field_validator("mask_regions")
+    @classmethod
+    def _check_regions(cls, v: tuple[tuple[int, int, int, int], ...]) -> tuple[tuple[int, int, int, int], ...]:
+        for i, (x0, y0, x1, y1) in enumerate(v):
+            if not (0 <= x0 < x1 and 0 <= y0 < y1):
+                raise ValueError(
+                    f"ingest.mask_regions[{i}]: {[x0, y0, x1, y1]}; expected [x0, y0, x1, y1] with "
+                    "0 <= x0 < x1 and 0 <= y0 < y1 (pixels)"
+                )
+        return v
 
 
 class DeidConfig(_Section):
