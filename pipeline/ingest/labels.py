@@ -15,10 +15,16 @@ from pipeline.config import SPLITS, DataConfig, TaskConfig
 from pipeline.errors import ConfigError
 
 SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "calibration": "calibration", "cal": "calibration", "calib": "calibration",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "calibration": "calibration",
+    "cal": "calibration",
+    "calib": "calibration",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -92,10 +98,16 @@ def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow]
         ref = normalise_ref(row.get(data.id_column) or "", data.id_type)
         label = (row.get(data.label_column) or "").strip()
         if not ref:
-            problems.append(LabelProblem(line, "empty_id", f"line {line}: column {data.id_column!r} is empty"))
+            problems.append(
+                LabelProblem(line, "empty_id", f"line {line}: column {data.id_column!r} is empty")
+            )
             continue
         if label == "":
-            problems.append(LabelProblem(line, "missing_label", f"line {line}: case has no label in column {data.label_column!r}"))
+            problems.append(
+                LabelProblem(
+                    line, "missing_label", f"line {line}: case has no label in column {data.label_column!r}"
+                )
+            )
             continue
         label = _canonical_label(label, allowed)
         if label not in allowed:
@@ -139,7 +151,13 @@ def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow]
                 )
                 conflicted.add(ref)
             else:
-                problems.append(LabelProblem(line, "duplicate", f"line {line}: duplicate of line {first_line[ref]} (same label; kept once)"))
+                problems.append(
+                    LabelProblem(
+                        line,
+                        "duplicate",
+                        f"line {line}: duplicate of line {first_line[ref]} (same label; kept once)",
+                    )
+                )
             continue
         by_ref[ref] = new
         first_line[ref] = line

@@ -127,8 +127,63 @@ def _walk(root: str) -> list[str]:
     return out
 
 
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+def _encode_result(kind: str, res: Any) -> dict[str, Any]:
+    """JSON form of one file's scan result (for the incremental index)."""
+    if isinstance(res, Rejected):
+        return {"t": "rejected", "code": res.code, "reason": res.reason}
+    if kind == "dicom":
+        from dataclasses import asdict
+
+        return {"t": "dicom", "rec": asdict(res)}
+    return {"t": kind, "header": res}
+
+
+def _decode_result(path: str, data: dict[str, Any]) -> Any:
+    from pipeline.ingest.dicom import HeaderRecord
+
+    t = data["t"]
+    if t == "rejected":
+        return Rejected(path, data["reason"], data["code"])
+    if t == "dicom":
+        rec = dict(data["rec"])
+        for k in ("group_key", "order_key", "iop", "position"):
+            rec[k] = _tuplify(rec[k])
+        return HeaderRecord(**rec)
+    return data["header"]
+
+
+def probe_file(path: str, kind: str) -> Any:
+    """Read one file's header (no pixels).
+
+    Returns:
+        A :class:`~pipeline.ingest.dicom.HeaderRecord` (DICOM), a header-facts dict (NIfTI/image) or a
+        :class:`Rejected`.
+    """
+    from pipeline.ingest import dicom as dcm
+
+    if kind == "dicom":
+        res = dcm.read_header(path)
+        return Rejected(path, res[1], res[0]) if isinstance(res, tuple) else res
+    try:
+        if kind == "nifti":
+            from pipeline.ingest.nifti import nifti_header
+
+            return nifti_header(path)
+        from pipeline.ingest.images import image_header
+
+        return image_header(path)
+    except IngestError as err:
+        return Rejected(path, err.reason, err.code)
+
+
 def scan_sources(
-    root: str | os.PathLike[str], kinds: tuple[str, ...] = KINDS, workers: int = 1
+    root: str | os.PathLike[str], kinds: tuple[str, ...] = KINDS, workers: int = 1, index: Any = None
 ) -> tuple[list[SourceItem], list[Rejected]]:
     """Walk ``root`` recursively and return the usable units and the rejected files.
 
@@ -139,7 +194,11 @@ def scan_sources(
     Args:
         root: Folder (or single file) to scan.
         kinds: Subset of ``("dicom", "nifti", "image")`` to look for.
-        workers: Threads used to read headers (I/O bound); 1 reads sequentially.
+        workers: Threads used to read the headers that are not in ``index`` (I/O bound: helps on network
+            shares and cold caches); 1 reads sequentially.
+        index: Optional :class:`pipeline.ingest.index.SourceIndex`: files whose fingerprint is unchanged
+            reuse their cached header instead of being opened; the others are read and stored. The
+            caller calls ``index.finish()`` afterwards.
 
     Returns:
         ``(items, rejected)``, both in a deterministic order (by kind, then path).
@@ -155,9 +214,8 @@ def scan_sources(
             f"{root}: input folder does not exist; expected a folder of DICOM/NIfTI/images", "missing"
         )
     paths = [os.path.abspath(root)] if os.path.isfile(root) else _walk(root)
-    items: list[SourceItem] = []
     rejected: list[Rejected] = []
-    dicom_paths: list[str] = []
+    todo: list[tuple[str, str]] = []
     for p in paths:
         kind = _kind_of(p)
         if kind is None:
@@ -166,47 +224,41 @@ def scan_sources(
                     Rejected(p, f"{p}: skipped (side-car/document file name, not an image)", "skipped")
                 )
             continue
-        if kind not in kinds:
-            continue
-        if kind == "dicom":
-            dicom_paths.append(p)
-        elif kind == "nifti":
-            from pipeline.ingest.nifti import nifti_header
+        if kind in kinds:
+            todo.append((p, kind))
 
-            try:
-                items.append(
-                    SourceItem(
-                        dcm.item_key(["nifti", os.path.relpath(p, root)]), "nifti", (p,), {}, nifti_header(p)
-                    )
-                )
-            except IngestError as err:
-                rejected.append(Rejected(p, err.reason, err.code))
+    results: dict[str, Any] = {}
+    misses: list[tuple[str, str]] = []
+    for p, kind in todo:
+        cached = index.lookup(p) if index is not None else None
+        if cached is not None:
+            results[p] = _decode_result(p, cached)
         else:
-            from pipeline.ingest.images import image_header
+            misses.append((p, kind))
+    if workers > 1 and len(misses) > 1:
+        from concurrent.futures import ThreadPoolExecutor
 
-            try:
-                items.append(
-                    SourceItem(
-                        dcm.item_key(["image", os.path.relpath(p, root)]), "image", (p,), {}, image_header(p)
-                    )
-                )
-            except IngestError as err:
-                rejected.append(Rejected(p, err.reason, err.code))
+        with ThreadPoolExecutor(workers) as ex:
+            fresh = list(ex.map(lambda pk: probe_file(*pk), misses))
+    else:
+        fresh = [probe_file(p, k) for p, k in misses]
+    for (p, kind), res in zip(misses, fresh, strict=True):
+        results[p] = res
+        if index is not None:
+            index.store(p, _encode_result(kind, res))
 
-    if dicom_paths:
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as ex:
-                results = list(ex.map(dcm.read_header, dicom_paths))
+    items: list[SourceItem] = []
+    records = []
+    for p, kind in todo:
+        res = results[p]
+        if isinstance(res, Rejected):
+            rejected.append(res)
+        elif kind == "dicom":
+            records.append(res)
         else:
-            results = [dcm.read_header(p) for p in dicom_paths]
-        records = []
-        for p, res in zip(dicom_paths, results, strict=True):
-            if isinstance(res, tuple):
-                rejected.append(Rejected(p, res[1], res[0]))
-            else:
-                records.append(res)
+            items.append(SourceItem(dcm.item_key([kind, os.path.relpath(p, root)]), kind, (p,), {}, res))
+
+    if records:
         groups, rej = dcm.group_series(records)
         rejected.extend(Rejected(p, reason, code) for p, code, reason in rej)
         base = root if os.path.isdir(root) else os.path.dirname(root)
@@ -312,4 +364,4 @@ def item_to_dict(item: SourceItem) -> dict[str, Any]:
     }
 
 
-__all__ = ["SourceItem", "Rejected", "LoadOptions", "scan_sources", "load_item", "load_dicom"]
+__all__ = ["SourceItem", "Rejected", "LoadOptions", "scan_sources", "probe_file", "load_item", "load_dicom"]
