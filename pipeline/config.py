@@ -215,23 +215,35 @@ class PreprocessConfig(_Section):
 class AugmentConfig(_Section):
     """Random training augmentation (MONAI), applied on the fly with a pipeline-owned RNG.
 
+    A ``preset`` fills every field the config does not set itself (see
+    ``pipeline.augment.transforms.PRESETS``); ``custom`` uses the fields as written.
+
     Attributes:
+        preset: ``custom``, ``light``, ``standard``, ``strong`` (2D or 3D, per ``preprocess.spatial_dims``)
+            or ``ct`` (3D CT: standard spatial plus a random intensity-window jitter on the windowed range).
         flip: Random left-right flip probability.
+        flip_all_axes: Also flip the other spatial axes (orientation-free data such as masks or cells).
         rotate_deg: Maximum in-plane rotation in degrees (0 disables).
+        rotate_3d: For 3D, rotate about all three axes (else about the in-plane axis only).
         scale: Maximum relative zoom (0.1 = +-10%).
         translate: Maximum shift as a fraction of the image size.
         intensity: Strength of intensity jitter (contrast/gamma and scale; 0 disables).
         noise_std: Standard deviation of additive Gaussian noise on normalised intensities (0 disables).
+        window_jitter: ``ct`` preset: maximum relative change of the window's level and width (0 disables).
         prob: Probability of applying each of the affine and intensity transforms.
         preview: Number of augmented training samples drawn on the preview sheet.
     """
 
+    preset: Literal["custom", "light", "standard", "strong", "ct"] = "custom"
     flip: float = Field(0.5, ge=0.0, le=1.0)
+    flip_all_axes: bool = False
     rotate_deg: float = Field(10.0, ge=0.0, le=180.0)
+    rotate_3d: bool = False
     scale: float = Field(0.1, ge=0.0, le=0.9)
     translate: float = Field(0.05, ge=0.0, le=0.5)
     intensity: float = Field(0.1, ge=0.0, le=1.0)
     noise_std: float = Field(0.0, ge=0.0, le=1.0)
+    window_jitter: float = Field(0.0, ge=0.0, le=0.5)
     prob: float = Field(0.8, ge=0.0, le=1.0)
     preview: int = Field(16, ge=0, le=64)
 
@@ -254,36 +266,98 @@ class TrainConfig(_Section):
     """Fine-tuning.
 
     Attributes:
-        strategy: ``finetune`` (all layers) or ``linear_probe`` (frozen backbone, new head).
+        strategy: ``linear_probe`` (logistic regression on frozen features, written into the head),
+            ``partial`` (last ``trainable_groups`` parameter groups), ``finetune`` (all layers,
+            discriminative learning rates), ``gradual`` (gradual unfreezing from the head),
+            ``scratch`` (random init baseline) or ``auto`` (train ``auto_candidates`` and keep the best
+            by validation AUROC).
+        auto_candidates: Strategies tried by ``auto``, run cheapest first.
+        auto_tolerance: ``auto`` keeps the cheaper candidate unless a costlier one beats it by more.
+        trainable_groups: ``partial``: trailing parameter groups trained (1 = head only).
+        unfreeze_milestones: ``gradual``: epochs at which more groups are unfrozen.
+        unfreeze_groups_per_step: ``gradual``: groups unfrozen at each milestone.
+        probe_c: ``linear_probe``: inverse L2 strengths tried; the best by validation AUROC is kept.
+        bn_reestimate: Re-estimate BatchNorm running statistics on the training images before training
+            (target-domain statistics for frozen or partially frozen backbones).
         epochs: Maximum epochs.
-        batch_size: Mini-batch size.
+        batch_size: Mini-batch size (per optimizer step, over all devices).
+        accumulate_steps: Gradient accumulation: each optimizer step sums this many micro-batches of
+            ``batch_size / accumulate_steps`` samples.
         lr: Peak learning rate of the new head; the backbone gets ``lr * backbone_lr_mult``.
         backbone_lr_mult: Discriminative learning-rate factor for pretrained layers.
         weight_decay: AdamW weight decay.
+        schedule: ``cosine`` (after ``warmup_epochs`` of linear warm-up), ``onecycle`` or ``constant``.
         patience: Early stopping: epochs without validation-AUROC improvement.
         warmup_epochs: Linear warm-up before the cosine schedule.
         class_weighting: ``balanced`` (inverse-frequency loss weights) or ``none``.
+        sampler: ``shuffle`` (each case once per epoch) or ``balanced`` (classes drawn equally often,
+            with replacement; use with ``class_weighting: none``).
         label_smoothing: Cross-entropy label smoothing.
         seed: Seed of every RNG of the run (weights init, order, augmentation).
+        deterministic: Ask torch for deterministic kernels (``torch.use_deterministic_algorithms``).
+        folds: K-fold cross-validation over train+val patients when >= 2; the model is the ensemble of
+            the K fold models (mean probability).
+        devices: Processes/GPUs; > 1 launches ``torchrun`` (DistributedDataParallel) as a child process.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (not hashed).
         amp: Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU (not hashed).
         label_fraction: Use only this stratified share of training labels (label-efficiency studies).
     """
 
-    strategy: Literal["finetune", "linear_probe"] = "finetune"
+    strategy: Literal["auto", "linear_probe", "partial", "finetune", "gradual", "scratch"] = "finetune"
+    auto_candidates: tuple[Literal["linear_probe", "partial", "finetune", "gradual", "scratch"], ...] = (
+        "linear_probe",
+        "finetune",
+    )
+    auto_tolerance: float = Field(0.005, ge=0.0, le=0.2)
+    trainable_groups: int = Field(2, ge=1, le=100)
+    unfreeze_milestones: tuple[int, ...] = (2, 4, 6)
+    unfreeze_groups_per_step: int = Field(1, ge=1, le=100)
+    probe_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    bn_reestimate: bool = False
     epochs: int = Field(30, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
+    accumulate_steps: int = Field(1, ge=1, le=1024)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     backbone_lr_mult: float = Field(0.3, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     patience: int = Field(8, ge=1, le=1000)
     warmup_epochs: int = Field(1, ge=0, le=100)
     class_weighting: Literal["balanced", "none"] = "balanced"
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     seed: int = 0
+    deterministic: bool = False
+    folds: int = Field(1, ge=1, le=20)
+    devices: int = Field(1, ge=1, le=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not self.auto_candidates:
+            raise ValueError("train.auto_candidates: expected at least one strategy")
+        if len(set(self.auto_candidates)) != len(self.auto_candidates):
+            raise ValueError(f"train.auto_candidates: {list(self.auto_candidates)} lists a strategy twice")
+        ms = list(self.unfreeze_milestones)
+        if any(b <= a for a, b in zip(ms, ms[1:])) or any(m < 0 for m in ms):
+            raise ValueError(f"train.unfreeze_milestones: {ms}; expected strictly increasing epochs >= 0")
+        if not self.probe_c or any(c <= 0 for c in self.probe_c):
+            raise ValueError(f"train.probe_c: {list(self.probe_c)}; expected one or more positive numbers")
+        if self.batch_size % self.accumulate_steps:
+            raise ValueError(
+                f"train.accumulate_steps: {self.accumulate_steps} does not divide train.batch_size "
+                f"{self.batch_size}; expected a divisor (micro-batch = batch_size / accumulate_steps)"
+            )
+        if self.sampler == "balanced" and self.class_weighting == "balanced":
+            raise ValueError(
+                "train.sampler: 'balanced' with train.class_weighting 'balanced' corrects the imbalance "
+                "twice; set train.class_weighting: none"
+            )
+        if self.folds > 1 and self.strategy == "auto":
+            raise ValueError("train.folds: k-fold ensembles need a fixed train.strategy, not 'auto'")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -340,6 +414,92 @@ class RuntimeConfig(_Section):
     num_workers: int = Field(0, ge=0, le=64)
 
 
+class RetrainPolicy(_Section):
+    """When a nightly run trains a new model (never hashed: it decides whether to train, not how).
+
+    Attributes:
+        min_new_cases: Retrain when at least this many labelled cases arrived since the champion's data.
+        max_days: Retrain when the champion is at least this many days old (None: never for age alone).
+
+    A changed training configuration (model, train, preprocess, augment sections) always retrains.
+    """
+
+    min_new_cases: int = Field(1, ge=0)
+    max_days: float | None = Field(None, gt=0)
+
+
+class PromotionPolicy(_Section):
+    """Champion/challenger rule (see ``pipeline.ops.promotion``).
+
+    Attributes:
+        auto: Promote automatically when the rule passes (else the decision is recorded only).
+        method: Test of the AUROC difference: ``delong`` (binary) or paired cluster ``bootstrap``.
+        auroc_margin: Non-inferiority margin: promote only if the lower CI bound of
+            AUROC(challenger) - AUROC(champion) is above ``-auroc_margin``.
+        brier_margin: Calibration not worse: Brier(challenger) <= Brier(champion) + ``brier_margin``.
+        min_auroc: A first model (no champion) is promoted only if its AUROC lower CI bound exceeds this.
+        holdout_fraction: Share of test patients (keyed hash) locked for promotion decisions.
+        min_holdout_cases: Below this many holdout cases (or one class only) the whole test split is used.
+        n_bootstrap: Resamples of the paired bootstrap.
+        ci_level: Confidence level of the difference interval.
+    """
+
+    auto: bool = True
+    method: Literal["delong", "bootstrap"] = "delong"
+    auroc_margin: float = Field(0.02, ge=0.0, le=0.5)
+    brier_margin: float = Field(0.01, ge=0.0, le=1.0)
+    min_auroc: float = Field(0.5, ge=0.0, lt=1.0)
+    holdout_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    min_holdout_cases: int = Field(20, ge=1)
+    n_bootstrap: int = Field(2000, ge=100, le=100000)
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+
+
+class NotifyConfig(_Section):
+    """End-of-run notification (a failing hook only warns; the run's exit status is unchanged).
+
+    Attributes:
+        command: Shell-free command (list or string split with shlex); the summary JSON is on stdin and
+            in ``MEDTL_SUMMARY`` (a file path).
+        webhook: URL receiving the summary as a JSON POST.
+        timeout_s: Time limit of each hook.
+    """
+
+    command: list[str] | str | None = None
+    webhook: str | None = None
+    timeout_s: float = Field(10.0, gt=0.0, le=600.0)
+
+
+class RetentionPolicy(_Section):
+    """What ``medtl gc`` keeps (registered models' stage folders are always kept).
+
+    Attributes:
+        keep_runs: Keep the stage folders of the last K nightly run records.
+        keep_retired: Keep the folders of retired models too (else only champions and candidates).
+        cache_days: Remove decoded volumes not used by a kept ingest folder and older than this many days.
+    """
+
+    keep_runs: int = Field(7, ge=1)
+    keep_retired: bool = False
+    cache_days: float = Field(30.0, ge=0.0)
+
+
+class OpsConfig(_Section):
+    """Nightly operation: retraining, promotion, notification, retention, retries (never hashed).
+
+    Attributes:
+        retries: Reruns of a failed chain after a transient (non-medtl) error.
+        retry_backoff_s: First back-off delay; doubled after each attempt.
+    """
+
+    retrain: RetrainPolicy = RetrainPolicy()
+    promotion: PromotionPolicy = PromotionPolicy()
+    notify: NotifyConfig = NotifyConfig()
+    retention: RetentionPolicy = RetentionPolicy()
+    retries: int = Field(2, ge=0, le=20)
+    retry_backoff_s: float = Field(30.0, ge=0.0, le=3600.0)
+
+
 class Config(_Section):
     """A whole medtl run configuration (see ``configs/*.yaml``)."""
 
@@ -356,6 +516,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    ops: OpsConfig = OpsConfig()
 
     source_path: Path | None = Field(None, exclude=True)
 
@@ -375,7 +536,7 @@ class Config(_Section):
 
     def public_dict(self) -> dict[str, Any]:
         """The config as written into reports: no absolute paths (they may contain names)."""
-        out = self.model_dump(mode="json", exclude={"runtime", "source_path"})
+        out = self.model_dump(mode="json", exclude={"runtime", "ops", "source_path"})
         out["data"]["source"] = Path(out["data"]["source"]).name
         out["data"]["labels_csv"] = Path(out["data"]["labels_csv"]).name
         if out["model"].get("weights"):

@@ -27,11 +27,8 @@ def _setup_logging(verbose: bool) -> None:
 def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host: str | None = None,
                  scheduler_port: int | None = None) -> int:
     """Run the whole chain for ``config``; return a process exit code (0 success)."""
-    import luigi
-
     from pipeline.errors import MedtlError
     from tasks.base import FAILURES, config_and_plan, install_log_filter
-    from tasks.run import RunPipeline
 
     install_log_filter()
     try:
@@ -45,9 +42,17 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
         kwargs.update(scheduler_host=host, scheduler_port=scheduler_port or cfg.runtime.scheduler_port)
     else:
         kwargs["local_scheduler"] = True
+    from tasks.run import nightly_build
+
     FAILURES.clear()
-    result = luigi.build([RunPipeline(config=str(Path(config).resolve()))], **kwargs)
+    try:
+        result, summary = nightly_build(config, kwargs)
+    except MedtlError as err:  # e.g. the workspace lock is held by another run
+        print(f"medtl: {err}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
     print(result.summary_text, file=sys.stderr)
+    for warning in summary.get("notify_warnings", []):
+        print(f"medtl: warning: {warning}", file=sys.stderr)
     if FAILURES:
         for family, err in FAILURES:
             print(f"medtl: {family} failed: {err}", file=sys.stderr)
@@ -55,8 +60,12 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
     if not result.scheduling_succeeded or result.status.name not in ("SUCCESS", "SUCCESS_WITH_RETRY"):
         print(f"medtl: the run did not finish ({result.status.name}); see the messages above", file=sys.stderr)
         return 1
-    report = plan.evaluate / "report.html"
-    print(f"Report: {report}")
+    if summary.get("status") == "noop":
+        print(f"Nothing to do: tonight's record {plan.workspace / summary['record']} exists")
+    elif not summary.get("trained", True):
+        print(f"No training tonight (retraining policy); record {plan.workspace / summary['record']}")
+    else:
+        print(f"Report: {plan.evaluate / 'report.html'}")
     return 0
 
 

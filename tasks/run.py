@@ -1,45 +1,230 @@
-"""The wrapper task: the whole chain, and a run record pointing to the stage folders it used."""
+"""The wrapper task and the nightly driver: lock, retries, run history, record, notification.
+
+``RunPipeline(config, night)`` requires Ingest; its ``run()`` applies the retraining policy
+(:func:`pipeline.ops.nightly.retrain_decision`), pulls in Augment -> FineTune -> Evaluate -> Promote as a
+dynamic dependency when tonight trains, records drift figures, and writes the nightly record
+``<workspace>/runs/<night>_<snapshot>_<config hash>.json`` pointing to the stage folders it used. The record
+is the task's output, so a rerun on the same night with the same data and config runs nothing and writes
+nothing; the next night (same data) only writes a new record.
+
+:func:`nightly_build` is what ``medtl run`` calls: it takes the workspace lock, keeps the run history and
+the Luigi task events in the registry (Luigi's own SQLAlchemy task history is not used), reruns the chain
+with exponential back-off after transient (non-medtl) failures, and calls the notification hook.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import luigi
 
 from pipeline.io import write_json
 from tasks.base import config_and_plan
-from tasks.evaluate import Evaluate
+from tasks.ingest import Ingest
+
+log = logging.getLogger(__name__)
+
+#: Registry run id of the run in progress in this process (read by the task event handlers).
+CURRENT_RUN: dict[str, Any] = {"id": None, "workspace": None}
+
+
+def today() -> str:
+    """The night's name: the local date, ``YYYY-MM-DD``."""
+    return dt.date.today().isoformat()
 
 
 class RunPipeline(luigi.Task):
-    """Ingest -> Augment -> FineTune -> Evaluate, recorded in ``<workspace>/runs/<snapshot>-<evaluate>.json``."""
+    """The whole night: Ingest, then (per the retraining policy) Augment -> FineTune -> Evaluate -> Promote."""
 
     config = luigi.Parameter(description="Path to the run's YAML config")
+    night = luigi.Parameter(default="", description="Night name (YYYY-MM-DD); default today")
 
-    def requires(self) -> Evaluate:
-        return Evaluate(config=self.config)
+    def _night(self) -> str:
+        return self.night or today()
+
+    def requires(self) -> Ingest:
+        return Ingest(config=self.config)
 
     def output(self) -> luigi.LocalTarget:
-        _, plan = config_and_plan(self.config)
-        return luigi.LocalTarget(str(plan.workspace / "runs" / f"{plan.snapshot}-{plan.evaluate.name}.json"))
+        from pipeline.ops.nightly import record_name
 
-    def run(self) -> None:
         cfg, plan = config_and_plan(self.config)
-        metrics_path = plan.evaluate / "metrics.json"
-        headline = json.loads(metrics_path.read_text()).get("headline", {}) if metrics_path.exists() else {}
+        return luigi.LocalTarget(str(plan.workspace / "runs" / record_name(cfg, plan.snapshot, self._night())))
+
+    def run(self):
+        from pipeline.ops.nightly import monitor, retrain_decision
+        from pipeline.ops.registry import Registry
+        from tasks.ops import Promote
+
+        cfg, plan = config_and_plan(self.config)
+        reg = Registry(plan.workspace)
+        promote_task = Promote(config=self.config)
+        # run() is re-entered after the dynamic dependency finishes: decide from state that the
+        # dependency itself does not change (a finished Promote means tonight trains).
+        if promote_task.complete():
+            policy = {"train": True, "reasons": ["this configuration and data were already trained and decided"]}
+        else:
+            policy = retrain_decision(cfg, plan, reg)
+        decision = None
+        if policy["train"]:
+            yield promote_task
+            decision = json.loads(Path(promote_task.output().path).read_text())
+        champ_before = reg.get(decision["champion_id"]) if decision and decision.get("champion_id") else None
+        drift = monitor(cfg, plan, reg, champion=champ_before)
+        champ = reg.champion()
+        reg.record_drift("nightly", drift, plan.snapshot, champ["id"] if champ else None)
         ws = plan.workspace
+        stages = ("ingest", "augment", "finetune", "evaluate") if policy["train"] else ("ingest",)
+        headline = {}
+        if policy["train"] and (plan.evaluate / "metrics.json").exists():
+            headline = json.loads((plan.evaluate / "metrics.json").read_text()).get("headline", {})
         write_json(
             self.output().path,
             {
-                "schema_version": 1,
+                "schema_version": 2,
+                "night": self._night(),
                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "name": cfg.name,
                 "data_snapshot": plan.snapshot,
-                "stages": {s: os.path.relpath(getattr(plan, s), ws) for s in ("ingest", "augment", "finetune", "evaluate")},
-                "report": os.path.relpath(Path(plan.evaluate) / "report.html", ws),
+                "stages": {s: os.path.relpath(getattr(plan, s), ws) for s in stages},
+                "report": os.path.relpath(plan.evaluate / "report.html", ws) if policy["train"] else None,
                 "headline": headline,
+                "retrain": policy,
+                "promotion": _decision_summary(decision),
+                "champion_id": champ["id"] if champ else None,
+                "drift": drift,
             },
         )
+
+
+def _decision_summary(decision: dict[str, Any] | None) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    keys = ("model_id", "champion_id", "promote", "promoted", "evaluated_on", "n_cases", "auroc_challenger",
+            "auroc_champion", "auroc_difference", "difference_ci", "auroc_ci", "brier_challenger", "brier_champion",
+            "method", "reasons", "note", "holdout_uses")
+    return {k: decision.get(k) for k in keys if k in decision}
+
+
+# ------------------------------------------------------------------------------------- run history
+def _on_event(event: str):
+    def handler(task: luigi.Task, *args: Any) -> None:
+        if CURRENT_RUN["id"] is None:
+            return
+        from pipeline.ops.registry import Registry
+
+        detail = f"{type(args[0]).__name__}: {args[0]}" if args and isinstance(args[0], BaseException) else ""
+        try:
+            Registry(CURRENT_RUN["workspace"]).task_event(CURRENT_RUN["id"], task.task_family, event, detail)
+        except Exception as err:  # noqa: BLE001 - history must never break a run
+            log.warning("run history: could not record %s %s: %s", task.task_family, event, err)
+
+    return handler
+
+
+_HANDLERS_INSTALLED = False
+
+
+def install_history_handlers() -> None:
+    """Record START / SUCCESS / FAILURE of every task in the registry's ``task_events`` table."""
+    global _HANDLERS_INSTALLED
+    if _HANDLERS_INSTALLED:
+        return
+    for ev, name in ((luigi.Event.START, "start"), (luigi.Event.SUCCESS, "success"),
+                     (luigi.Event.FAILURE, "failure"), (luigi.Event.PROCESS_FAILURE, "process_failure"),
+                     (luigi.Event.TIMEOUT, "timeout")):
+        luigi.Task.event_handler(ev)(_on_event(name))
+    _HANDLERS_INSTALLED = True
+
+
+# ----------------------------------------------------------------------------------- the nightly driver
+def nightly_build(config: str | Path, luigi_kwargs: dict[str, Any], night: str | None = None,
+                  sleep=time.sleep) -> tuple[Any, dict[str, Any]]:
+    """Run the night under the workspace lock, with retries, history and notification.
+
+    Args:
+        config: The YAML config path.
+        luigi_kwargs: Arguments of ``luigi.build`` (workers, scheduler).
+        night: Night name (default today).
+        sleep: Back-off sleep function (tests pass a fake).
+
+    Returns:
+        ``(last luigi result, summary)``; ``summary["status"]`` is ``success``, ``noop`` or ``failed``.
+    """
+    from pipeline.ops.lock import RunLock
+    from pipeline.ops.notify import notify
+
+    config = str(Path(config).resolve())
+    cfg, plan = config_and_plan(config)
+    task = RunPipeline(config=config, night=night or today())
+    summary: dict[str, Any] = {"name": cfg.name, "data_snapshot": plan.snapshot, "night": task._night()}
+    with RunLock(plan.workspace, purpose=f"medtl run {cfg.name}") as lock:
+        if lock.recovered:
+            summary["recovered_lock"] = {k: lock.recovered.get(k) for k in ("pid", "host", "since")}
+        if task.complete():
+            # Nothing to do tonight: write nothing at all (the run history is not touched either).
+            result = luigi.build([task], **luigi_kwargs)
+            summary["status"] = "noop"
+            summary["record"] = os.path.relpath(task.output().path, plan.workspace)
+        else:
+            result = _build_recorded(task, cfg, plan, luigi_kwargs, summary, sleep)
+    summary["notify_warnings"] = notify(cfg.ops.notify, summary)
+    return result, summary
+
+
+def _build_recorded(task: RunPipeline, cfg: Any, plan: Any, luigi_kwargs: dict[str, Any], summary: dict[str, Any],
+                    sleep) -> Any:
+    from pipeline.ops.registry import Registry
+    from tasks.base import FAILURES
+
+    reg = Registry(plan.workspace)
+    install_history_handlers()
+    run_id = reg.start_run(Path(task.output().path).name, socket.gethostname(),
+                           os.getpid(), lock_user(), plan.snapshot)
+    CURRENT_RUN.update(id=run_id, workspace=str(plan.workspace))
+    attempts = cfg.ops.retries + 1
+    result = None
+    try:
+        for attempt in range(attempts):
+            FAILURES.clear()
+            result = luigi.build([task], **luigi_kwargs)
+            ok = result.scheduling_succeeded and result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
+            if ok or FAILURES or attempt == attempts - 1:
+                break
+            delay = cfg.ops.retry_backoff_s * (2**attempt)
+            log.warning("Run attempt %d of %d failed (%s); retrying in %.0f s", attempt + 1, attempts,
+                        result.status.name, delay)
+            reg.task_event(run_id, "RunPipeline", "retry", f"attempt {attempt + 1} failed; back-off {delay:.0f} s")
+            sleep(delay)
+        summary["attempts"] = attempt + 1
+        ok = task.complete()
+        summary["status"] = "success" if ok else "failed"
+        if FAILURES:
+            summary["error"] = "; ".join(f"{f}: {e}" for f, e in FAILURES)[:500]
+        if ok:
+            record = json.loads(Path(task.output().path).read_text())
+            summary.update(
+                record=os.path.relpath(task.output().path, plan.workspace),
+                trained=record["retrain"]["train"],
+                promoted=(record.get("promotion") or {}).get("promoted"),
+                promotion=record.get("promotion"),
+                champion_id=record.get("champion_id"),
+                headline=record.get("headline"),
+            )
+    finally:
+        CURRENT_RUN.update(id=None)
+        reg.finish_run(run_id, summary.get("status", "failed"), summary.get("record"), summary)
+    return result
+
+
+def lock_user() -> str:
+    from pipeline.ops.lock import _user
+
+    return _user()

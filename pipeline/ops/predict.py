@@ -1,0 +1,279 @@
+"""Scoring new scans with a registered model: calibrated probabilities, conformal sets, OOD flags.
+
+Every registered model gets a small *bundle* in ``<workspace>/ops/models/<id>/``:
+
+* ``calibration.npz``: the model's logits ``(N, K)`` and labels ``(N,)`` on the calibration split it was
+  decided on (no identifiers), from which the calibrator and the conformal quantile are refitted exactly
+  (temperature / Platt / vector / isotonic are deterministic given the data);
+* ``reference.json``: what the training data looked like (kinds, modalities, manufacturers, spacing range,
+  intensity percentile range, number of slices) for out-of-distribution flags.
+
+:func:`predict_folder` ingests a folder the way the Ingest stage does (``scan_sources`` / ``load_item``),
+preprocesses each case with the model's recorded spec, and writes ``predictions.csv`` and
+``predictions.json`` keyed by pseudonym (case and patient), plus the private pseudonym -> source file map
+under ``<workspace>/private/predict/``. Axis order: volumes ``(X, Y, Z[, C/T])``; network inputs
+``(1, H, W)`` / ``(1, D, H, W)``; probabilities ``(N, K)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import softmax
+
+from pipeline.config import Config
+from pipeline.errors import IngestError, MedtlError
+from pipeline.io import write_bytes, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+#: Relative tolerance around the training range before spacing / intensity is flagged.
+RANGE_TOLERANCE = 0.1
+REFERENCE_MAX_CASES = 500
+
+
+def bundle_dir(workspace: Path, model_id: int) -> Path:
+    return Path(workspace) / "ops" / "models" / str(int(model_id))
+
+
+def _parse_spacing(text: str) -> list[float]:
+    return [float(v) for v in text.split("x")] if text else []
+
+
+def intensity_percentiles(array: np.ndarray) -> tuple[float, float]:
+    """1st and 99th percentiles of the voxel values (the input statistic tracked for OOD and drift)."""
+    a = np.asarray(array, dtype=np.float32)
+    lo, hi = np.percentile(a, [1, 99])
+    return float(lo), float(hi)
+
+
+def reference_profile(manifest_rows: list[dict[str, str]], workspace: Path) -> dict[str, Any]:
+    """Summarise the training cases: kinds, modalities, manufacturers, spacing and intensity ranges."""
+    train = sorted((r for r in manifest_rows if r["split"] == "train"), key=lambda r: r["case_id"])
+    sp = [s for s in (_parse_spacing(r["spacing"]) for r in train) if s]
+    ndim = min((len(s) for s in sp), default=0)
+    spacing = np.array([s[:ndim] for s in sp]) if ndim else np.zeros((0, 0))
+    lows, highs, slices = [], [], []
+    for r in train[:REFERENCE_MAX_CASES]:
+        arr = np.load(workspace / "cache" / "volumes" / r["volume"], mmap_mode="r", allow_pickle=False)
+        lo, hi = intensity_percentiles(arr)
+        lows.append(lo)
+        highs.append(hi)
+        slices.append(int(arr.shape[2]) if arr.ndim >= 3 else 1)
+    return {
+        "n_train_cases": len(train),
+        "kinds": sorted({r["kind"] for r in train}),
+        "modalities": sorted({r["modality"] for r in train if r["modality"]}),
+        "manufacturers": sorted({r["manufacturer"] for r in train if r["manufacturer"]}),
+        "spacing_min": spacing.min(axis=0).tolist() if len(spacing) else None,
+        "spacing_max": spacing.max(axis=0).tolist() if len(spacing) else None,
+        "intensity_p1_min": float(min(lows)) if lows else None,
+        "intensity_p99_max": float(max(highs)) if highs else None,
+        "intensity_p1_median": float(np.median(lows)) if lows else None,
+        "intensity_p99_median": float(np.median(highs)) if highs else None,
+        "slices_min": min(slices) if slices else None,
+        "slices_max": max(slices) if slices else None,
+        "label_prevalence": _prevalence([r["label_index"] for r in train]),
+    }
+
+
+def _prevalence(labels: list[Any]) -> dict[str, float]:
+    if not labels:
+        return {}
+    vals, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
+    return {str(v): float(c / counts.sum()) for v, c in zip(vals, counts, strict=True)}
+
+
+def write_bundle(workspace: Path, model_id: int, cal_logits: np.ndarray | None, cal_y: np.ndarray | None,
+                 calibrator: dict[str, Any], reference: dict[str, Any]) -> Path:
+    """Write a model's bundle (see module doc); returns its folder."""
+    out = bundle_dir(workspace, model_id)
+    buf = io.BytesIO()
+    z = np.zeros((0, 0)) if cal_logits is None else np.asarray(cal_logits, np.float64)
+    yy = np.zeros((0,), np.int64) if cal_y is None else np.asarray(cal_y, np.int64)
+    np.savez(buf, logits=z, y=yy)
+    write_bytes(out / "calibration.npz", buf.getvalue())
+    write_json(out / "calibrator.json", calibrator)
+    write_json(out / "reference.json", reference)
+    return out
+
+
+class ModelScorer:
+    """A registered model ready to score: network, preprocessing spec, calibrator and conformal quantile.
+
+    Args:
+        workspace: The workspace.
+        model: The registry row of the model.
+        cfg: The config (calibration method, conformal alpha, device, seed).
+    """
+
+    def __init__(self, workspace: Path, model: dict[str, Any], cfg: Config) -> None:
+        from pipeline.evaluate.calibration import make_calibrator
+        from pipeline.evaluate.conformal import SplitConformal
+        from pipeline.train.loop import load_trained_model, select_device
+
+        self.workspace = Path(workspace)
+        self.model = model
+        bdir = bundle_dir(self.workspace, model["id"])
+        if not (bdir / "calibration.npz").is_file():
+            raise MedtlError(f"model {model['id']}: bundle {bdir} is missing; it is written when the model is registered")
+        self.device = select_device(cfg.train.device)
+        self.net, self.info = load_trained_model(self.workspace / "finetune" / model["finetune"], self.device)
+        spec = json.loads((self.workspace / "augment" / model["augment"] / "transform_spec.json").read_text())
+        self.spec = spec["deterministic"]
+        self.reference = json.loads((bdir / "reference.json").read_text())
+        self.calibrator_info = json.loads((bdir / "calibrator.json").read_text())
+        with np.load(bdir / "calibration.npz") as d:
+            z, y = d["logits"], d["y"]
+        method = self.calibrator_info.get("method", "none")
+        self.calibrator = make_calibrator(method).fit(z, y) if (method != "none" and len(y)) else None
+        self.alpha = cfg.evaluate.conformal_alpha
+        self.conformal = SplitConformal(self.alpha, "lac").fit(softmax(z, axis=1), y) if len(y) else None
+
+    def score(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw and calibrated probabilities ``(N, K)`` and LAC conformal sets ``(N, K)`` for inputs ``x``."""
+        from pipeline.train.loop import predict_logits
+
+        logits = predict_logits(self.net, x, self.device).astype(np.float64)
+        raw = softmax(logits, axis=1)
+        cal = self.calibrator.predict_proba(logits) if self.calibrator is not None else raw
+        sets = self.conformal.predict_sets(raw) if self.conformal is not None else np.ones_like(raw, dtype=bool)
+        return {"logits": logits, "raw": raw, "calibrated": cal, "sets": sets}
+
+
+def ood_flags(meta: dict[str, Any], kind: str, array: np.ndarray, ref: dict[str, Any]) -> list[str]:
+    """Reasons why an input is unlike the training data (empty when it looks familiar)."""
+    flags = []
+    if ref.get("kinds") and kind not in ref["kinds"]:
+        flags.append(f"kind {kind} not seen in training ({', '.join(ref['kinds'])})")
+    mod = meta.get("modality") or ""
+    if ref.get("modalities") and mod not in ref["modalities"]:
+        flags.append(f"modality {mod or 'unknown'} not seen in training ({', '.join(ref['modalities'])})")
+    man = meta.get("manufacturer") or ""
+    if ref.get("manufacturers") and man not in ref["manufacturers"]:
+        flags.append(f"manufacturer {man or 'unknown'} not seen in training")
+    spacing = meta.get("spacing") or []
+    if ref.get("spacing_min") and spacing:
+        for axis, (s, lo, hi) in enumerate(zip(spacing, ref["spacing_min"], ref["spacing_max"], strict=False)):
+            if s < lo * (1 - RANGE_TOLERANCE) or s > hi * (1 + RANGE_TOLERANCE):
+                flags.append(f"spacing {s:.4g} mm on axis {axis} outside training range [{lo:.4g}, {hi:.4g}]")
+    if ref.get("intensity_p1_min") is not None:
+        lo, hi = intensity_percentiles(array)
+        rlo, rhi = ref["intensity_p1_min"], ref["intensity_p99_max"]
+        tol = RANGE_TOLERANCE * max(rhi - rlo, 1e-6)
+        if lo < rlo - tol or hi > rhi + tol:
+            flags.append(f"intensity percentiles [{lo:.4g}, {hi:.4g}] outside training range [{rlo:.4g}, {rhi:.4g}]")
+    return flags
+
+
+def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Score every readable case under ``input_dir`` with ``model``; write CSV and JSON into ``out_dir``.
+
+    Returns:
+        The summary (also the ``summary`` block of ``predictions.json``), including drift figures.
+    """
+    from pipeline.augment.preprocess import PreprocessSpec, preprocess
+    from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
+    from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
+
+    ws = Path(cfg.runtime.workspace)
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise MedtlError(f"predict --input: folder {input_dir} does not exist; expected a folder of scans")
+    private = ensure_private_dir(ws / "private")
+    key = load_or_create_key(private, cfg.deid.key_env)
+    scorer = ModelScorer(ws, model, cfg)
+    d = dict(scorer.spec)
+    d["window"] = tuple(d["window"]) if d.get("window") else None
+    d["clip_percentiles"] = tuple(d.get("clip_percentiles", (0.5, 99.5)))
+    spec = PreprocessSpec(**d)
+    items, rejected = scan_sources(input_dir, kinds=tuple(cfg.data.kinds))
+    options = LoadOptions(tilt=cfg.ingest.tilt, uneven_spacing=cfg.ingest.uneven_spacing)
+    cases, xs, private_map, problems = [], [], [], []
+    for r in rejected:
+        problems.append({"file": pseudonym(r.path, key, prefix="F"), "code": r.code})
+    for item in items:
+        case_id = pseudonym(item.key, key, prefix="C")
+        patient = pseudonym((item.ids or {}).get("PatientID") or item.key, key, prefix="P")
+        private_map.append({"case_id": case_id, "files": ";".join(item.files)})
+        try:
+            vol = load_item(item, options)
+            x = preprocess(vol.array, vol.meta.get("axis4"), spec)
+        except IngestError as err:
+            problems.append({"case_id": case_id, "code": err.code})
+            continue
+        lo, hi = intensity_percentiles(vol.array)
+        cases.append({
+            "case_id": case_id, "patient_id": patient, "kind": item.kind,
+            "modality": vol.meta.get("modality") or "", "manufacturer": vol.meta.get("manufacturer") or "",
+            "intensity_p1": lo, "intensity_p99": hi,
+            "ood": ood_flags(vol.meta, item.kind, vol.array, scorer.reference),
+        })
+        xs.append(x)
+    names = scorer.info["class_names"]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    _write_private_map(private / "predict" / f"{stamp}.csv", private_map)
+    if xs:
+        res = scorer.score(np.stack(xs).astype(np.float32))
+        for i, c in enumerate(cases):
+            c["probabilities"] = {n: float(res["calibrated"][i, k]) for k, n in enumerate(names)}
+            c["probabilities_uncalibrated"] = {n: float(res["raw"][i, k]) for k, n in enumerate(names)}
+            c["predicted_class"] = names[int(np.argmax(res["calibrated"][i]))]
+            c["conformal_set"] = [n for k, n in enumerate(names) if res["sets"][i, k]]
+    summary = drift_figures(cases, names, scorer)
+    summary.update(
+        model_id=model["id"], scored=len(cases), problems=problems, conformal_alpha=scorer.alpha,
+        calibrator=scorer.calibrator_info.get("method"), created=stamp,
+    )
+    _write_outputs(Path(out_dir), cases, names, summary)
+    return summary
+
+
+def drift_figures(cases: list[dict[str, Any]], names: list[str], scorer: ModelScorer) -> dict[str, Any]:
+    """Aggregates tracked across nights: predicted prevalence, input statistics, OOD rate."""
+    out: dict[str, Any] = {"n": len(cases)}
+    if not cases:
+        return out
+    probs = np.array([[c["probabilities"][n] for n in names] for c in cases])
+    out["mean_probability"] = {n: float(probs[:, k].mean()) for k, n in enumerate(names)}
+    pred = probs.argmax(axis=1)
+    out["predicted_prevalence"] = {n: float(np.mean(pred == k)) for k, n in enumerate(names)}
+    out["intensity_p1_median"] = float(np.median([c["intensity_p1"] for c in cases]))
+    out["intensity_p99_median"] = float(np.median([c["intensity_p99"] for c in cases]))
+    out["ood_rate"] = float(np.mean([bool(c["ood"]) for c in cases]))
+    out["reference_intensity_p99_median"] = scorer.reference.get("intensity_p99_median")
+    return out
+
+
+def _write_private_map(path: Path, rows: list[dict[str, str]]) -> None:
+    from pipeline.ingest.deid import ensure_private_dir
+
+    ensure_private_dir(path.parent)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["case_id", "files"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue(), mode=0o600)
+
+
+def _write_outputs(out_dir: Path, cases: list[dict[str, Any]], names: list[str], summary: dict[str, Any]) -> None:
+    buf = io.StringIO()
+    cols = ["case_id", "patient_id", "predicted_class"] + [f"p_{n}" for n in names] + ["conformal_set", "ood_flags"]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for c in cases:
+        w.writerow(
+            [c["case_id"], c["patient_id"], c.get("predicted_class", "")]
+            + [f"{c['probabilities'][n]:.6f}" for n in names]
+            + ["|".join(c.get("conformal_set", [])), "; ".join(c["ood"])]
+        )
+    write_text(out_dir / "predictions.csv", buf.getvalue())
+    write_json(out_dir / "predictions.json", {"schema_version": 1, "summary": summary,
+                                             "cases": {c.pop("case_id"): c for c in [dict(c) for c in cases]}})

@@ -1,0 +1,327 @@
+"""Champion/challenger: compare two models on the same current test cases and decide a promotion.
+
+Both models are scored on the *current* data (the splits are stable across nights, so neither model ever
+trained on these calibration or test patients). Each model gets its own calibrator, fitted the same way
+(``evaluate.calibration``) on the current calibration split, and the decision uses the calibrated
+probabilities of the test cases in the **locked holdout**: test patients whose keyed hash falls below
+``ops.promotion.holdout_fraction``. The holdout is used by promotion decisions only, and every decision that
+looked at it is counted in the registry. When the holdout is too small (or holds one class), the whole test
+split is used and the decision says so.
+
+Rule (non-inferiority plus calibration):
+
+* ``diff = AUROC(challenger) - AUROC(champion)`` with a paired interval: DeLong (binary) or a paired
+  patient-cluster bootstrap (``method: bootstrap``, and always for multi-class macro one-vs-rest AUROC);
+  promoted only if the lower bound exceeds ``-auroc_margin``;
+* and ``Brier(challenger) <= Brier(champion) + brier_margin``.
+
+A first model (no champion) is promoted only if the lower bound of its own AUROC interval exceeds
+``min_auroc``. Axis order: probabilities ``(N, K)`` (cases, classes); labels and patients ``(N,)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import softmax
+
+from pipeline.config import Config, PromotionPolicy
+from pipeline.evaluate.bootstrap import Bootstrap, auroc_stat, percentile_ci
+from pipeline.evaluate.delong import delong_ci, delong_roc_test
+from pipeline.ingest.splits import unit_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    """A model's outputs on the current evaluation cases.
+
+    Attributes:
+        raw: Split -> softmax probabilities ``(N, K)``.
+        calibrated: Split -> calibrated probabilities ``(N, K)``.
+        logits: Split -> logits ``(N, K)``.
+        y: Split -> labels ``(N,)``.
+        patients: Split -> patient pseudonyms ``(N,)``.
+        cases: Split -> case ids ``(N,)``.
+        calibrator: Method name and parameters of the calibrator fitted on the calibration split.
+    """
+
+    raw: dict[str, np.ndarray]
+    calibrated: dict[str, np.ndarray]
+    logits: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    patients: dict[str, np.ndarray]
+    cases: dict[str, np.ndarray]
+    calibrator: dict[str, Any]
+
+
+def holdout_mask(patients: np.ndarray, key: bytes, fraction: float) -> np.ndarray:
+    """Boolean ``(N,)``: the case's patient belongs to the locked holdout (keyed hash, stable as data grows)."""
+    return np.array([unit_hash(str(p), key, salt="promotion-holdout") < fraction for p in patients], dtype=bool)
+
+
+def brier(probs: np.ndarray, y: np.ndarray) -> float:
+    """Multi-class Brier score: mean over cases of ``sum_k (p_k - 1[y = k])^2``."""
+    onehot = np.eye(probs.shape[1])[y]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def _auroc_point(probs: np.ndarray, y: np.ndarray, positive_index: int | None) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if probs.shape[1] == 2:
+        pos = 1 if positive_index is None else positive_index
+        return float(roc_auc_score(y == pos, probs[:, pos]))
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+
+
+def _macro_stat(probs: np.ndarray, y: np.ndarray):
+    stats = [auroc_stat(probs[:, k], y == k) for k in range(probs.shape[1])]
+
+    def stat(w: np.ndarray) -> np.ndarray:
+        return np.mean(np.stack([s(w) for s in stats], axis=0), axis=0)
+
+    return stat
+
+
+def _score_stat(probs: np.ndarray, y: np.ndarray, positive_index: int | None):
+    if probs.shape[1] == 2:
+        pos = 1 if positive_index is None else positive_index
+        return auroc_stat(probs[:, pos], y == pos)
+    return _macro_stat(probs, y)
+
+
+def compare(
+    y: np.ndarray,
+    champion: np.ndarray,
+    challenger: np.ndarray,
+    patients: np.ndarray,
+    policy: PromotionPolicy,
+    positive_index: int | None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Decide whether ``challenger`` may replace ``champion`` on the same cases.
+
+    Args:
+        y: Labels ``(N,)``.
+        champion: Calibrated probabilities of the champion ``(N, K)``.
+        challenger: Calibrated probabilities of the challenger ``(N, K)``.
+        patients: Patient pseudonyms ``(N,)`` (bootstrap clusters).
+        policy: Margins and method.
+        positive_index: Positive class of a binary task.
+        seed: Seed of the paired bootstrap.
+
+    Returns:
+        A JSON-able dict with ``promote`` (bool), ``reasons`` and every number used.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    out: dict[str, Any] = {"n_cases": int(len(y)), "n_patients": int(len(np.unique(patients)))}
+    binary = champion.shape[1] == 2
+    method = policy.method if binary else "bootstrap"
+    out["auroc_champion"] = _auroc_point(champion, y, positive_index)
+    out["auroc_challenger"] = _auroc_point(challenger, y, positive_index)
+    out["auroc_difference"] = out["auroc_challenger"] - out["auroc_champion"]
+    if method == "delong":
+        pos = 1 if positive_index is None else positive_index
+        t = delong_roc_test(y == pos, challenger[:, pos], champion[:, pos], level=policy.ci_level)
+        out["difference_ci"] = list(t.ci)
+        out["p_value"] = t.p_value
+    else:
+        bs = Bootstrap(len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level)
+        a, b = _score_stat(challenger, y, positive_index), _score_stat(champion, y, positive_index)
+        samples = bs.run({"diff": lambda w: a(w) - b(w)})["diff"]
+        out["difference_ci"] = list(percentile_ci(samples, policy.ci_level))
+        out["p_value"] = None
+    out["method"] = method
+    out["brier_champion"] = brier(champion, y)
+    out["brier_challenger"] = brier(challenger, y)
+    lower = out["difference_ci"][0]
+    reasons = []
+    auroc_ok = bool(np.isfinite(lower) and lower > -policy.auroc_margin)
+    if not auroc_ok:
+        reasons.append(
+            f"AUROC difference {out['auroc_difference']:+.4f} has lower {policy.ci_level:.0%} bound {lower:+.4f} "
+            f"<= -margin {-policy.auroc_margin:+.4f} (not shown non-inferior)"
+        )
+    cal_ok = out["brier_challenger"] <= out["brier_champion"] + policy.brier_margin
+    if not cal_ok:
+        reasons.append(
+            f"Brier {out['brier_challenger']:.4f} worse than champion {out['brier_champion']:.4f} + margin "
+            f"{policy.brier_margin}"
+        )
+    out["promote"] = auroc_ok and cal_ok
+    if out["promote"]:
+        reasons.append(
+            f"non-inferior: AUROC difference lower bound {lower:+.4f} > {-policy.auroc_margin:+.4f}, Brier "
+            f"{out['brier_challenger']:.4f} <= {out['brier_champion']:.4f} + {policy.brier_margin}"
+        )
+    out["reasons"] = reasons
+    return out
+
+
+def first_model_check(
+    y: np.ndarray, probs: np.ndarray, patients: np.ndarray, policy: PromotionPolicy, positive_index: int | None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Decide whether a first model (no champion yet) becomes champion: AUROC lower bound > ``min_auroc``."""
+    y = np.asarray(y, dtype=np.int64)
+    out: dict[str, Any] = {"n_cases": int(len(y)), "n_patients": int(len(np.unique(patients)))}
+    if probs.shape[1] == 2 and policy.method == "delong":
+        pos = 1 if positive_index is None else positive_index
+        auc, lo, hi = delong_ci(y == pos, probs[:, pos], policy.ci_level)
+        out["method"] = "delong"
+    else:
+        auc = _auroc_point(probs, y, positive_index)
+        bs = Bootstrap(len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level)
+        lo, hi = percentile_ci(bs.run({"a": _score_stat(probs, y, positive_index)})["a"], policy.ci_level)
+        out["method"] = "bootstrap"
+    out.update(auroc_challenger=float(auc), auroc_ci=[float(lo), float(hi)], brier_challenger=brier(probs, y))
+    ok = bool(np.isfinite(lo) and lo > policy.min_auroc)
+    out["promote"] = ok
+    out["reasons"] = [
+        f"first model: AUROC {auc:.4f}, lower {policy.ci_level:.0%} bound {lo:.4f} "
+        + ("> " if ok else "<= ")
+        + f"min_auroc {policy.min_auroc}"
+    ]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ scoring glue
+def _fit_calibrator(method: str, logits: np.ndarray | None, y: np.ndarray | None, seed: int):
+    from pipeline.evaluate.calibration import make_calibrator
+
+    if logits is None or len(logits) == 0 or method == "none":
+        return None, {"method": "none"}
+    params = {"random_state": int(seed)} if method == "auto" else {}
+    cal = make_calibrator(method, **params).fit(logits, y)
+    from pipeline.evaluate.summary import _calibrator_params
+
+    return cal, {"method": getattr(cal, "chosen_", method), "parameters": _calibrator_params(cal)}
+
+
+def model_inputs(spec_dict: dict[str, Any], rows: list[dict[str, str]], workspace: Path) -> np.ndarray:
+    """Preprocess manifest rows from the workspace's volume cache with a model's recorded spec.
+
+    Returns:
+        float32 ``(N, 1, *spatial)`` network inputs (see :mod:`pipeline.augment.preprocess` for the order).
+    """
+    from pipeline.augment.preprocess import PreprocessSpec, preprocess
+
+    d = dict(spec_dict)
+    d["window"] = tuple(d["window"]) if d.get("window") else None
+    d["clip_percentiles"] = tuple(d.get("clip_percentiles", (0.5, 99.5)))
+    spec = PreprocessSpec(**d)
+    cache = workspace / "cache" / "volumes"
+    xs = []
+    for r in rows:
+        vol = cache / r["volume"]
+        meta = json.loads(vol.with_suffix(".json").read_text())
+        xs.append(preprocess(np.load(vol, allow_pickle=False), meta.get("axis4"), spec))
+    if not xs:
+        return np.zeros((0,), np.float32)
+    return np.stack(xs).astype(np.float32)
+
+
+def score_model(
+    cfg: Config,
+    workspace: Path,
+    model_stages: dict[str, str],
+    current_augment: Path,
+    current_ingest: Path,
+    splits: tuple[str, ...] = ("calibration", "test"),
+) -> Scored:
+    """Score a registered model on the current calibration and test cases and calibrate it.
+
+    Args:
+        cfg: The current config (calibration method, seed, device).
+        workspace: The workspace.
+        model_stages: The model's stage folder names (``finetune`` and ``augment`` are used).
+        current_augment: The current Augment folder (its tensors are reused when preprocessing matches).
+        current_ingest: The current Ingest folder (manifest rows, for cached volumes otherwise).
+        splits: Splits to score; ``calibration`` fits the calibrator.
+    """
+    import torch
+
+    from pipeline.augment.stage import read_index
+    from pipeline.ingest.stage import read_manifest
+    from pipeline.train.data import load_split
+    from pipeline.train.loop import load_trained_model, predict_logits, select_device
+
+    device = select_device(cfg.train.device)
+    model, _ = load_trained_model(workspace / "finetune" / model_stages["finetune"], device)
+    own = json.loads((workspace / "augment" / model_stages["augment"] / "transform_spec.json").read_text())["deterministic"]
+    cur = json.loads((current_augment / "transform_spec.json").read_text())["deterministic"]
+    rows = read_index(current_augment)
+    manifest = {r["case_id"]: r for r in read_manifest(current_ingest)} if own != cur else {}
+    out: dict[str, dict[str, np.ndarray]] = {k: {} for k in ("raw", "logits", "y", "patients", "cases")}
+    for split in splits:
+        data = load_split(current_augment, rows, split)
+        if len(data) == 0:
+            continue
+        x = data.x if own == cur else model_inputs(own, [manifest[c] for c in data.case_ids], workspace)
+        with torch.no_grad():
+            logits = predict_logits(model, x, device).astype(np.float64)
+        out["logits"][split] = logits
+        out["raw"][split] = softmax(logits, axis=1)
+        out["y"][split] = data.y
+        out["patients"][split] = np.array(data.patients)
+        out["cases"][split] = np.array(data.case_ids)
+    cal, info = _fit_calibrator(
+        cfg.evaluate.calibration, out["logits"].get("calibration"), out["y"].get("calibration"), cfg.train.seed
+    )
+    calibrated = {s: (cal.predict_proba(z) if cal is not None else out["raw"][s]) for s, z in out["logits"].items()}
+    return Scored(out["raw"], calibrated, out["logits"], out["y"], out["patients"], out["cases"], info)
+
+
+def decide(
+    cfg: Config,
+    key: bytes,
+    challenger: Scored,
+    champion: Scored | None,
+) -> dict[str, Any]:
+    """The promotion decision for ``challenger`` (against ``champion`` when there is one).
+
+    Returns:
+        A JSON-able dict: ``promote``, ``evaluated_on`` (``holdout`` or ``test``), the numbers and reasons.
+    """
+    policy = cfg.ops.promotion
+    y = challenger.y["test"]
+    patients = challenger.patients["test"]
+    mask = holdout_mask(patients, key, policy.holdout_fraction)
+    yh = y[mask]
+    usable = mask.sum() >= policy.min_holdout_cases and len(np.unique(yh)) == challenger.raw["test"].shape[1]
+    if usable:
+        sel, evaluated_on = mask, "holdout"
+        note = f"locked holdout: {int(mask.sum())} of {len(y)} test cases"
+    else:
+        sel, evaluated_on = np.ones(len(y), dtype=bool), "test"
+        note = (
+            f"locked holdout too small ({int(mask.sum())} cases, {len(np.unique(yh))} class(es); need "
+            f">= {policy.min_holdout_cases} and every class): whole test split ({len(y)} cases) used"
+        )
+    pos = cfg.task.positive_index
+    if champion is None:
+        res = first_model_check(y[sel], challenger.calibrated["test"][sel], patients[sel], policy, pos, cfg.train.seed)
+    else:
+        if not np.array_equal(champion.cases["test"], challenger.cases["test"]):
+            raise ValueError("champion and challenger were not scored on the same test cases")
+        res = compare(
+            y[sel], champion.calibrated["test"][sel], challenger.calibrated["test"][sel], patients[sel], policy,
+            pos, cfg.train.seed,
+        )
+    res.update(
+        evaluated_on=evaluated_on,
+        note=note,
+        holdout_fraction=policy.holdout_fraction,
+        auroc_margin=policy.auroc_margin,
+        brier_margin=policy.brier_margin,
+        calibrator_challenger=challenger.calibrator,
+        calibrator_champion=champion.calibrator if champion else None,
+    )
+    return res
