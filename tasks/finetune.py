@@ -1,4 +1,9 @@
-"""FineTune task: trains the backbone (pipeline.train.loop), resuming from its work folder after a crash."""
+"""FineTune task: trains the backbone (pipeline.train.loop), resuming from its work folder after a crash.
+
+With ``train.devices > 1`` the training runs under ``torchrun`` in a child process
+(:func:`pipeline.train.worker.launch_distributed`); DistributedDataParallel never runs inside the Luigi
+worker itself.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.train.loop import run_finetune
+from pipeline.train.worker import launch_distributed
 from pipeline.workspace import StagePlan
 from tasks.augment import Augment
 from tasks.base import StageTask
@@ -22,7 +28,10 @@ class FineTune(StageTask):
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
         work = plan.finetune.with_name(plan.finetune.name + ".work")
-        run_finetune(cfg, plan.augment, tmp, work, progress=sys.stderr.isatty())
+        if cfg.train.devices > 1:
+            launch_distributed(cfg, plan.augment, tmp, work, cfg.train.devices)
+        else:
+            run_finetune(cfg, plan.augment, tmp, work, progress=sys.stderr.isatty())
 
     def run(self) -> None:
         super().run()

@@ -5,6 +5,11 @@ from ``(seed, epoch, index)`` (:func:`sample_seed`), so an epoch replays exactly
 DataLoader workers, and a resumed run sees the same augmented samples as an uninterrupted one.
 Inputs are channel-first tensors as produced by :mod:`pipeline.augment.preprocess`: ``(1, H, W)`` or
 ``(1, D, H, W)``.
+
+Presets (``augment.preset``) fill the fields a config leaves unset, per dimensionality (:data:`PRESETS`);
+``ct`` adds :class:`RandWindowJitter`, a random narrowing/shift of the intensity window inside the range the
+deterministic HU window left (CT windows themselves are preprocessing: ``preprocess.window``, with the usual
+level/width pairs in :data:`HU_WINDOWS`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import numpy as np
 from monai.transforms import (
     Compose,
+    RandomizableTransform,
     RandAdjustContrast,
     RandAffine,
     RandFlip,
@@ -27,19 +33,123 @@ from monai.transforms import (
 from pipeline.config import AugmentConfig
 
 
-def build_train_transform(cfg: AugmentConfig, spatial_dims: int, image_size: int) -> Compose:
-    """MONAI Compose of the random transforms configured in ``augment``.
+#: CT intensity windows in HU as (low, high) = (level - width / 2, level + width / 2), for ``preprocess.window``.
+HU_WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (0.0, 80.0),  # L 40 W 80
+    "subdural": (-20.0, 180.0),  # L 80 W 200
+    "stroke": (8.0, 48.0),  # L 28 W 40
+    "soft_tissue": (-160.0, 240.0),  # L 40 W 400
+    "abdomen": (-125.0, 225.0),  # L 50 W 350
+    "liver": (-45.0, 105.0),  # L 30 W 150
+    "mediastinum": (-125.0, 225.0),  # L 50 W 350
+    "lung": (-1350.0, 150.0),  # L -600 W 1500
+    "bone": (-450.0, 1050.0),  # L 300 W 1500
+}
 
-    Spatial: left-right flip (last axis = X), affine (rotation about the in-plane axis, zoom, shift).
-    Intensity: contrast (gamma on the [0, 1]-shifted range), scale and shift, optional Gaussian noise.
+#: Field values of each preset, per spatial dimensionality; fields set in the config win.
+PRESETS: dict[str, dict[int, dict[str, Any]]] = {
+    "light": {
+        2: dict(flip=0.5, rotate_deg=5.0, scale=0.05, translate=0.03, intensity=0.05, noise_std=0.0, prob=0.5),
+        3: dict(flip=0.5, rotate_deg=5.0, rotate_3d=False, scale=0.05, translate=0.03, intensity=0.05,
+                noise_std=0.0, prob=0.5),
+    },
+    "standard": {
+        2: dict(flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.05, intensity=0.1, noise_std=0.0, prob=0.8),
+        3: dict(flip=0.5, rotate_deg=10.0, rotate_3d=True, scale=0.1, translate=0.05, intensity=0.1,
+                noise_std=0.0, prob=0.8),
+    },
+    "strong": {
+        2: dict(flip=0.5, rotate_deg=20.0, scale=0.15, translate=0.1, intensity=0.2, noise_std=0.05, prob=0.8),
+        3: dict(flip=0.5, flip_all_axes=True, rotate_deg=15.0, rotate_3d=True, scale=0.15, translate=0.08,
+                intensity=0.15, noise_std=0.03, prob=0.8),
+    },
+    "ct": {
+        2: dict(flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.05, intensity=0.05, noise_std=0.02,
+                window_jitter=0.1, prob=0.8),
+        3: dict(flip=0.5, rotate_deg=10.0, rotate_3d=False, scale=0.1, translate=0.05, intensity=0.05,
+                noise_std=0.02, window_jitter=0.1, prob=0.8),
+    },
+}
+
+
+def resolve_preset(cfg: AugmentConfig, spatial_dims: int) -> AugmentConfig:
+    """The effective augmentation: the preset's values for every field the config did not set itself."""
+    if cfg.preset == "custom":
+        return cfg
+    values = PRESETS[cfg.preset][spatial_dims]
+    update = {k: v for k, v in values.items() if k not in cfg.model_fields_set}
+    return cfg.model_copy(update=update)
+
+
+class RandWindowJitter(RandomizableTransform):
+    """Random intensity window inside a sample's own range (CT window level/width jitter).
+
+    The deterministic twin is :func:`rewindow`. With the sample's range ``[lo, hi]`` (what the
+    preprocessing window left), the new window has centre ``0.5 + u1 * jitter`` and width
+    ``1 - |u2| * jitter`` in units of ``hi - lo``; values are clipped to it and stretched back to ``[lo, hi]``.
+
+    Args:
+        prob: Probability of applying the transform.
+        jitter: Maximum relative change of the level and width, in ``[0, 0.5]``.
+    """
+
+    def __init__(self, prob: float = 0.8, jitter: float = 0.1) -> None:
+        RandomizableTransform.__init__(self, prob)
+        if not 0.0 <= jitter <= 0.5:
+            raise ValueError(f"RandWindowJitter: jitter={jitter!r}; expected a number in [0, 0.5]")
+        self.jitter = jitter
+        self.centre = 0.5
+        self.width = 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        self.centre = 0.5 + self.R.uniform(-self.jitter, self.jitter)
+        self.width = 1.0 - abs(self.R.uniform(-self.jitter, self.jitter))
+
+    def __call__(self, img: Any, randomize: bool = True) -> Any:
+        if randomize:
+            self.randomize()
+        if not self._do_transform:
+            return img
+        return rewindow(img, self.centre, self.width)
+
+
+def rewindow(img: Any, centre: float, width: float) -> Any:
+    """Clip ``img`` to the window ``centre +- width / 2`` (fractions of its range) and stretch it back."""
+    import torch
+
+    t = torch.as_tensor(img)
+    lo, hi = float(t.min()), float(t.max())
+    if hi <= lo:
+        return img
+    a = lo + (centre - width / 2) * (hi - lo)
+    b = lo + (centre + width / 2) * (hi - lo)
+    out = (t.clamp(a, b) - a) / (b - a) * (hi - lo) + lo
+    return out
+
+
+def build_train_transform(cfg: AugmentConfig, spatial_dims: int, image_size: int) -> Compose:
+    """MONAI Compose of the random transforms configured in ``augment`` (preset resolved first).
+
+    Spatial: left-right flip (last axis = X; all axes with ``flip_all_axes``), affine (rotation about the
+    in-plane axis, or all three with ``rotate_3d``; zoom, shift). Intensity: window jitter (``ct``),
+    contrast (gamma on the [0, 1]-shifted range), scale and shift, optional Gaussian noise.
     ``augment.translate`` is a fraction of ``image_size``; MONAI takes voxels.
     """
+    cfg = resolve_preset(cfg, spatial_dims)
     ts: list[Any] = []
     if cfg.flip > 0:
-        ts.append(RandFlip(prob=cfg.flip, spatial_axis=spatial_dims - 1))
+        axes = range(spatial_dims) if cfg.flip_all_axes else [spatial_dims - 1]
+        for axis in axes:
+            ts.append(RandFlip(prob=cfg.flip, spatial_axis=axis))
     if cfg.rotate_deg > 0 or cfg.scale > 0 or cfg.translate > 0:
         rad = math.radians(cfg.rotate_deg)
-        rotate = (rad,) if spatial_dims == 2 else (rad, 0.0, 0.0)
+        if spatial_dims == 2:
+            rotate: tuple[float, ...] = (rad,)
+        else:
+            rotate = (rad, rad, rad) if cfg.rotate_3d else (rad, 0.0, 0.0)
         ts.append(
             RandAffine(
                 prob=cfg.prob,
@@ -50,6 +160,8 @@ def build_train_transform(cfg: AugmentConfig, spatial_dims: int, image_size: int
                 mode="bilinear",
             )
         )
+    if cfg.window_jitter > 0:
+        ts.append(RandWindowJitter(prob=cfg.prob, jitter=cfg.window_jitter))
     if cfg.intensity > 0:
         ts.append(RandAdjustContrast(prob=cfg.prob, gamma=(1 - cfg.intensity * 3, 1 + cfg.intensity * 3)))
         ts.append(RandScaleIntensity(prob=cfg.prob, factors=cfg.intensity))
@@ -75,7 +187,9 @@ def apply(transform: Compose, x: np.ndarray, seed: int) -> np.ndarray:
 
 
 # Attributes that hold one sample's drawn values or helper objects, not parameters.
-_SAMPLED_STATE = {"R", "randomize", "rand_affine_grid", "resampler", "gamma_value", "factor", "sampled_std"}
+_SAMPLED_STATE = {
+    "R", "randomize", "rand_affine_grid", "resampler", "gamma_value", "factor", "sampled_std", "centre", "width",
+}
 
 
 def describe(transform: Compose) -> list[dict[str, Any]]:
@@ -98,5 +212,6 @@ def describe(transform: Compose) -> list[dict[str, Any]]:
                 translate_range=np.asarray(g.translate_range, dtype=float).tolist(),
                 padding_mode=str(t.padding_mode),
             )
-        out.append({"transform": f"monai.transforms.{type(t).__name__}", "params": params})
+        module = "monai.transforms" if type(t).__module__.startswith("monai") else type(t).__module__
+        out.append({"transform": f"{module}.{type(t).__name__}", "params": params})
     return out

@@ -90,3 +90,58 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """Shuffled sample order of one epoch, a pure function of (seed, epoch) so resumes replay it."""
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
     return torch.randperm(n, generator=g).tolist()
+
+
+def balanced_order(y: np.ndarray, seed: int, epoch: int, num_classes: int) -> list[int]:
+    """``len(y)`` indices drawn with replacement so that every present class is drawn equally often.
+
+    A pure function of (seed, epoch), like :func:`epoch_order`.
+    """
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    w = 1.0 / np.maximum(counts[y], 1.0)
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, -2))
+    return torch.multinomial(torch.as_tensor(w), len(y), replacement=True, generator=g).tolist()
+
+
+def subset(data: SplitData, index: np.ndarray | list[int]) -> SplitData:
+    """The cases at ``index``, in that order."""
+    idx = np.asarray(index, dtype=np.int64)
+    return SplitData(
+        [data.case_ids[i] for i in idx], [data.patients[i] for i in idx], data.x[idx], data.y[idx],
+        [data.rows[i] for i in idx],
+    )
+
+
+def concat(a: SplitData, b: SplitData) -> SplitData:
+    """Cases of ``a`` then of ``b``."""
+    if len(a) == 0:
+        return b
+    if len(b) == 0:
+        return a
+    return SplitData(a.case_ids + b.case_ids, a.patients + b.patients, np.concatenate([a.x, b.x]),
+                     np.concatenate([a.y, b.y]), a.rows + b.rows)
+
+
+def patient_folds(data: SplitData, k: int, seed: int) -> np.ndarray:
+    """Fold number ``(N,)`` in ``0..k-1`` per case: patient-level, stratified by each patient's first label.
+
+    Within each class, patients are ordered by a seeded hash and dealt round-robin, so folds are balanced
+    in size and class mix and no patient spans two folds.
+
+    Raises:
+        ValueError: Fewer than ``k`` patients.
+    """
+    first: dict[str, int] = {}
+    for p, lab in zip(data.patients, data.y.tolist(), strict=True):
+        first.setdefault(p, int(lab))
+    if len(first) < k:
+        raise ValueError(f"train.folds={k}: only {len(first)} patient(s) in train+val; expected at least {k}")
+    fold_of: dict[str, int] = {}
+    offset = 0
+    for c in sorted(set(first.values())):
+        pats = sorted((p for p, lab in first.items() if lab == c),
+                      key=lambda p: hashlib.sha256(f"fold:{seed}:{p}".encode()).digest())
+        for j, p in enumerate(pats):
+            fold_of[p] = (offset + j) % k
+        offset += len(pats)
+    return np.array([fold_of[p] for p in data.patients], dtype=np.int64)

@@ -10,6 +10,7 @@ Checkpoints are loaded with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -17,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,26 @@ from pipeline.augment.transforms import build_train_transform
 from pipeline.config import Config
 from pipeline.errors import MedtlError
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.train.data import AugmentedDataset, SplitData, epoch_order, label_subset, load_split
+from pipeline.train.data import (
+    AugmentedDataset,
+    SplitData,
+    balanced_order,
+    concat,
+    epoch_order,
+    label_subset,
+    load_split,
+    patient_folds,
+    subset,
+)
+from pipeline.train.strategies import (
+    CHEAPEST_FIRST,
+    fit_linear_probe,
+    make_optimizer,
+    pick_candidate,
+    reestimate_bn,
+    set_frozen_bn_eval,
+    setup_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,142 +123,237 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     out = []
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i : i + batch_size].astype(np.float32)).to(device)
-        with _autocast(device):
+        with _autocast(device, True):
             out.append(model(xb).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
+def _autocast(device: torch.device, enabled: bool = True):
+    if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)
 
 
-def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with discriminative learning rates: head at ``lr``, pretrained layers at ``lr * mult``."""
-    from models import freeze, param_groups
-
-    groups = param_groups(model)
-    if cfg.train.strategy == "linear_probe":
-        freeze(model, 1)
-        return torch.optim.AdamW(groups[-1], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    body = [p for g in groups[:-1] for p in g]
-    mult = cfg.train.backbone_lr_mult if cfg.model.pretrained else 1.0
-    return torch.optim.AdamW(
-        [
-            {"params": body, "lr": cfg.train.lr * mult},
-            {"params": groups[-1], "lr": cfg.train.lr},
-        ],
-        weight_decay=cfg.train.weight_decay,
-    )
-
-
-def _scheduler(opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
-    warm = cfg.train.warmup_epochs * steps_per_epoch
-    total = max(1, cfg.train.epochs * steps_per_epoch)
+def _scheduler(opt: torch.optim.Optimizer, tc, steps_per_epoch: int):
+    """Per-optimizer-step LR schedule: cosine after linear warm-up, one-cycle, or constant after warm-up."""
+    total = max(1, tc.epochs * steps_per_epoch)
+    warm = tc.warmup_epochs * steps_per_epoch
+    if tc.schedule == "onecycle":
+        pct = min(0.5, max(0.05, warm / total)) if warm else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct
+        )
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
+        if tc.schedule == "constant":
+            return 1.0
         progress = (step - warm) / max(1, total - warm)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _set_bn_eval_if_frozen(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-            m.eval()
+@dataclass
+class DistInfo:
+    """This process's place in a (torchrun) process group; world 1 when not distributed."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> DistInfo:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
-def run_finetune(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train the configured backbone; write ``model.pt`` (best), ``model_info.json``, ``history.csv``.
+def _batches(order: list[int], bs: int, dist: DistInfo, accumulate: int) -> list[list[list[int]]]:
+    """Optimizer steps of one epoch: each a list of this rank's micro-batches (lists of indices).
+
+    Global batch ``b`` is ``order[b*bs:(b+1)*bs]`` (last partial batch dropped: BatchNorm needs > 1
+    sample); rank ``r`` takes every ``world``-th sample of it, split into ``accumulate`` micro-batches of
+    at least 2 samples.
+    """
+    steps = []
+    for b in range(len(order) // bs):
+        local = order[b * bs : (b + 1) * bs][dist.rank :: dist.world]
+        n_micro = max(1, min(accumulate, len(local) // 2))
+        steps.append([c.tolist() for c in np.array_split(np.asarray(local, dtype=np.int64), n_micro) if len(c)])
+    return steps
+
+
+def _wrap_ddp(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
+    if dist.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+
+class _TBLog:
+    """TensorBoard scalars when the ``tensorboard`` package is installed (else nothing)."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for k in ("train_loss", "val_loss", "val_auroc", "lr", "images_per_s"):
+            v = row.get(k)
+            if isinstance(v, (int, float)) and not math.isnan(v):
+                self.writer.add_scalar(k, v, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train_epochs(
+    cfg: Config,
+    model: nn.Module,
+    strategy: str,
+    train: SplitData,
+    val: SplitData,
+    work_dir: Path,
+    device: torch.device,
+    dist: DistInfo | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` with ``strategy`` (not ``linear_probe``), early stopping on validation AUROC.
+
+    Resumable: ``work_dir/last.pt`` (model, optimizer, scheduler, scaler, torch RNG, early-stopping state
+    and history) is written after every epoch; a call that finds it continues after that epoch and ends
+    with the same weights as an uninterrupted run. ``work_dir/best.pt`` holds the best weights, which are
+    loaded into ``model`` before returning.
 
     Args:
-        cfg: The run config.
-        augment_dir: The Augment stage folder.
-        out_dir: Folder receiving the final artefacts (the caller publishes it atomically).
-        work_dir: Persistent folder for per-epoch checkpoints; a rerun after a crash resumes from it.
-        progress: Show a progress bar.
+        cfg: The run config (``train``, ``augment``, ``preprocess`` sections).
+        model: The network (on ``device``; trainable parameters set here).
+        strategy: ``partial``, ``gradual``, ``finetune`` or ``scratch``.
+        train: Training cases (inputs ``(N, 1, *spatial)``).
+        val: Validation cases.
+        work_dir: Folder of checkpoints and logs.
+        device: Where to train.
+        dist: Process group info (DistributedDataParallel when ``world > 1``); only rank 0 writes.
+        progress: Show a tqdm progress bar.
 
     Returns:
-        The training summary (also ``train_summary.json``).
+        ``best_score``, ``best_epoch`` (1-based), ``epochs_run``, ``stopped_by``, ``history``,
+        ``resumed_after_epoch`` (None when the run started fresh).
     """
     from tqdm.auto import tqdm
 
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed % 2**32)
-    device = select_device(cfg.train.device)
-    rows = read_index(augment_dir)
+    tc = cfg.train
+    dist = dist or DistInfo()
     num_classes = len(cfg.task.classes)
-    train = label_subset(load_split(augment_dir, rows, "train"), cfg.train.label_fraction, cfg.train.seed)
-    val = load_split(augment_dir, rows, "val")
-    if len(train) == 0 or len(val) == 0:
-        raise MedtlError(f"FineTune: train ({len(train)}) and val ({len(val)}) splits must both hold cases")
-
-    model = build_model(cfg, num_classes, seed=cfg.train.seed).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last if cfg.preprocess.spatial_dims == 2 else torch.channels_last_3d)
-    opt = _optimizer(model, cfg)
+    pretrained = cfg.model.pretrained and strategy != "scratch"
+    schedule = setup_trainable(model, strategy, tc)
+    opt = make_optimizer(model, strategy, tc, pretrained)
     transform = build_train_transform(cfg.augment, cfg.preprocess.spatial_dims, cfg.preprocess.image_size)
-    dataset = AugmentedDataset(train, transform, cfg.train.seed)
-    bs = min(cfg.train.batch_size, len(train))
-    steps = len(train) // bs  # drop_last: BatchNorm needs > 1 sample per batch
-    sched = _scheduler(opt, cfg, max(1, steps))
+    dataset = AugmentedDataset(train, transform, tc.seed)
+    bs = min(tc.batch_size, len(train))
+    steps_per_epoch = max(1, len(train) // bs)
+    sched = _scheduler(opt, tc, steps_per_epoch)
     counts = np.bincount(train.y, minlength=num_classes).astype(np.float64)
     weights = None
-    if cfg.train.class_weighting == "balanced":
+    if tc.class_weighting == "balanced":
         weights = torch.tensor(len(train.y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.train.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing, reduction="sum")
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tc.amp and not torch.cuda.is_bf16_supported())
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
     last = work_dir / "last.pt"
+    resumed = None
     if last.exists():
         ck = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
+        state = json.loads(ck["state"])
+        if schedule is not None:  # the trainable set of the last finished epoch, before the optimizer state
+            schedule.apply(model, max(0, state["epoch"] - 1))
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["torch_rng"])
-        state = json.loads(ck["state"])
-        log.info("FineTune: resuming after epoch %d from %s", state["epoch"], last)
+        if device.type == "cuda" and "cuda_rng" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        resumed = state["epoch"]
+        log.info("FineTune[%s]: resuming after epoch %d from %s", strategy, state["epoch"], last)
 
+    tb = _TBLog(work_dir / "tensorboard", enabled=dist.main)
     pos = cfg.task.positive_index
-    t_start = time.perf_counter()
-    while state["epoch"] < cfg.train.epochs and state["bad_epochs"] < cfg.train.patience:
+    net = _wrap_ddp(model, dist, device)
+    n_trainable = None
+    while state["epoch"] < tc.epochs and state["bad_epochs"] < tc.patience:
         epoch = state["epoch"]
+        if schedule is not None:
+            n = schedule.apply(model, epoch)
+            if n != n_trainable and dist.world > 1:
+                net = _wrap_ddp(model, dist, device)  # DDP registers hooks for the trainable set only
+            n_trainable = n
         dataset.set_epoch(epoch)
-        order = epoch_order(len(train), cfg.train.seed, epoch)
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, order), batch_size=bs, shuffle=False, drop_last=True,
-            num_workers=cfg.runtime.num_workers, persistent_workers=False,
+        order = balanced_order(train.y, tc.seed, epoch, num_classes) if tc.sampler == "balanced" else epoch_order(
+            len(train), tc.seed, epoch
         )
-        model.train()
-        if cfg.train.strategy == "linear_probe":
-            _set_bn_eval_if_frozen(model)
+        steps = _batches(order, bs, dist, tc.accumulate_steps)
+        micro = [m for step in steps for m in step]
+        loader = DataLoader(dataset, batch_sampler=micro, num_workers=cfg.runtime.num_workers)
+        net.train()
+        if strategy in ("partial", "gradual"):
+            set_frozen_bn_eval(model)
         t0 = time.perf_counter()
         total, n_seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=not progress, unit="batch")
-        for xb, yb in bar:
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last if xb.ndim == 4 else torch.channels_last_3d)
+        bar = tqdm(total=len(steps), desc=f"{strategy} epoch {epoch + 1}/{tc.epochs}", leave=False,
+                   disable=not (progress and dist.main), unit="step")
+        it = iter(loader)
+        for step in steps:
+            n_local = sum(len(m) for m in step)
             opt.zero_grad(set_to_none=True)
-            with _autocast(device):
-                loss = loss_fn(model(xb), yb)
-            scaler.scale(loss).backward()
+            for j in range(len(step)):
+                xb, yb = next(it)
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    xb = xb.contiguous(memory_format=torch.channels_last if xb.ndim == 4 else torch.channels_last_3d)
+                sync = j == len(step) - 1 or dist.world == 1
+                ctx = net.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    with _autocast(device, tc.amp):
+                        loss = loss_fn(net(xb), yb) / n_local
+                    scaler.scale(loss).backward()
+                total += float(loss.detach()) * n_local
+                n_seen += len(yb)
             scaler.step(opt)
             scaler.update()
             sched.step()
-            total += float(loss.detach()) * len(yb)
-            n_seen += len(yb)
-            bar.set_postfix(loss=f"{total / n_seen:.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / max(1, n_seen):.4f}")
+        bar.close()
         seconds = time.perf_counter() - t0
         logits = predict_logits(model, val.x, device)
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
@@ -247,58 +363,256 @@ def run_finetune(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path, 
         improved = key_score > state["best_score"] + 1e-4
         if improved:
             state.update(best_score=key_score, best_epoch=epoch, bad_epochs=0)
-            _save_state_dict(model, work_dir / "best.pt")
+            if dist.main:
+                _save_state_dict(model, work_dir / "best.pt")
         else:
             state["bad_epochs"] += 1
-        state["history"].append(
-            {
-                "epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": vloss, "val_auroc": score,
-                "lr": opt.param_groups[-1]["lr"], "seconds": seconds, "images_per_s": n_seen / max(seconds, 1e-9),
-                "best": improved,
-            }
-        )
+        row = {
+            "epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": vloss, "val_auroc": score,
+            "lr": opt.param_groups[-1]["lr"], "seconds": seconds,
+            "images_per_s": n_seen * dist.world / max(seconds, 1e-9), "best": improved,
+        }
+        state["history"].append(row)
         state["epoch"] = epoch + 1
         log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f%s (%.1f s, %.0f img/s)",
-            epoch + 1, total / max(1, n_seen), vloss, score, " *" if improved else "", seconds, n_seen / max(seconds, 1e-9),
+            "%s epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f%s (%.1f s, %.0f img/s)",
+            strategy, epoch + 1, row["train_loss"], vloss, score, " *" if improved else "", seconds, row["images_per_s"],
         )
-        with atomic_path(last) as tmp:
-            torch.save(
-                {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": json.dumps(state),
-                },
-                tmp,
-            )
-        _write_history(work_dir / "history.csv", state["history"])
-
-    stopped = "early_stopping" if state["bad_epochs"] >= cfg.train.patience else "max_epochs"
-    summary = {
-        "schema_version": 1,
-        "strategy": cfg.train.strategy,
-        "backbone": cfg.model.backbone,
-        "pretrained": cfg.model.pretrained,
-        "weights": _weights_info(model),
-        "device": device.type,
-        "epochs_run": state["epoch"],
+        if dist.main:
+            ck = {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": json.dumps(state),
+            }
+            if device.type == "cuda":
+                ck["cuda_rng"] = torch.cuda.get_rng_state(device)
+            with atomic_path(last) as tmp:
+                torch.save(ck, tmp)
+            write_history(work_dir / "history.csv", state["history"])
+            tb.epoch(row)
+        dist.barrier()
+    tb.close()
+    dist.barrier()
+    best = torch.load(work_dir / "best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best)
+    return {
+        "best_score": state["best_score"],
         "best_epoch": state["best_epoch"] + 1,
-        "best_val_auroc": state["best_score"],
-        "stopped_by": stopped,
+        "epochs_run": state["epoch"],
+        "stopped_by": "early_stopping" if state["bad_epochs"] >= tc.patience else "max_epochs",
+        "history": state["history"],
+        "resumed_after_epoch": resumed,
+    }
+
+
+def run_strategy(
+    cfg: Config,
+    strategy: str,
+    train: SplitData,
+    val: SplitData,
+    work_dir: Path,
+    device: torch.device,
+    dist: DistInfo | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a fresh network and train it with one strategy; resumable through ``work_dir``.
+
+    A finished strategy leaves ``work_dir/result.json`` and ``best.pt``; calling again returns them without
+    training (``auto`` and k-fold runs resume candidate by candidate).
+
+    Returns:
+        The trained network (best weights, on ``device``) and its result: ``strategy``, ``val_auroc``
+        (NaN-safe score used for selection), ``seconds``, ``epochs_run``, ``best_epoch``, ``history``, ...
+    """
+    dist = dist or DistInfo()
+    tc = cfg.train
+    num_classes = len(cfg.task.classes)
+    pretrained = cfg.model.pretrained and strategy != "scratch"
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg, num_classes, pretrained=pretrained, seed=tc.seed).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last if cfg.preprocess.spatial_dims == 2 else torch.channels_last_3d)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    done = work_dir / "result.json"
+    if done.exists() and (work_dir / "best.pt").exists():
+        model.load_state_dict(torch.load(work_dir / "best.pt", map_location=device, weights_only=True))
+        return model, json.loads(done.read_text())
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"strategy": strategy, "pretrained": pretrained}
+    if tc.bn_reestimate and pretrained:
+        n_bn = reestimate_bn(model, train.x, device)
+        result["bn_reestimated_layers"] = n_bn
+    if strategy == "linear_probe":
+        probe = fit_linear_probe(model, train.x, train.y, val.x, val.y, tc, num_classes, cfg.task.positive_index, device)
+        logits = predict_logits(model, val.x, device)
+        probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        score = val_score(val.y, probs, cfg.task.positive_index)
+        vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
+        seconds = time.perf_counter() - t0
+        history = [{"epoch": 1, "train_loss": float("nan"), "val_loss": vloss, "val_auroc": score, "lr": float("nan"),
+                    "seconds": seconds, "images_per_s": len(train) / max(seconds, 1e-9), "best": True}]
+        result.update(val_auroc=score if not math.isnan(score) else -vloss, probe=probe.to_dict(), epochs_run=1,
+                      best_epoch=1, stopped_by="closed_form", history=history, resumed_after_epoch=None)
+        if dist.main:
+            _save_state_dict(model, work_dir / "best.pt")
+            write_history(work_dir / "history.csv", history)
+    else:
+        out = train_epochs(cfg, model, strategy, train, val, work_dir, device, dist, progress)
+        result.update(val_auroc=out.pop("best_score"), **out)
+    result["seconds"] = time.perf_counter() - t0
+    if dist.main:
+        write_json(done, result)
+    dist.barrier()
+    return model, result
+
+
+def run_finetune(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Train with the configured strategy; write ``model.pt`` (best), ``model_info.json``, ``history.csv``.
+
+    ``train.strategy: auto`` trains each of ``train.auto_candidates`` (cheapest first) and keeps the one
+    with the best validation AUROC (the cheaper one within ``auto_tolerance``); every candidate's score and
+    the reason are in ``train_summary.json`` under ``strategy_selection``. ``train.folds >= 2`` trains one
+    model per patient-level fold of train+val and saves their ensemble (see :class:`FoldEnsemble`).
+
+    Args:
+        cfg: The run config.
+        augment_dir: The Augment stage folder.
+        out_dir: Folder receiving the final artefacts (the caller publishes it atomically); only the
+            rank-0 process writes it.
+        work_dir: Persistent folder for per-epoch checkpoints; a rerun after a crash resumes from it.
+        progress: Show a progress bar.
+
+    Returns:
+        The training summary (also ``train_summary.json``).
+    """
+    tc = cfg.train
+    dist = DistInfo.current()
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    torch.manual_seed(tc.seed)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    device = select_device(cfg.train.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    rows = read_index(augment_dir)
+    num_classes = len(cfg.task.classes)
+    train = label_subset(load_split(augment_dir, rows, "train"), tc.label_fraction, tc.seed)
+    val = load_split(augment_dir, rows, "val")
+    if len(train) == 0 or len(val) == 0:
+        raise MedtlError(f"FineTune: train ({len(train)}) and val ({len(val)}) splits must both hold cases")
+    t_start = time.perf_counter()
+    selection = None
+    folds_info = None
+    if tc.folds > 1:
+        model, result, folds_info = _run_folds(cfg, train, val, work_dir, device, dist, progress)
+    elif tc.strategy == "auto":
+        results: dict[str, dict[str, Any]] = {}
+        models: dict[str, nn.Module] = {}
+        for name in sorted(tc.auto_candidates, key=CHEAPEST_FIRST.index):
+            m, r = run_strategy(cfg, name, train, val, work_dir / name, device, dist, progress)
+            results[name] = r
+            models[name] = m.cpu()
+        chosen, reason = pick_candidate({k: r["val_auroc"] for k, r in results.items()}, tc.auto_tolerance)
+        model, result = models[chosen].to(device), results[chosen]
+        selection = {
+            "chosen": chosen,
+            "reason": reason,
+            "tolerance": tc.auto_tolerance,
+            "candidates": [
+                {"strategy": k, "val_auroc": r["val_auroc"], "seconds": r["seconds"], "epochs_run": r["epochs_run"],
+                 "best_epoch": r["best_epoch"]}
+                for k, r in results.items()
+            ],
+        }
+        log.info("FineTune auto: chose %s: %s", chosen, reason)
+    else:
+        model, result = run_strategy(cfg, tc.strategy, train, val, work_dir, device, dist, progress)
+
+    counts = np.bincount(train.y, minlength=num_classes)
+    history = result["history"]
+    summary = {
+        "schema_version": 2,
+        "strategy": result["strategy"],
+        "strategy_requested": tc.strategy,
+        "strategy_selection": selection,
+        "folds": folds_info,
+        "backbone": cfg.model.backbone,
+        "pretrained": result.get("pretrained", cfg.model.pretrained),
+        "weights": _weights_info(model) if result.get("pretrained", cfg.model.pretrained) else None,
+        "device": device.type,
+        "processes": dist.world,
+        "epochs_run": result["epochs_run"],
+        "best_epoch": result["best_epoch"],
+        "best_val_auroc": result["val_auroc"],
+        "stopped_by": result["stopped_by"],
+        "resumed_after_epoch": result.get("resumed_after_epoch"),
+        "probe": result.get("probe"),
+        "bn_reestimated_layers": result.get("bn_reestimated_layers"),
         "train_cases": len(train),
         "train_class_counts": counts.astype(int).tolist(),
-        "label_fraction": cfg.train.label_fraction,
+        "label_fraction": tc.label_fraction,
         "val_cases": len(val),
         "seconds_this_session": time.perf_counter() - t_start,
-        "mean_images_per_s": float(np.mean([h["images_per_s"] for h in state["history"]])) if state["history"] else None,
+        "seconds_training": result.get("seconds"),
+        "mean_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    best = torch.load(work_dir / "best.pt", map_location="cpu", weights_only=True)
-    with atomic_path(out_dir / "model.pt") as tmp:
-        torch.save(best, tmp)
-    write_json(out_dir / "model_info.json", model_info(cfg, num_classes))
-    _write_history(out_dir / "history.csv", state["history"])
-    write_json(out_dir / "train_summary.json", summary)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _save_state_dict(model, out_dir / "model.pt")
+        info = model_info(cfg, num_classes)
+        info["strategy"] = result["strategy"]
+        if folds_info:
+            info["ensemble"] = {"folds": tc.folds, "combine": "mean_probability"}
+        write_json(out_dir / "model_info.json", info)
+        write_history(out_dir / "history.csv", history)
+        write_json(out_dir / "train_summary.json", summary)
+    dist.barrier()
     return summary
+
+
+class FoldEnsemble(nn.Module):
+    """Ensemble of fold models: ``forward`` returns ``log(mean_k softmax(model_k(x)))``.
+
+    These are valid logits (their softmax is the mean probability), so evaluation, calibration and
+    ``predict_logits`` treat the ensemble like any network. State dict keys: ``members.<k>.<key>``.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x).float(), 1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def _run_folds(cfg, train, val, work_dir, device, dist, progress):
+    """K-fold cross-validation over train+val patients; returns the ensemble, its result and per-fold info."""
+    tc = cfg.train
+    pool = concat(train, val)
+    fold = patient_folds(pool, tc.folds, tc.seed)
+    members, per_fold, history = [], [], []
+    oof = np.full((len(pool), len(cfg.task.classes)), np.nan)
+    for k in range(tc.folds):
+        tr, va = subset(pool, np.flatnonzero(fold != k)), subset(pool, np.flatnonzero(fold == k))
+        m, r = run_strategy(cfg, tc.strategy, tr, va, work_dir / f"fold{k}", device, dist, progress)
+        oof[fold == k] = torch.softmax(torch.from_numpy(predict_logits(m, va.x, device)), 1).numpy()
+        members.append(m)
+        history.extend(r["history"])
+        per_fold.append({"fold": k, "train_cases": len(tr), "val_cases": len(va), "val_auroc": r["val_auroc"],
+                         "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"]})
+    oof_score = val_score(pool.y, oof, cfg.task.positive_index)
+    ensemble = FoldEnsemble(members).to(device)
+    history = [dict(h, epoch=i + 1) for i, h in enumerate(history)]  # folds one after the other
+    result = {
+        "strategy": tc.strategy, "val_auroc": oof_score, "epochs_run": sum(f["epochs_run"] for f in per_fold),
+        "best_epoch": None, "stopped_by": "k_fold", "history": history, "seconds": None,
+    }
+    info = {"k": tc.folds, "out_of_fold_auroc": oof_score, "per_fold": per_fold,
+            "note": "train+val patients pooled; each fold's held-out part drove its early stopping"}
+    return ensemble, result, info
 
 
 def _weights_info(model: nn.Module) -> dict[str, Any] | None:
@@ -327,14 +641,19 @@ def model_info(cfg: Config, num_classes: int) -> dict[str, Any]:
 
 
 def load_trained_model(finetune_dir: Path, device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from ``model_info.json`` and load ``model.pt`` (weights only)."""
+    """Rebuild the network (or fold ensemble) from ``model_info.json`` and load ``model.pt`` (weights only)."""
     from models import create_backbone
 
     info = json.loads((finetune_dir / "model_info.json").read_text())
-    model = create_backbone(
-        info["backbone"], num_classes=info["num_classes"], in_chans=info["in_chans"],
-        spatial_dims=info["spatial_dims"], pretrained=False,
-    )
+
+    def one() -> nn.Module:
+        return create_backbone(
+            info["backbone"], num_classes=info["num_classes"], in_chans=info["in_chans"],
+            spatial_dims=info["spatial_dims"], pretrained=False,
+        )
+
+    ens = info.get("ensemble")
+    model = FoldEnsemble([one() for _ in range(int(ens["folds"]))]) if ens else one()
     sd = torch.load(finetune_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(sd)
     model.to(device or torch.device("cpu")).eval()
@@ -346,7 +665,7 @@ def _save_state_dict(model: nn.Module, path: Path) -> None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
 
 
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     w.writeheader()

@@ -1,0 +1,46 @@
+"""DistributedDataParallel through torchrun as a child process: two CPU processes on the gloo backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.train.loop import load_trained_model
+from pipeline.train.worker import launch_distributed, torchrun_command
+from tests.test_train_helpers import make_augment_dir, write_train_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_gloo_processes_train_and_write_one_model(tmp_path: Path) -> None:
+    aug = make_augment_dir(tmp_path, n=48)
+    cfg = load_config(write_train_config(tmp_path, strategy="finetune", epochs=2, batch_size=8, devices=2))
+    out, work = tmp_path / "out", tmp_path / "work"
+    summary = launch_distributed(cfg, aug, out, work, timeout=300)
+    assert summary["processes"] == 2
+    assert summary["epochs_run"] == 2
+    model, info = load_trained_model(out)
+    x = torch.randn(3, 1, 16, 16)
+    assert model(x).shape == (3, 2)
+    # rank 0 alone wrote the outputs; the summary on disk is the one returned
+    assert json.loads((out / "train_summary.json").read_text()) == summary
+
+
+def test_torchrun_command_runs_the_worker_module(tmp_path: Path) -> None:
+    cmd = torchrun_command(tmp_path / "job.json", 3)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc_per_node=3" in cmd and cmd[-3:] == ["pipeline.train.worker", "--job", str(tmp_path / "job.json")]
+
+
+def test_failed_torchrun_raises_with_its_output(tmp_path: Path) -> None:
+    from pipeline.errors import MedtlError
+
+    aug = make_augment_dir(tmp_path, n=48)
+    cfg = load_config(write_train_config(tmp_path, strategy="finetune", epochs=1, devices=2))
+    (aug / "index.csv").write_text("case_id,patient_id,split,label_index\n")  # no cases: training must fail
+    with pytest.raises(MedtlError, match="torchrun with 2 process"):
+        launch_distributed(cfg, aug, tmp_path / "out", tmp_path / "work", timeout=300)
