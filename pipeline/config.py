@@ -370,6 +370,15 @@ class EvaluateConfig(_Section):
         ece_bins: Bins of the expected calibration error.
         conformal_alpha: Miscoverage of conformal prediction sets (0.1 = 90% coverage).
         min_subgroup: Subgroups smaller than this are reported with a warning.
+        explain_cases: Grad-CAM overlays in the report: this many correctly and this many wrongly
+            classified test cases (0 turns explanations off).
+        compare_with: An earlier run's evaluate folder (or its ``predictions.csv``) to compare this model
+            with on the same test cases (paired DeLong test and paired bootstrap of the AUROC
+            difference). A relative path is resolved against the config file's folder.
+        study_label_fractions: Optional scarce-label study (trains extra models): training-label fractions,
+            e.g. ``[0.1, 0.25, 0.5, 1.0]``. Empty (default) turns the study off.
+        study_strategies: Strategies of the study, e.g. ``[linear_probe, finetune, scratch]``; ``scratch``
+            trains the same backbone from random initialisation (``model.pretrained: false``).
     """
 
     calibration: Literal["none", "temperature", "vector", "platt", "isotonic", "auto"] = "temperature"
@@ -378,6 +387,30 @@ class EvaluateConfig(_Section):
     ece_bins: int = Field(15, ge=2, le=100)
     conformal_alpha: float = Field(0.1, gt=0.0, lt=0.5)
     min_subgroup: int = Field(30, ge=1)
+    explain_cases: int = Field(3, ge=0, le=16)
+    compare_with: Path | None = None
+    study_label_fractions: tuple[float, ...] = ()
+    study_strategies: tuple[Literal["linear_probe", "partial", "finetune", "gradual", "scratch"], ...] = ()
+
+    @field_validator("study_label_fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [f for f in v if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"evaluate.study_label_fractions: fractions must lie in (0, 1], got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"evaluate.study_label_fractions: duplicate fractions in {list(v)}")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _study_complete(self) -> EvaluateConfig:
+        if bool(self.study_label_fractions) != bool(self.study_strategies):
+            raise ValueError(
+                "evaluate.study_label_fractions and evaluate.study_strategies: give both lists (the study "
+                f"trains every strategy at every fraction) or neither; got {list(self.study_label_fractions)} "
+                f"and {list(self.study_strategies)}"
+            )
+        return self
 
 
 class ReportConfig(_Section):

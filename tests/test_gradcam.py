@@ -1,0 +1,132 @@
+"""Grad-CAM localises a known signal: a bright square in noise, learnt by a small CNN in a few steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.evaluate.gradcam import explanation_figure, find_target_layer, grad_cam, select_cases
+
+SIZE, SQ = 32, 6
+
+
+def _square_batch(rng: np.random.Generator, n: int, dims: int = 2):
+    """Noise images; label 1 ones carry a bright SQ-wide square at a random place. Returns x, y, boxes."""
+    shape = (n, 1) + (SIZE,) * dims
+    x = rng.normal(0.0, 0.3, size=shape).astype(np.float32)
+    y = rng.integers(0, 2, size=n)
+    boxes = []
+    for i in range(n):
+        corner = rng.integers(2, SIZE - SQ - 2, size=dims)
+        boxes.append(corner)
+        if y[i]:
+            sl = tuple(slice(c, c + SQ) for c in corner)
+            x[(i, 0) + sl] += 1.5
+    return torch.from_numpy(x), torch.from_numpy(y), boxes
+
+
+def _cnn(dims: int) -> nn.Module:
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
+    return nn.Sequential(
+        conv(1, 8, 3, padding=1), nn.ReLU(), conv(8, 8, 3, padding=1), nn.ReLU(), pool, nn.Flatten(), nn.Linear(8, 2)
+    )
+
+
+def _train(dims: int, steps: int, batch: int) -> nn.Module:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = _cnn(dims)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        x, y, _ = _square_batch(rng, batch, dims)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _peak_inside(cams: np.ndarray, boxes, dims: int) -> np.ndarray:
+    out = []
+    for cam, corner in zip(cams, boxes, strict=True):
+        peak = np.unravel_index(np.argmax(cam), cam.shape)
+        out.append(all(c <= p < c + SQ for p, c in zip(peak, corner, strict=True)))
+    return np.array(out)
+
+
+def test_2d_map_peaks_inside_the_square() -> None:
+    model = _train(2, steps=120, batch=32)
+    x, y, boxes = _square_batch(np.random.default_rng(123), 40)
+    pos = np.flatnonzero(y.numpy() == 1)
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.9, f"the CNN did not learn the square (accuracy {acc:.2f})"
+    cams = grad_cam(model, x[pos], target=[1] * len(pos))
+    assert cams.shape == (len(pos), SIZE, SIZE)
+    assert cams.min() >= 0 and cams.max() <= 1
+    inside = _peak_inside(cams, [boxes[i] for i in pos], 2)
+    assert inside.mean() >= 0.9, f"peak inside the square for only {inside.mean():.0%} of positives"
+    # The map depends on where the square is: a map of another image does not find this square.
+    shuffled = _peak_inside(cams[::-1], [boxes[i] for i in pos], 2)
+    assert shuffled.mean() < 0.5
+
+
+def _fixed_3d() -> nn.Module:
+    """A hand-set 3D network: a box filter thresholded by ReLU responds to the bright cube only."""
+    model = _cnn(3)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[:, 0] = 1.0 / 27
+        model[0].bias.fill_(-0.6)
+        model[2].weight.zero_()
+        for c in range(8):
+            model[2].weight[c, c, 1, 1, 1] = 1.0
+        model[2].bias.zero_()
+        model[6].weight.copy_(torch.tensor([[-1.0] * 8, [1.0] * 8]))
+        model[6].bias.zero_()
+    return model.eval()
+
+
+def test_3d_map_peaks_inside_the_cube() -> None:
+    model = _fixed_3d()
+    x, y, boxes = _square_batch(np.random.default_rng(7), 10, dims=3)
+    pos = np.flatnonzero(y.numpy() == 1)
+    assert len(pos) >= 3
+    cams = grad_cam(model, x[pos], target=[1] * len(pos))
+    assert cams.shape == (len(pos), SIZE, SIZE, SIZE)
+    inside = _peak_inside(cams, [boxes[i] for i in pos], 3)
+    assert inside.all(), f"peak inside the cube for only {inside.mean():.0%} of positives"
+    fig = explanation_figure(x[pos[:2]].numpy(), cams[:2], select_cases(
+        np.ones(2, int), np.array([[0.1, 0.9], [0.8, 0.2]]), ["case-a", "case-b"], ["neg", "pos"], 1))
+    assert len([a for a in fig.axes if a.images]) == 6  # three middle slices per case
+
+
+def test_target_layer_skips_collapsed_convolutions() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=16), nn.Flatten(), nn.LazyLinear(2)
+    )
+    model(torch.zeros(1, 1, 32, 32))
+    layer = find_target_layer(model, torch.zeros(1, 1, 32, 32))
+    assert layer is model[0]  # the strided conv's 1x1 output cannot localise
+
+
+def test_model_is_left_unchanged_and_cases_are_selected_by_confidence() -> None:
+    model = _cnn(2).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grad_cam(model, torch.randn(3, 1, SIZE, SIZE))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.95, 0.05], [0.7, 0.3]])
+    cases = select_cases(y, p, ["a", "b", "c", "d", "e"], ["n", "p"], 1)
+    assert [(c.case_id, c.correct) for c in cases] == [("a", True), ("d", False)]
