@@ -1,0 +1,244 @@
+"""De-identification end to end: PHI planted in every identifying DICOM tag, a private tag, the file and
+folder names; the whole Luigi chain and ``medtl convert`` run; every byte they write outside ``private/``
+(decompressed .nii.gz, zip members of checkpoints, inflated PDF/PNG streams, SQLite files) and the captured
+console output are scanned for each planted value."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import re
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import square_image, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NAME_WORD = "Quixotella"  # in PatientName and in the folder/file names
+PLANTED = {
+    "PatientName": f"{NAME_WORD}^Marigold",
+    "OtherPatientIDs": "OPIDZX4417",
+    "PatientBirthDate": "19230101",
+    "AccessionNumber": "ACCZX99871",
+    "InstitutionName": "Planted Memorial Hospital",
+    "InstitutionAddress": "12 Hidden Lane Zedtown",
+    "ReferringPhysicianName": "Referrer^Hypatia",
+    "PerformingPhysicianName": "Performer^Octavian",
+    "OperatorsName": "Operator^Wilhelmina",
+    "StudyDate": "19870312",
+    "SeriesDate": "19870313",
+    "AcquisitionDate": "19870314",
+    "ContentDate": "19870315",
+    "StudyDescription": "Chest study for Quentin Zebulon",
+    "SeriesDescription": "Series note Yolanda Xerxes",
+    "ImageComments": "Patient Marigold complained of pain",
+    "AdditionalPatientHistory": "History of Zephyrine disease",
+    "PatientAddress": "77 Secret Road Vexburg",
+}
+PRIVATE_TAG_VALUE = "PRIVZX-Hemlock-Vanderbilt"
+PATIENT_ID_PREFIX = "PIDZX"
+
+
+def _needles() -> list[bytes]:
+    out = {v.encode() for v in PLANTED.values()}
+    out |= {v.replace("^", " ").encode() for v in PLANTED.values()}
+    for key in ("PatientBirthDate", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        d = PLANTED[key]
+        out |= {f"{d[:4]}-{d[4:6]}-{d[6:]}".encode(), f"{d[6:]}.{d[4:6]}.{d[:4]}".encode()}
+    out |= {
+        NAME_WORD.encode(),
+        b"Marigold",
+        b"Hypatia",
+        b"Octavian",
+        b"Wilhelmina",
+        b"Zebulon",
+        b"Xerxes",
+        b"Zephyrine",
+        b"Vexburg",
+        b"Zedtown",
+        PRIVATE_TAG_VALUE.encode(),
+        b"Hemlock",
+        PATIENT_ID_PREFIX.encode(),
+        b"OPIDZX",
+        b"ACCZX",
+    }
+    return sorted(out)
+
+
+def _write(path: Path, img: np.ndarray, i: int) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    us = i % 5 == 0
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1" if us else "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID = f"{PATIENT_ID_PREFIX}{i:04d}"
+    for k, v in PLANTED.items():
+        setattr(ds, k, v)
+    ds.Modality = "US" if us else "CR"
+    ds.BurnedInAnnotation = "YES" if i % 7 == 0 else "NO"
+    ds.PatientSex, ds.PatientAge, ds.Manufacturer = "F", "061Y", "SynthCo"
+    block = ds.private_block(0x0011, "PLANTED CREATOR", create=True)
+    block.add_new(0x01, "LO", PRIVATE_TAG_VALUE)
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = img.shape
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = img.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dcmwrite(path, ds, enforce_file_format=True)
+
+
+def _make(root: Path, n: int = 48) -> Path:
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(n):
+        label = int(i % 3 == 0)
+        rel = f"{NAME_WORD}_Marigold_{i:03d}/{NAME_WORD}_{PLANTED['StudyDate']}.dcm"
+        _write(root / "images" / rel, square_image(rng, bool(label)), i)
+        rows.append({"file": rel, "diagnosis": "lesion" if label else "normal"})
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["file", "diagnosis"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return write_config(root, ingest={"mask_regions": [[0, 0, 6, 3]]})
+
+
+def _expanded(path: Path, data: bytes) -> list[bytes]:
+    """The raw bytes plus every decompressed view of them that a reader could see."""
+    views = [data]
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        views.append(gzip.decompress(data))
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            views.extend(zf.read(m) for m in zf.namelist())
+    if name.endswith(".pdf"):
+        for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+            try:
+                views.append(zlib.decompress(m.group(1)))
+            except zlib.error:
+                pass
+    if name.endswith(".png") and data[:8] == b"\x89PNG\r\n\x1a\n":
+        pos, idat = 8, b""
+        while pos < len(data):
+            length = int.from_bytes(data[pos : pos + 4], "big")
+            ctype, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+            if ctype == b"IDAT":
+                idat += body
+            elif ctype in (b"zTXt", b"iTXt", b"tEXt"):
+                views.append(body)
+            pos += 12 + length
+        views.append(zlib.decompress(idat))
+    if b"data:image/png;base64," in data:  # HTML reports embed PNGs
+        import base64
+
+        for m in re.finditer(rb"data:image/png;base64,([A-Za-z0-9+/=]+)", data):
+            png = base64.b64decode(m.group(1))
+            views.extend(_expanded(Path("x.png"), png))
+    return views
+
+
+def _scan(folder: Path, needles: list[bytes]) -> tuple[int, int, list[str]]:
+    private = folder / "private"
+    files = n_bytes = 0
+    hits = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or private in p.parents:
+            continue
+        files += 1
+        for view in _expanded(p, p.read_bytes()):
+            n_bytes += len(view)
+            hits += [f"{n!r} in {p.relative_to(folder)}" for n in needles if n in view]
+        # file and folder names count as output too
+        hits += [
+            f"{n!r} in the name {p.relative_to(folder)}"
+            for n in needles
+            if n in str(p.relative_to(folder)).encode()
+        ]
+    return files, n_bytes, hits
+
+
+def test_no_planted_phi_leaves_private(tmp_path: Path, capfd) -> None:
+    import json
+    import logging
+
+    from tasks.cli import main, run_pipeline
+
+    config = _make(tmp_path)
+    needles = _needles()
+    saved = {
+        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate)
+        for n in ("pipeline", "models", "tasks")
+    }
+    try:
+        assert run_pipeline(config) == 0
+        out = tmp_path / "converted"
+        assert (
+            main(
+                ["convert", str(tmp_path / "images"), str(out), "--key-dir", str(tmp_path / "ws" / "private")]
+            )
+            == 0
+        )
+    finally:
+        for n, (h, prop) in saved.items():
+            logging.getLogger(n).handlers[:], logging.getLogger(n).propagate = h, prop
+    console = capfd.readouterr()
+
+    ws = tmp_path / "ws"
+    files_ws, bytes_ws, hits_ws = _scan(ws, needles)
+    files_cv, bytes_cv, hits_cv = _scan(out, needles)
+    log_hits = [n for n in needles if n in (console.out + console.err).encode()]
+    print(
+        f"\nPHI scan: workspace {files_ws} files / {bytes_ws} bytes, convert output {files_cv} files / "
+        f"{bytes_cv} bytes, console {len(console.out) + len(console.err)} chars; {len(needles)} planted "
+        f"values; hits: {len(hits_ws) + len(hits_cv) + len(log_hits)}"
+    )
+    assert hits_ws == [] and hits_cv == [] and log_hits == []
+    # the scanner itself works: pointed at the private side it finds the planted values
+    assert len(_scan(ws / "private", needles)[2]) > 10 and _scan(out / "private", needles)[2]
+    assert files_ws > 20 and files_cv > 10
+    exts = {p.suffix for p in ws.rglob("*") if p.is_file() and (ws / "private") not in p.parents}
+    assert {".npy", ".csv", ".json", ".pt", ".pdf", ".html", ".png"} <= exts, exts
+
+    # private: restrictive modes, and it does hold the mapping back to the sources
+    for priv in (ws / "private", out / "private"):
+        assert (priv.stat().st_mode & 0o777) == 0o700
+    assert (ws / "private" / "pseudonym.key").stat().st_mode & 0o777 == 0o600
+    assert any(NAME_WORD.encode() in f.read_bytes() for f in (ws / "private").rglob("*") if f.is_file())
+    assert NAME_WORD.encode() in (out / "private" / "convert_summary.json").read_bytes()
+    # the key file is never copied anywhere else
+    key = (ws / "private" / "pseudonym.key").read_bytes().strip()
+    assert not [
+        p for p in tmp_path.rglob("*") if p.is_file() and key in p.read_bytes() and p.name != "pseudonym.key"
+    ]
+
+    # US, SC and BurnedInAnnotation YES are flagged for pixel review, and the configured region is masked
+    report = json.loads(next((ws / "ingest").glob("*/ingest_report.json")).read_text())
+    flagged = {i for i in range(48) if i % 5 == 0 or i % 7 == 0}
+    assert len(report["pixel_review"]) == len(flagged) - sum(
+        1 for p in report["problems"] if p["code"] == "no_label"
+    )
+    from pipeline.ingest.stage import read_manifest
+
+    manifest = read_manifest(next((ws / "ingest").glob("*/manifest.csv")).parent)
+    masked = [r for r in manifest if "masked_regions" in r["flags"]]
+    assert {r["case_id"] for r in masked} == set(report["pixel_review"])
+    for r in masked:
+        arr = np.load(ws / "cache" / "volumes" / r["volume"])
+        assert (arr[:6, :3] == arr.min()).all()
