@@ -2,7 +2,8 @@
 
 Commands: ``run CONFIG`` (the whole chain through Luigi), ``demo`` (BreastMNIST from bundled DICOM),
 ``convert INPUT OUTPUT`` (what ingestion sees, as NIfTI + JSON), ``check CONFIG`` (validate a config),
-``backbones`` (list registered backbones).
+``backbones`` (list registered backbones), ``status CONFIG``, ``models list|promote|export``,
+``predict CONFIG --input DIR``, ``gc CONFIG`` (nightly operation, see docs/operations.md).
 """
 
 from __future__ import annotations
@@ -120,6 +121,111 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workspace(config: str):
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    return cfg, Path(cfg.runtime.workspace)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.errors import MedtlError
+    from pipeline.ops.nightly import status_lines
+
+    try:
+        _, ws = _workspace(args.config)
+    except MedtlError as err:
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(status_lines(ws, args.limit)))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import getpass
+    import json
+
+    from pipeline.errors import MedtlError
+    from pipeline.ops.registry import Registry
+
+    try:
+        cfg, ws = _workspace(args.config)
+        reg = Registry(ws)
+        if args.models_command == "list":
+            rows = reg.models()
+            if args.json:
+                print(json.dumps(rows, indent=2, default=str))
+                return 0
+            print(f"{'id':>3} {'status':<10} {'created':<25} {'backbone':<20} {'snapshot':<12} {'AUROC (cal)':<12} code")
+            for m in rows:
+                a = (m["metrics"].get("auroc_calibrated") or m["metrics"].get("auroc_uncalibrated") or {}).get("value")
+                auroc = f"{a:.3f}" if isinstance(a, (int, float)) else "-"
+                print(f"{m['id']:>3} {m['status']:<10} {m['created']:<25} {m['backbone']:<20} {m['data_snapshot']:<12} {auroc:<12} {m['code_version']}")
+            print(f"Promotion decisions using the locked holdout: {reg.holdout_uses()}")
+            return 0
+        if args.models_command == "promote":
+            actor = args.by or getpass.getuser()
+            reg.promote(args.id, actor, args.reason, {"manual": True})
+            print(f"Model {args.id} is now the champion (by {actor}: {args.reason})")
+            return 0
+        if args.models_command == "export":
+            from pipeline.ops.export import export_model
+
+            out = Path(args.output) if args.output else ws / "exports"
+            res = export_model(ws, reg.get(args.id), args.format, out)
+            print(f"Exported model {args.id} to {out / res['file']} (max |difference| vs PyTorch "
+                  f"{res['max_abs_difference']:.2e}, checked with {res['checked_with']})")
+            return 0
+    except MedtlError as err:
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from pipeline.errors import MedtlError
+    from pipeline.ops.predict import predict_folder
+    from pipeline.ops.registry import Registry
+
+    try:
+        cfg, ws = _workspace(args.config)
+        reg = Registry(ws)
+        model = reg.get(args.model) if args.model is not None else reg.champion()
+        if model is None:
+            raise MedtlError(f"predict: workspace {ws} has no champion yet; run `medtl run` first or pass --model ID")
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out = Path(args.output) if args.output else ws / "predict" / stamp
+        summary = predict_folder(cfg, model, Path(args.input), out)
+        reg.record_drift("predict", {k: v for k, v in summary.items() if k != "problems"}, model_id=model["id"])
+    except MedtlError as err:
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    n_ood = round(summary.get("ood_rate", 0) * summary["scored"])
+    print(f"Scored {summary['scored']} case(s) with model {model['id']} ({n_ood} flagged out of distribution, "
+          f"{len(summary['problems'])} unreadable): {out / 'predictions.csv'}")
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.errors import MedtlError
+    from pipeline.ops.gc import run_gc
+
+    try:
+        cfg, ws = _workspace(args.config)
+        res = run_gc(ws, cfg.ops.retention, dry_run=args.dry_run)
+    except MedtlError as err:
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    verb = "Would remove" if args.dry_run else "Removed"
+    for rel in res["remove"]:
+        print(f"  {rel}")
+    print(f"{verb} {len(res['remove'])} item(s), {res['bytes_freed'] / 1e6:.1f} MB; kept "
+          + ", ".join(f"{len(v)} {k}" for k, v in res["keep"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medtl", description="Medical imaging transfer learning pipeline (Luigi).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -151,6 +257,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("backbones", help="list registered backbones")
     b.set_defaults(func=_cmd_backbones)
+
+    st = sub.add_parser("status", help="last nightly runs, champion, promotion decisions, drift")
+    st.add_argument("config")
+    st.add_argument("--limit", type=int, default=10)
+    st.set_defaults(func=_cmd_status)
+
+    m = sub.add_parser("models", help="the model registry: list, promote, export")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="every registered model with its status")
+    ml.add_argument("config")
+    ml.add_argument("--json", action="store_true")
+    mp = msub.add_parser("promote", help="make a model the champion (audited)")
+    mp.add_argument("config")
+    mp.add_argument("id", type=int)
+    mp.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    mp.add_argument("--by", default=None, help="who (default: the current user)")
+    me = msub.add_parser("export", help="export a model as ONNX or TorchScript (checked against PyTorch)")
+    me.add_argument("config")
+    me.add_argument("id", type=int)
+    me.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    me.add_argument("--output", default=None, help="folder (default WORKSPACE/exports)")
+    m.set_defaults(func=_cmd_models)
+
+    pr = sub.add_parser("predict", help="score new scans with the champion (CSV + JSON keyed by pseudonym)")
+    pr.add_argument("config")
+    pr.add_argument("--input", required=True, help="folder of new scans")
+    pr.add_argument("--output", default=None, help="folder (default WORKSPACE/predict/<time>)")
+    pr.add_argument("--model", type=int, default=None, help="registry id (default: the champion)")
+    pr.set_defaults(func=_cmd_predict)
+
+    g = sub.add_parser("gc", help="apply the retention policy (never removes what a registered model needs)")
+    g.add_argument("config")
+    g.add_argument("--dry-run", action="store_true")
+    g.set_defaults(func=_cmd_gc)
     return p
 
 

@@ -56,7 +56,9 @@ class RunPipeline(luigi.Task):
         from pipeline.ops.nightly import record_name
 
         cfg, plan = config_and_plan(self.config)
-        return luigi.LocalTarget(str(plan.workspace / "runs" / record_name(cfg, plan.snapshot, self._night())))
+        return luigi.LocalTarget(
+            str(plan.workspace / "runs" / record_name(cfg, plan.snapshot, self._night()))
+        )
 
     def run(self):
         from pipeline.ops.nightly import monitor, retrain_decision
@@ -69,7 +71,10 @@ class RunPipeline(luigi.Task):
         # run() is re-entered after the dynamic dependency finishes: decide from state that the
         # dependency itself does not change (a finished Promote means tonight trains).
         if promote_task.complete():
-            policy = {"train": True, "reasons": ["this configuration and data were already trained and decided"]}
+            policy = {
+                "train": True,
+                "reasons": ["this configuration and data were already trained and decided"],
+            }
         else:
             policy = retrain_decision(cfg, plan, reg)
         decision = None
@@ -107,9 +112,25 @@ class RunPipeline(luigi.Task):
 def _decision_summary(decision: dict[str, Any] | None) -> dict[str, Any] | None:
     if decision is None:
         return None
-    keys = ("model_id", "champion_id", "promote", "promoted", "evaluated_on", "n_cases", "auroc_challenger",
-            "auroc_champion", "auroc_difference", "difference_ci", "auroc_ci", "brier_challenger", "brier_champion",
-            "method", "reasons", "note", "holdout_uses")
+    keys = (
+        "model_id",
+        "champion_id",
+        "promote",
+        "promoted",
+        "evaluated_on",
+        "n_cases",
+        "auroc_challenger",
+        "auroc_champion",
+        "auroc_difference",
+        "difference_ci",
+        "auroc_ci",
+        "brier_challenger",
+        "brier_champion",
+        "method",
+        "reasons",
+        "note",
+        "holdout_uses",
+    )
     return {k: decision.get(k) for k in keys if k in decision}
 
 
@@ -137,16 +158,21 @@ def install_history_handlers() -> None:
     global _HANDLERS_INSTALLED
     if _HANDLERS_INSTALLED:
         return
-    for ev, name in ((luigi.Event.START, "start"), (luigi.Event.SUCCESS, "success"),
-                     (luigi.Event.FAILURE, "failure"), (luigi.Event.PROCESS_FAILURE, "process_failure"),
-                     (luigi.Event.TIMEOUT, "timeout")):
+    for ev, name in (
+        (luigi.Event.START, "start"),
+        (luigi.Event.SUCCESS, "success"),
+        (luigi.Event.FAILURE, "failure"),
+        (luigi.Event.PROCESS_FAILURE, "process_failure"),
+        (luigi.Event.TIMEOUT, "timeout"),
+    ):
         luigi.Task.event_handler(ev)(_on_event(name))
     _HANDLERS_INSTALLED = True
 
 
 # ----------------------------------------------------------------------------------- the nightly driver
-def nightly_build(config: str | Path, luigi_kwargs: dict[str, Any], night: str | None = None,
-                  sleep=time.sleep) -> tuple[Any, dict[str, Any]]:
+def nightly_build(
+    config: str | Path, luigi_kwargs: dict[str, Any], night: str | None = None, sleep=time.sleep
+) -> tuple[Any, dict[str, Any]]:
     """Run the night under the workspace lock, with retries, history and notification.
 
     Args:
@@ -163,6 +189,7 @@ def nightly_build(config: str | Path, luigi_kwargs: dict[str, Any], night: str |
 
     config = str(Path(config).resolve())
     cfg, plan = config_and_plan(config)
+    luigi_kwargs = {**luigi_kwargs, "detailed_summary": True}
     task = RunPipeline(config=config, night=night or today())
     summary: dict[str, Any] = {"name": cfg.name, "data_snapshot": plan.snapshot, "night": task._night()}
     with RunLock(plan.workspace, purpose=f"medtl run {cfg.name}") as lock:
@@ -179,15 +206,17 @@ def nightly_build(config: str | Path, luigi_kwargs: dict[str, Any], night: str |
     return result, summary
 
 
-def _build_recorded(task: RunPipeline, cfg: Any, plan: Any, luigi_kwargs: dict[str, Any], summary: dict[str, Any],
-                    sleep) -> Any:
+def _build_recorded(
+    task: RunPipeline, cfg: Any, plan: Any, luigi_kwargs: dict[str, Any], summary: dict[str, Any], sleep
+) -> Any:
     from pipeline.ops.registry import Registry
     from tasks.base import FAILURES
 
     reg = Registry(plan.workspace)
     install_history_handlers()
-    run_id = reg.start_run(Path(task.output().path).name, socket.gethostname(),
-                           os.getpid(), lock_user(), plan.snapshot)
+    run_id = reg.start_run(
+        Path(task.output().path).name, socket.gethostname(), os.getpid(), lock_user(), plan.snapshot
+    )
     CURRENT_RUN.update(id=run_id, workspace=str(plan.workspace))
     attempts = cfg.ops.retries + 1
     result = None
@@ -199,9 +228,16 @@ def _build_recorded(task: RunPipeline, cfg: Any, plan: Any, luigi_kwargs: dict[s
             if ok or FAILURES or attempt == attempts - 1:
                 break
             delay = cfg.ops.retry_backoff_s * (2**attempt)
-            log.warning("Run attempt %d of %d failed (%s); retrying in %.0f s", attempt + 1, attempts,
-                        result.status.name, delay)
-            reg.task_event(run_id, "RunPipeline", "retry", f"attempt {attempt + 1} failed; back-off {delay:.0f} s")
+            log.warning(
+                "Run attempt %d of %d failed (%s); retrying in %.0f s",
+                attempt + 1,
+                attempts,
+                result.status.name,
+                delay,
+            )
+            reg.task_event(
+                run_id, "RunPipeline", "retry", f"attempt {attempt + 1} failed; back-off {delay:.0f} s"
+            )
             sleep(delay)
         summary["attempts"] = attempt + 1
         ok = task.complete()

@@ -35,7 +35,9 @@ class LockHeld(MedtlError):
     def __init__(self, path: Path, holder: dict[str, Any]) -> None:
         self.path = path
         self.holder = holder
-        who = ", ".join(f"{k} {holder.get(k)}" for k in ("pid", "host", "user", "since") if holder.get(k) is not None)
+        who = ", ".join(
+            f"{k} {holder.get(k)}" for k in ("pid", "host", "user", "since") if holder.get(k) is not None
+        )
         super().__init__(
             f"workspace lock {path} is held ({who or 'holder unknown'}); another medtl run is using this "
             "workspace. Wait for it to finish; the lock is released automatically if that process dies."
@@ -107,7 +109,10 @@ class RunLock:
                 self.recovered = previous
                 log.warning(
                     "Recovered a stale workspace lock %s (pid %s on %s since %s is gone)",
-                    self.path, previous.get("pid"), previous.get("host"), previous.get("since"),
+                    self.path,
+                    previous.get("pid"),
+                    previous.get("host"),
+                    previous.get("since"),
                 )
             info = {
                 "pid": os.getpid(),
@@ -122,10 +127,16 @@ class RunLock:
             os.fsync(fd)
             self._fd = fd
             return self
-        raise MedtlError(f"workspace lock {self.path}: could not be taken after 10 attempts (file keeps changing)")
+        raise MedtlError(
+            f"workspace lock {self.path}: could not be taken after 10 attempts (file keeps changing)"
+        )
 
     def _stale(self, holder: dict[str, Any]) -> bool:
-        return bool(holder) and holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)))
+        return (
+            bool(holder)
+            and holder.get("host") == socket.gethostname()
+            and not _pid_alive(int(holder.get("pid", 0)))
+        )
 
     def release(self) -> None:
         """Remove the lock file and drop the lock."""

@@ -35,8 +35,19 @@ TRAIN_SECTIONS = ("task", "split", "preprocess", "augment", "model", "train")
 
 def config_hash(cfg: Config) -> str:
     """Hash of every result-changing section (ops and runtime excluded)."""
-    return cfg.hashed("task", "data", "split", "ingest", "deid", "preprocess", "augment", "model", "train",
-                      "evaluate", "report")
+    return cfg.hashed(
+        "task",
+        "data",
+        "split",
+        "ingest",
+        "deid",
+        "preprocess",
+        "augment",
+        "model",
+        "train",
+        "evaluate",
+        "report",
+    )
 
 
 def train_hash(cfg: Config) -> str:
@@ -52,10 +63,16 @@ def record_name(cfg: Config, snapshot: str, night: str) -> str:
 def _manifest_cases(ingest_dir: Path) -> set[str]:
     from pipeline.ingest.stage import read_manifest
 
-    return {r["case_id"] for r in read_manifest(ingest_dir)} if (ingest_dir / "manifest.csv").is_file() else set()
+    return (
+        {r["case_id"] for r in read_manifest(ingest_dir)}
+        if (ingest_dir / "manifest.csv").is_file()
+        else set()
+    )
 
 
-def retrain_decision(cfg: Config, plan: Any, registry: Registry, now: dt.datetime | None = None) -> dict[str, Any]:
+def retrain_decision(
+    cfg: Config, plan: Any, registry: Registry, now: dt.datetime | None = None
+) -> dict[str, Any]:
     """Whether tonight's run trains a challenger, and why.
 
     Args:
@@ -69,8 +86,13 @@ def retrain_decision(cfg: Config, plan: Any, registry: Registry, now: dt.datetim
     if champ is None:
         return {"train": True, "reasons": ["no champion yet"], "new_cases": None, "champion_age_days": None}
     if champ["evaluate"] == Path(plan.evaluate).name:
-        return {"train": True, "reasons": ["the champion is this configuration on this data (nothing to train)"],
-                "new_cases": 0, "champion_age_days": None, "champion_id": champ["id"]}
+        return {
+            "train": True,
+            "reasons": ["the champion is this configuration on this data (nothing to train)"],
+            "new_cases": 0,
+            "champion_age_days": None,
+            "champion_id": champ["id"],
+        }
     current = _manifest_cases(Path(plan.ingest))
     before = _manifest_cases(Path(plan.workspace) / "ingest" / champ["ingest"])
     new_cases = len(current - before)
@@ -82,7 +104,9 @@ def retrain_decision(cfg: Config, plan: Any, registry: Registry, now: dt.datetim
         reasons.append("training configuration changed since the champion")
     if new_cases >= max(policy.min_new_cases, 1):
         train = True
-        reasons.append(f"{new_cases} new labelled case(s) >= ops.retrain.min_new_cases={policy.min_new_cases}")
+        reasons.append(
+            f"{new_cases} new labelled case(s) >= ops.retrain.min_new_cases={policy.min_new_cases}"
+        )
     if policy.max_days is not None and age >= policy.max_days:
         train = True
         reasons.append(f"champion is {age:.1f} day(s) old >= ops.retrain.max_days={policy.max_days}")
@@ -91,8 +115,13 @@ def retrain_decision(cfg: Config, plan: Any, registry: Registry, now: dt.datetim
             f"{new_cases} new labelled case(s) < ops.retrain.min_new_cases={policy.min_new_cases}"
             + (f"; champion {age:.1f} day(s) old < max_days={policy.max_days}" if policy.max_days else "")
         )
-    return {"train": train, "reasons": reasons, "new_cases": new_cases, "champion_age_days": round(age, 3),
-            "champion_id": champ["id"]}
+    return {
+        "train": train,
+        "reasons": reasons,
+        "new_cases": new_cases,
+        "champion_age_days": round(age, 3),
+        "champion_id": champ["id"],
+    }
 
 
 def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
@@ -112,17 +141,34 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
     metrics = json.loads((Path(plan.evaluate) / "metrics.json").read_text())
     manifest = read_manifest(Path(plan.ingest))
     model_id = reg.register(
-        name=cfg.name, stages=stages, data_snapshot=plan.snapshot, config_hash=config_hash(cfg),
-        train_hash=train_hash(cfg), backbone=cfg.model.backbone, metrics=metrics.get("headline", {}),
+        name=cfg.name,
+        stages=stages,
+        data_snapshot=plan.snapshot,
+        config_hash=config_hash(cfg),
+        train_hash=train_hash(cfg),
+        backbone=cfg.model.backbone,
+        metrics=metrics.get("headline", {}),
         n_cases=len(manifest),
     )
     champ = reg.champion()
     challenger = score_model(cfg, ws, stages, Path(plan.augment), Path(plan.ingest))
-    write_bundle(ws, model_id, challenger.logits.get("calibration"), challenger.y.get("calibration"),
-                 challenger.calibrator, reference_profile(manifest, ws))
+    write_bundle(
+        ws,
+        model_id,
+        challenger.logits.get("calibration"),
+        challenger.y.get("calibration"),
+        challenger.calibrator,
+        reference_profile(manifest, ws),
+    )
     if champ is not None and champ["id"] == model_id:
-        return {"model_id": model_id, "champion_id": model_id, "promote": False, "already_champion": True,
-                "reasons": ["already the champion"], "evaluated_on": "none"}
+        return {
+            "model_id": model_id,
+            "champion_id": model_id,
+            "promote": False,
+            "already_champion": True,
+            "reasons": ["already the champion"],
+            "evaluated_on": "none",
+        }
     champion = score_model(cfg, ws, champ, Path(plan.augment), Path(plan.ingest)) if champ else None
     key = load_or_create_key(ws / "private", cfg.deid.key_env)
     decision = decide(cfg, key, challenger, champion)
@@ -130,20 +176,31 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
     promoted = bool(decision["promote"] and cfg.ops.promotion.auto)
     decision["promoted"] = promoted
     if decision["promote"] and not cfg.ops.promotion.auto:
-        decision["reasons"].append("passes, but ops.promotion.auto is false: promote by hand (medtl models promote)")
-    reg.record_decision(model_id, decision["champion_id"], promoted, decision["evaluated_on"], decision["n_cases"],
-                        decision)
+        decision["reasons"].append(
+            "passes, but ops.promotion.auto is false: promote by hand (medtl models promote)"
+        )
+    reg.record_decision(
+        model_id, decision["champion_id"], promoted, decision["evaluated_on"], decision["n_cases"], decision
+    )
     if promoted:
-        reg.promote(model_id, "auto", "; ".join(decision["reasons"]), {"evaluated_on": decision["evaluated_on"]})
+        reg.promote(
+            model_id, "auto", "; ".join(decision["reasons"]), {"evaluated_on": decision["evaluated_on"]}
+        )
     elif not decision["promote"]:
         reg.set_status(model_id, "rejected", "auto", "; ".join(decision["reasons"]))
     decision["holdout_uses"] = reg.holdout_uses()
-    log.info("Promotion: model %s %s (%s)", model_id, "promoted" if promoted else "not promoted",
-             "; ".join(decision["reasons"]))
+    log.info(
+        "Promotion: model %s %s (%s)",
+        model_id,
+        "promoted" if promoted else "not promoted",
+        "; ".join(decision["reasons"]),
+    )
     return decision
 
 
-def monitor(cfg: Config, plan: Any, registry: Registry, champion: dict[str, Any] | None = None) -> dict[str, Any]:
+def monitor(
+    cfg: Config, plan: Any, registry: Registry, champion: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Drift figures of tonight's labelled data, and the champion's calibration on cases it never saw.
 
     Args:
@@ -173,7 +230,10 @@ def monitor(cfg: Config, plan: Any, registry: Registry, champion: dict[str, Any]
     }
     sample = sorted(new, key=lambda r: r["case_id"])[:200]
     if sample:
-        p99 = [intensity_percentiles(np.load(ws / "cache" / "volumes" / r["volume"], mmap_mode="r"))[1] for r in sample]
+        p99 = [
+            intensity_percentiles(np.load(ws / "cache" / "volumes" / r["volume"], mmap_mode="r"))[1]
+            for r in sample
+        ]
         fig["new_intensity_p99_median"] = float(np.median(p99))
     if champ and new:
         from pipeline.ops.predict import ModelScorer
@@ -208,7 +268,9 @@ def status_lines(workspace: Path, limit: int = 10) -> list[str]:
 
     holder = read_holder(Path(workspace) / "ops" / "run.lock")
     if holder:
-        lines.append(f"  lock: held by pid {holder.get('pid')} on {holder.get('host')} ({holder.get('user')}) since {holder.get('since')}")
+        lines.append(
+            f"  lock: held by pid {holder.get('pid')} on {holder.get('host')} ({holder.get('user')}) since {holder.get('since')}"
+        )
     runs = reg.runs(limit)
     lines.append(f"Last {len(runs)} run(s):")
     for r in runs:
@@ -220,10 +282,18 @@ def status_lines(workspace: Path, limit: int = 10) -> list[str]:
             extra.append("promoted" if s["promoted"] else "not promoted")
         if s.get("error"):
             extra.append(str(s["error"])[:80])
-        lines.append(f"  #{r['id']} {r['started']} {r['status']:<9} snapshot {r['data_snapshot']} {'; '.join(extra)}")
+        lines.append(
+            f"  #{r['id']} {r['started']} {r['status']:<9} snapshot {r['data_snapshot']} {'; '.join(extra)}"
+        )
     champ = reg.champion()
-    lines.append(f"Champion: model {champ['id']} ({champ['backbone']}, created {champ['created']})" if champ else "Champion: none")
-    lines.append(f"Promotion decisions: {len(reg.decisions())}, of which {reg.holdout_uses()} used the locked holdout")
+    lines.append(
+        f"Champion: model {champ['id']} ({champ['backbone']}, created {champ['created']})"
+        if champ
+        else "Champion: none"
+    )
+    lines.append(
+        f"Promotion decisions: {len(reg.decisions())}, of which {reg.holdout_uses()} used the locked holdout"
+    )
     nights = reg.drift("nightly", limit=limit)
     if nights:
         lines.append("Drift (nightly labelled data):")
@@ -239,7 +309,9 @@ def status_lines(workspace: Path, limit: int = 10) -> list[str]:
         lines.append("Drift (predict):")
         for d in preds:
             f = d["figures"]
-            lines.append(f"  {d['ts']} n {f.get('n')} predicted {_fmt(f.get('predicted_prevalence'))} OOD rate {f.get('ood_rate', 0):.2f}")
+            lines.append(
+                f"  {d['ts']} n {f.get('n')} predicted {_fmt(f.get('predicted_prevalence'))} OOD rate {f.get('ood_rate', 0):.2f}"
+            )
     return lines
 
 

@@ -36,7 +36,11 @@ def notify(cfg: NotifyConfig, summary: dict[str, Any]) -> list[str]:
             fh.write(payload)
         try:
             proc = subprocess.run(
-                argv, input=payload, capture_output=True, timeout=cfg.timeout_s, check=False,
+                argv,
+                input=payload,
+                capture_output=True,
+                timeout=cfg.timeout_s,
+                check=False,
                 env={**os.environ, "MEDTL_SUMMARY": fh.name, "MEDTL_STATUS": str(summary.get("status", ""))},
             )
             if proc.returncode != 0:
@@ -49,8 +53,12 @@ def notify(cfg: NotifyConfig, summary: dict[str, Any]) -> list[str]:
         finally:
             os.unlink(fh.name)
     if cfg.webhook:
-        req = urllib.request.Request(cfg.webhook, data=payload, method="POST",
-                                     headers={"Content-Type": "application/json", "User-Agent": "medtl"})
+        req = urllib.request.Request(
+            cfg.webhook,
+            data=payload,
+            method="POST",
+            headers={"Content-Type": "application/json", "User-Agent": "medtl"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:  # noqa: S310 (URL from the config)
                 if resp.status >= 300:

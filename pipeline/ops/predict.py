@@ -91,8 +91,14 @@ def _prevalence(labels: list[Any]) -> dict[str, float]:
     return {str(v): float(c / counts.sum()) for v, c in zip(vals, counts, strict=True)}
 
 
-def write_bundle(workspace: Path, model_id: int, cal_logits: np.ndarray | None, cal_y: np.ndarray | None,
-                 calibrator: dict[str, Any], reference: dict[str, Any]) -> Path:
+def write_bundle(
+    workspace: Path,
+    model_id: int,
+    cal_logits: np.ndarray | None,
+    cal_y: np.ndarray | None,
+    calibrator: dict[str, Any],
+    reference: dict[str, Any],
+) -> Path:
     """Write a model's bundle (see module doc); returns its folder."""
     out = bundle_dir(workspace, model_id)
     buf = io.BytesIO()
@@ -123,7 +129,9 @@ class ModelScorer:
         self.model = model
         bdir = bundle_dir(self.workspace, model["id"])
         if not (bdir / "calibration.npz").is_file():
-            raise MedtlError(f"model {model['id']}: bundle {bdir} is missing; it is written when the model is registered")
+            raise MedtlError(
+                f"model {model['id']}: bundle {bdir} is missing; it is written when the model is registered"
+            )
         self.device = select_device(cfg.train.device)
         self.net, self.info = load_trained_model(self.workspace / "finetune" / model["finetune"], self.device)
         spec = json.loads((self.workspace / "augment" / model["augment"] / "transform_spec.json").read_text())
@@ -144,7 +152,9 @@ class ModelScorer:
         logits = predict_logits(self.net, x, self.device).astype(np.float64)
         raw = softmax(logits, axis=1)
         cal = self.calibrator.predict_proba(logits) if self.calibrator is not None else raw
-        sets = self.conformal.predict_sets(raw) if self.conformal is not None else np.ones_like(raw, dtype=bool)
+        sets = (
+            self.conformal.predict_sets(raw) if self.conformal is not None else np.ones_like(raw, dtype=bool)
+        )
         return {"logits": logits, "raw": raw, "calibrated": cal, "sets": sets}
 
 
@@ -161,7 +171,9 @@ def ood_flags(meta: dict[str, Any], kind: str, array: np.ndarray, ref: dict[str,
         flags.append(f"manufacturer {man or 'unknown'} not seen in training")
     spacing = meta.get("spacing") or []
     if ref.get("spacing_min") and spacing:
-        for axis, (s, lo, hi) in enumerate(zip(spacing, ref["spacing_min"], ref["spacing_max"], strict=False)):
+        for axis, (s, lo, hi) in enumerate(
+            zip(spacing, ref["spacing_min"], ref["spacing_max"], strict=False)
+        ):
             if s < lo * (1 - RANGE_TOLERANCE) or s > hi * (1 + RANGE_TOLERANCE):
                 flags.append(f"spacing {s:.4g} mm on axis {axis} outside training range [{lo:.4g}, {hi:.4g}]")
     if ref.get("intensity_p1_min") is not None:
@@ -169,7 +181,9 @@ def ood_flags(meta: dict[str, Any], kind: str, array: np.ndarray, ref: dict[str,
         rlo, rhi = ref["intensity_p1_min"], ref["intensity_p99_max"]
         tol = RANGE_TOLERANCE * max(rhi - rlo, 1e-6)
         if lo < rlo - tol or hi > rhi + tol:
-            flags.append(f"intensity percentiles [{lo:.4g}, {hi:.4g}] outside training range [{rlo:.4g}, {rhi:.4g}]")
+            flags.append(
+                f"intensity percentiles [{lo:.4g}, {hi:.4g}] outside training range [{rlo:.4g}, {rhi:.4g}]"
+            )
     return flags
 
 
@@ -210,12 +224,18 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
             problems.append({"case_id": case_id, "code": err.code})
             continue
         lo, hi = intensity_percentiles(vol.array)
-        cases.append({
-            "case_id": case_id, "patient_id": patient, "kind": item.kind,
-            "modality": vol.meta.get("modality") or "", "manufacturer": vol.meta.get("manufacturer") or "",
-            "intensity_p1": lo, "intensity_p99": hi,
-            "ood": ood_flags(vol.meta, item.kind, vol.array, scorer.reference),
-        })
+        cases.append(
+            {
+                "case_id": case_id,
+                "patient_id": patient,
+                "kind": item.kind,
+                "modality": vol.meta.get("modality") or "",
+                "manufacturer": vol.meta.get("manufacturer") or "",
+                "intensity_p1": lo,
+                "intensity_p99": hi,
+                "ood": ood_flags(vol.meta, item.kind, vol.array, scorer.reference),
+            }
+        )
         xs.append(x)
     names = scorer.info["class_names"]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -229,8 +249,12 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
             c["conformal_set"] = [n for k, n in enumerate(names) if res["sets"][i, k]]
     summary = drift_figures(cases, names, scorer)
     summary.update(
-        model_id=model["id"], scored=len(cases), problems=problems, conformal_alpha=scorer.alpha,
-        calibrator=scorer.calibrator_info.get("method"), created=stamp,
+        model_id=model["id"],
+        scored=len(cases),
+        problems=problems,
+        conformal_alpha=scorer.alpha,
+        calibrator=scorer.calibrator_info.get("method"),
+        created=stamp,
     )
     _write_outputs(Path(out_dir), cases, names, summary)
     return summary
@@ -263,9 +287,15 @@ def _write_private_map(path: Path, rows: list[dict[str, str]]) -> None:
     write_text(path, buf.getvalue(), mode=0o600)
 
 
-def _write_outputs(out_dir: Path, cases: list[dict[str, Any]], names: list[str], summary: dict[str, Any]) -> None:
+def _write_outputs(
+    out_dir: Path, cases: list[dict[str, Any]], names: list[str], summary: dict[str, Any]
+) -> None:
     buf = io.StringIO()
-    cols = ["case_id", "patient_id", "predicted_class"] + [f"p_{n}" for n in names] + ["conformal_set", "ood_flags"]
+    cols = (
+        ["case_id", "patient_id", "predicted_class"]
+        + [f"p_{n}" for n in names]
+        + ["conformal_set", "ood_flags"]
+    )
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for c in cases:
@@ -275,5 +305,11 @@ def _write_outputs(out_dir: Path, cases: list[dict[str, Any]], names: list[str],
             + ["|".join(c.get("conformal_set", [])), "; ".join(c["ood"])]
         )
     write_text(out_dir / "predictions.csv", buf.getvalue())
-    write_json(out_dir / "predictions.json", {"schema_version": 1, "summary": summary,
-                                             "cases": {c.pop("case_id"): c for c in [dict(c) for c in cases]}})
+    write_json(
+        out_dir / "predictions.json",
+        {
+            "schema_version": 1,
+            "summary": summary,
+            "cases": {c.pop("case_id"): c for c in [dict(c) for c in cases]},
+        },
+    )

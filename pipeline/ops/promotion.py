@@ -63,7 +63,9 @@ class Scored:
 
 def holdout_mask(patients: np.ndarray, key: bytes, fraction: float) -> np.ndarray:
     """Boolean ``(N,)``: the case's patient belongs to the locked holdout (keyed hash, stable as data grows)."""
-    return np.array([unit_hash(str(p), key, salt="promotion-holdout") < fraction for p in patients], dtype=bool)
+    return np.array(
+        [unit_hash(str(p), key, salt="promotion-holdout") < fraction for p in patients], dtype=bool
+    )
 
 
 def brier(probs: np.ndarray, y: np.ndarray) -> float:
@@ -78,7 +80,9 @@ def _auroc_point(probs: np.ndarray, y: np.ndarray, positive_index: int | None) -
     if probs.shape[1] == 2:
         pos = 1 if positive_index is None else positive_index
         return float(roc_auc_score(y == pos, probs[:, pos]))
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+    return float(
+        roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
+    )
 
 
 def _macro_stat(probs: np.ndarray, y: np.ndarray):
@@ -133,7 +137,9 @@ def compare(
         out["difference_ci"] = list(t.ci)
         out["p_value"] = t.p_value
     else:
-        bs = Bootstrap(len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level)
+        bs = Bootstrap(
+            len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level
+        )
         a, b = _score_stat(challenger, y, positive_index), _score_stat(champion, y, positive_index)
         samples = bs.run({"diff": lambda w: a(w) - b(w)})["diff"]
         out["difference_ci"] = list(percentile_ci(samples, policy.ci_level))
@@ -166,7 +172,11 @@ def compare(
 
 
 def first_model_check(
-    y: np.ndarray, probs: np.ndarray, patients: np.ndarray, policy: PromotionPolicy, positive_index: int | None,
+    y: np.ndarray,
+    probs: np.ndarray,
+    patients: np.ndarray,
+    policy: PromotionPolicy,
+    positive_index: int | None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Decide whether a first model (no champion yet) becomes champion: AUROC lower bound > ``min_auroc``."""
@@ -178,7 +188,9 @@ def first_model_check(
         out["method"] = "delong"
     else:
         auc = _auroc_point(probs, y, positive_index)
-        bs = Bootstrap(len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level)
+        bs = Bootstrap(
+            len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level
+        )
         lo, hi = percentile_ci(bs.run({"a": _score_stat(probs, y, positive_index)})["a"], policy.ci_level)
         out["method"] = "bootstrap"
     out.update(auroc_challenger=float(auc), auroc_ci=[float(lo), float(hi)], brier_challenger=brier(probs, y))
@@ -255,7 +267,9 @@ def score_model(
 
     device = select_device(cfg.train.device)
     model, _ = load_trained_model(workspace / "finetune" / model_stages["finetune"], device)
-    own = json.loads((workspace / "augment" / model_stages["augment"] / "transform_spec.json").read_text())["deterministic"]
+    own = json.loads((workspace / "augment" / model_stages["augment"] / "transform_spec.json").read_text())[
+        "deterministic"
+    ]
     cur = json.loads((current_augment / "transform_spec.json").read_text())["deterministic"]
     rows = read_index(current_augment)
     manifest = {r["case_id"]: r for r in read_manifest(current_ingest)} if own != cur else {}
@@ -273,9 +287,14 @@ def score_model(
         out["patients"][split] = np.array(data.patients)
         out["cases"][split] = np.array(data.case_ids)
     cal, info = _fit_calibrator(
-        cfg.evaluate.calibration, out["logits"].get("calibration"), out["y"].get("calibration"), cfg.train.seed
+        cfg.evaluate.calibration,
+        out["logits"].get("calibration"),
+        out["y"].get("calibration"),
+        cfg.train.seed,
     )
-    calibrated = {s: (cal.predict_proba(z) if cal is not None else out["raw"][s]) for s, z in out["logits"].items()}
+    calibrated = {
+        s: (cal.predict_proba(z) if cal is not None else out["raw"][s]) for s, z in out["logits"].items()
+    }
     return Scored(out["raw"], calibrated, out["logits"], out["y"], out["patients"], out["cases"], info)
 
 
@@ -307,13 +326,20 @@ def decide(
         )
     pos = cfg.task.positive_index
     if champion is None:
-        res = first_model_check(y[sel], challenger.calibrated["test"][sel], patients[sel], policy, pos, cfg.train.seed)
+        res = first_model_check(
+            y[sel], challenger.calibrated["test"][sel], patients[sel], policy, pos, cfg.train.seed
+        )
     else:
         if not np.array_equal(champion.cases["test"], challenger.cases["test"]):
             raise ValueError("champion and challenger were not scored on the same test cases")
         res = compare(
-            y[sel], champion.calibrated["test"][sel], challenger.calibrated["test"][sel], patients[sel], policy,
-            pos, cfg.train.seed,
+            y[sel],
+            champion.calibrated["test"][sel],
+            challenger.calibrated["test"][sel],
+            patients[sel],
+            policy,
+            pos,
+            cfg.train.seed,
         )
     res.update(
         evaluated_on=evaluated_on,

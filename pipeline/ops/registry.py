@@ -30,7 +30,18 @@ from typing import Any
 from pipeline.errors import MedtlError
 
 STATUSES = ("candidate", "champion", "retired", "rejected")
-PACKAGES = ("torch", "numpy", "monai", "timm", "pydicom", "nibabel", "scikit-learn", "scipy", "luigi", "pydantic")
+PACKAGES = (
+    "torch",
+    "numpy",
+    "monai",
+    "timm",
+    "pydicom",
+    "nibabel",
+    "scikit-learn",
+    "scipy",
+    "luigi",
+    "pydantic",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -115,7 +126,10 @@ def code_version() -> str:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(
                 ["git", "-C", str(here), "describe", "--always", "--dirty", "--tags"],
-                capture_output=True, text=True, timeout=5, check=False,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
             )
             if out.returncode == 0 and out.stdout.strip():
                 return f"git:{out.stdout.strip()}"
@@ -178,8 +192,18 @@ class Registry:
             con.close()
 
     # ------------------------------------------------------------------------------------------ models
-    def register(self, *, name: str, stages: dict[str, str], data_snapshot: str, config_hash: str,
-                 train_hash: str, backbone: str, metrics: dict[str, Any], n_cases: int) -> int:
+    def register(
+        self,
+        *,
+        name: str,
+        stages: dict[str, str],
+        data_snapshot: str,
+        config_hash: str,
+        train_hash: str,
+        backbone: str,
+        metrics: dict[str, Any],
+        n_cases: int,
+    ) -> int:
         """Register a model (idempotent on its Evaluate folder); return its id.
 
         Args:
@@ -194,9 +218,22 @@ class Registry:
                 "INSERT INTO models (created, name, evaluate, finetune, augment, ingest, data_snapshot, config_hash,"
                 " train_hash, backbone, code_version, packages, metrics, n_cases, status)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'candidate')",
-                (now(), name, stages["evaluate"], stages["finetune"], stages["augment"], stages["ingest"],
-                 data_snapshot, config_hash, train_hash, backbone, code_version(),
-                 json.dumps(package_versions(), sort_keys=True), json.dumps(metrics, sort_keys=True), int(n_cases)),
+                (
+                    now(),
+                    name,
+                    stages["evaluate"],
+                    stages["finetune"],
+                    stages["augment"],
+                    stages["ingest"],
+                    data_snapshot,
+                    config_hash,
+                    train_hash,
+                    backbone,
+                    code_version(),
+                    json.dumps(package_versions(), sort_keys=True),
+                    json.dumps(metrics, sort_keys=True),
+                    int(n_cases),
+                ),
             )
             model_id = int(cur.lastrowid)
             con.execute(
@@ -229,7 +266,9 @@ class Registry:
             raise MedtlError("promote: a reason is required (--reason TEXT); it is kept in the audit trail")
         self.get(model_id)
         with self.connect() as con:
-            for old in con.execute("SELECT id FROM models WHERE status = 'champion' AND id != ?", (model_id,)):
+            for old in con.execute(
+                "SELECT id FROM models WHERE status = 'champion' AND id != ?", (model_id,)
+            ):
                 con.execute("UPDATE models SET status = 'retired' WHERE id = ?", (old["id"],))
                 con.execute(
                     "INSERT INTO events (ts, model_id, action, actor, reason) VALUES (?, ?, 'retired', ?, ?)",
@@ -257,14 +296,28 @@ class Registry:
         return self._read("SELECT * FROM events WHERE model_id = ? ORDER BY id", (int(model_id),))
 
     # --------------------------------------------------------------------------------------- decisions
-    def record_decision(self, challenger_id: int, champion_id: int | None, promoted: bool, evaluated_on: str,
-                        n_cases: int, details: dict[str, Any]) -> int:
+    def record_decision(
+        self,
+        challenger_id: int,
+        champion_id: int | None,
+        promoted: bool,
+        evaluated_on: str,
+        n_cases: int,
+        details: dict[str, Any],
+    ) -> int:
         with self.connect() as con:
             cur = con.execute(
                 "INSERT INTO decisions (ts, challenger_id, champion_id, promoted, evaluated_on, n_cases, details)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (now(), challenger_id, champion_id, int(promoted), evaluated_on, int(n_cases),
-                 json.dumps(details, sort_keys=True)),
+                (
+                    now(),
+                    challenger_id,
+                    champion_id,
+                    int(promoted),
+                    evaluated_on,
+                    int(n_cases),
+                    json.dumps(details, sort_keys=True),
+                ),
             )
             return int(cur.lastrowid)
 
@@ -276,7 +329,9 @@ class Registry:
 
     def holdout_uses(self) -> int:
         """How many promotion decisions have looked at the locked holdout."""
-        return sum(1 for d in self._read("SELECT evaluated_on FROM decisions") if d["evaluated_on"] == "holdout")
+        return sum(
+            1 for d in self._read("SELECT evaluated_on FROM decisions") if d["evaluated_on"] == "holdout"
+        )
 
     # -------------------------------------------------------------------------------------------- runs
     def start_run(self, run_key: str, host: str, pid: int, user: str, data_snapshot: str) -> int:
@@ -313,8 +368,13 @@ class Registry:
         return self._read("SELECT * FROM task_events WHERE run_id = ? ORDER BY id", (int(run_id),))
 
     # ------------------------------------------------------------------------------------------- drift
-    def record_drift(self, source: str, figures: dict[str, Any], data_snapshot: str | None = None,
-                     model_id: int | None = None) -> None:
+    def record_drift(
+        self,
+        source: str,
+        figures: dict[str, Any],
+        data_snapshot: str | None = None,
+        model_id: int | None = None,
+    ) -> None:
         with self.connect() as con:
             con.execute(
                 "INSERT INTO drift (ts, source, data_snapshot, model_id, figures) VALUES (?, ?, ?, ?, ?)",
@@ -325,7 +385,9 @@ class Registry:
         if source is None:
             rows = self._read("SELECT * FROM drift ORDER BY id DESC LIMIT ?", (int(limit),))
         else:
-            rows = self._read("SELECT * FROM drift WHERE source = ? ORDER BY id DESC LIMIT ?", (source, int(limit)))
+            rows = self._read(
+                "SELECT * FROM drift WHERE source = ? ORDER BY id DESC LIMIT ?", (source, int(limit))
+            )
         for r in rows:
             r["figures"] = json.loads(r["figures"])
         return rows[::-1]
