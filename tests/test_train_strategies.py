@@ -1,0 +1,155 @@
+"""Strategies: linear probe written into the head, partial/gradual trainable sets, auto selection, BN re-estimation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import load_config
+from pipeline.train.loop import load_trained_model, predict_logits, run_finetune, val_score
+from pipeline.train.strategies import (
+    CHEAPEST_FIRST,
+    pick_candidate,
+    probe_head_weights,
+    reestimate_bn,
+    setup_trainable,
+)
+from tests.test_train_helpers import make_augment_dir, write_train_config
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path, make_augment_dir(tmp_path, n=48)
+
+
+def _val(aug: Path):
+    from pipeline.augment.stage import read_index
+    from pipeline.train.data import load_split
+
+    return load_split(aug, read_index(aug), "val")
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_probe_head_reproduces_sklearn_probabilities(rng: np.random.Generator, k: int) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    f = rng.normal(size=(120, 7)) * rng.uniform(0.5, 5, 7) + rng.normal(size=7)
+    y = rng.integers(0, k, 120)
+    f[:, 0] += y
+    sc = StandardScaler().fit(f)
+    clf = LogisticRegression(C=0.5, max_iter=2000).fit(sc.transform(f), y)
+    w, b = probe_head_weights(clf, sc.mean_, sc.scale_, k)
+    p_head = torch.softmax(torch.from_numpy(f @ w.T + b), 1).numpy()
+    np.testing.assert_allclose(p_head, clf.predict_proba(sc.transform(f)), atol=1e-9)
+
+
+def test_linear_probe_model_pt_gives_the_probe_scores(project) -> None:
+    root, aug = project
+    cfg = load_config(write_train_config(root, strategy="linear_probe"))
+    initial = {k: v.clone() for k, v in _fresh_state(cfg).items()}
+    summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
+    assert summary["strategy"] == "linear_probe" and summary["probe"]["C"] in cfg.train.probe_c
+    model, _ = load_trained_model(root / "out")
+    val = _val(aug)
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, val.x, torch.device("cpu"))), 1).numpy()
+    assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(summary["best_val_auroc"], abs=1e-9)
+    # the backbone is untouched: only the classifier changed
+    sd = model.state_dict()
+    changed = {k for k in sd if not torch.equal(sd[k], initial[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+
+def _fresh_state(cfg) -> dict[str, torch.Tensor]:
+    from pipeline.train.loop import build_model
+
+    return build_model(cfg, 2, seed=cfg.train.seed).state_dict()
+
+
+def test_partial_trains_only_the_last_groups(project) -> None:
+    from models import param_groups
+
+    root, aug = project
+    cfg = load_config(write_train_config(root, strategy="partial", trainable_groups=2, epochs=1))
+    from pipeline.train.loop import build_model
+
+    ref = build_model(cfg, 2, seed=0)
+    run_finetune(cfg, aug, root / "out", root / "work", progress=False)
+    model, _ = load_trained_model(root / "out")
+    groups_ref, groups_new = param_groups(ref), param_groups(model)
+    for i, (a, b) in enumerate(zip(groups_ref, groups_new, strict=True)):
+        same = all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+        assert same == (i < len(groups_ref) - 2), f"group {i}"
+    # frozen BatchNorm layers kept their pretrained running statistics
+    bn_ref = [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    bn_new = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    assert torch.equal(bn_ref.running_mean, bn_new.running_mean)
+
+
+def test_gradual_unfreezes_on_schedule(project) -> None:
+    from models import param_groups
+
+    root, aug = project
+    cfg = load_config(write_train_config(root, strategy="gradual", unfreeze_milestones=[1, 2]))
+    from pipeline.train.loop import build_model
+
+    model = build_model(cfg, 2, seed=0)
+    schedule = setup_trainable(model, "gradual", cfg.train)
+    n = len(param_groups(model))
+    assert [schedule.n_trainable(e, n) for e in range(4)] == [1, 2, 3, 3]
+    trainable = [all(p.requires_grad for p in g) for g in param_groups(model)]
+    assert trainable == [False] * (n - 1) + [True]
+
+
+def test_auto_records_every_candidate_and_picks_the_best(project) -> None:
+    root, aug = project
+    cfg = load_config(write_train_config(root, strategy="auto", auto_candidates=["finetune", "linear_probe"],
+                                         auto_tolerance=0.0, epochs=2))
+    summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
+    sel = summary["strategy_selection"]
+    names = [c["strategy"] for c in sel["candidates"]]
+    assert names == ["linear_probe", "finetune"]  # cheapest first
+    scores = {c["strategy"]: c["val_auroc"] for c in sel["candidates"]}
+    assert sel["chosen"] == max(scores, key=scores.get) == summary["strategy"]
+    assert summary["best_val_auroc"] == scores[sel["chosen"]]
+    assert sel["chosen"] in sel["reason"]
+    on_disk = json.loads((root / "out" / "train_summary.json").read_text())
+    assert on_disk["strategy_selection"] == sel
+    info = json.loads((root / "out" / "model_info.json").read_text())
+    assert info["strategy"] == sel["chosen"]
+
+
+def test_pick_candidate_prefers_cheaper_within_tolerance() -> None:
+    chosen, reason = pick_candidate({"finetune": 0.90, "linear_probe": 0.897}, tolerance=0.005)
+    assert chosen == "linear_probe" and "within auto_tolerance" in reason
+    chosen, _ = pick_candidate({"finetune": 0.90, "linear_probe": 0.89}, tolerance=0.005)
+    assert chosen == "finetune"
+    chosen, _ = pick_candidate({"finetune": float("nan"), "partial": 0.6}, tolerance=0.0)
+    assert chosen == "partial"
+    assert list(CHEAPEST_FIRST)[0] == "linear_probe"
+
+
+def test_bn_reestimate_matches_target_statistics(rng: np.random.Generator) -> None:
+    net = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.BatchNorm2d(3), nn.ReLU())
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    x = (rng.normal(5.0, 2.0, size=(50, 1, 4, 4))).astype(np.float32)
+    n = reestimate_bn(net, x, torch.device("cpu"), batch_size=10)
+    assert n == 1 and not net.training
+    bn = net[1]
+    np.testing.assert_allclose(bn.running_mean.numpy(), [x.mean()] * 3, rtol=1e-4)
+    # cumulative average of per-batch unbiased variances ~ total variance for iid batches
+    assert abs(float(bn.running_var[0]) - x.var()) < 0.3 * x.var()
+    assert bn.momentum == 0.1  # restored
+
+
+def test_scratch_differs_from_pretrained_start(project) -> None:
+    root, aug = project
+    cfg = load_config(write_train_config(root, strategy="scratch", epochs=1))
+    summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
+    assert summary["pretrained"] is False and summary["weights"] is None
