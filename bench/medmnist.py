@@ -44,16 +44,31 @@ DEFAULTS: dict[int, dict[str, Any]] = {
         "preprocess": {"spatial_dims": 2, "image_size": 64, "intensity": "window", "window": [0, 255]},
         "augment": {"preset": "standard"},
         "model": {"backbone": "efficientnet_lite0", "pretrained": True},
-        "train": {"strategy": "auto", "auto_candidates": ["linear_probe", "finetune"], "epochs": 30,
-                  "batch_size": 32, "lr": 0.001, "backbone_lr_mult": 0.3, "patience": 8},
+        "train": {
+            "strategy": "auto",
+            "auto_candidates": ["linear_probe", "finetune"],
+            "epochs": 30,
+            "batch_size": 32,
+            "lr": 0.001,
+            "backbone_lr_mult": 0.3,
+            "patience": 8,
+        },
         "evaluate": {"calibration": "temperature", "n_bootstrap": 200},
     },
     3: {
         "preprocess": {"spatial_dims": 3, "image_size": 28, "intensity": "window", "window": [0, 255]},
         "augment": {"preset": "standard"},
         "model": {"backbone": "efficientnet_lite0", "pretrained": True},
-        "train": {"strategy": "auto", "auto_candidates": ["linear_probe", "partial"], "bn_reestimate": True,
-                  "epochs": 10, "batch_size": 32, "lr": 0.001, "patience": 4, "trainable_groups": 3},
+        "train": {
+            "strategy": "auto",
+            "auto_candidates": ["linear_probe", "partial"],
+            "bn_reestimate": True,
+            "epochs": 10,
+            "batch_size": 32,
+            "lr": 0.001,
+            "patience": 4,
+            "trainable_groups": 3,
+        },
         "evaluate": {"calibration": "temperature", "n_bootstrap": 200},
     },
 }
@@ -70,8 +85,11 @@ def dataset_info(npz: Path) -> dict[str, Any]:
             info = json.loads(f.read_text())
             if base in info:
                 i = info[base]
-                kind = {"binary-class": "binary", "multi-class": "multiclass", "ordinal-regression": "ordinal"}.get(
-                    i["task"])
+                kind = {
+                    "binary-class": "binary",
+                    "multi-class": "multiclass",
+                    "ordinal-regression": "ordinal",
+                }.get(i["task"])
                 if kind is None:
                     raise SystemExit(f"{npz}: MedMNIST task {i['task']!r} is not supported (multi-label)")
                 return {"name": i.get("python_class", base), "kind": kind, "classes": i["label"]}
@@ -100,7 +118,10 @@ def convert(npz: Path, folder: Path) -> tuple[int, int]:
 
     rows = []
     for split in ("train", "val", "test"):
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(len(data[f"{split}_labels"]), -1)
+        images, labels = (
+            data[f"{split}_images"],
+            data[f"{split}_labels"].reshape(len(data[f"{split}_labels"]), -1),
+        )
         out = folder / "images" / split
         out.mkdir(parents=True, exist_ok=True)
         for i, (img, lab) in enumerate(zip(images, labels[:, 0], strict=True)):
@@ -132,8 +153,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(info: dict[str, Any], dims: int, data_dir: Path, workspace: Path, seed: int, fraction: float,
-                user: dict[str, Any]) -> dict[str, Any]:
+def make_config(
+    info: dict[str, Any],
+    dims: int,
+    data_dir: Path,
+    workspace: Path,
+    seed: int,
+    fraction: float,
+    user: dict[str, Any],
+) -> dict[str, Any]:
     classes = {str(k): v.replace(",", "").replace(" ", "_") for k, v in info["classes"].items()}
     task: dict[str, Any] = {"kind": info["kind"], "classes": classes}
     if info["kind"] == "binary":
@@ -141,9 +169,16 @@ def make_config(info: dict[str, Any], dims: int, data_dir: Path, workspace: Path
     cfg = {
         "name": f"bench-{info['name']}",
         "task": task,
-        "data": {"source": str(data_dir / "images"), "labels_csv": str(data_dir / "labels.csv"), "id_column": "path",
-                 "id_type": "path", "label_column": "label", "split_column": "split", "patient_column": "patient",
-                 "kinds": ["image"] if dims == 2 else ["nifti"]},
+        "data": {
+            "source": str(data_dir / "images"),
+            "labels_csv": str(data_dir / "labels.csv"),
+            "id_column": "path",
+            "id_type": "path",
+            "label_column": "label",
+            "split_column": "split",
+            "patient_column": "patient",
+            "kinds": ["image"] if dims == 2 else ["nifti"],
+        },
         "split": {"calibration_from_train": 0.1},
         "augment": {"preview": 8},
         "runtime": {"workspace": str(workspace), "threads": 2},
@@ -167,8 +202,12 @@ def test_scores(pred_csv: Path, kind: str, class_names: list[str]) -> dict[str, 
         auc = roc_auc_score(y, raw[:, 1])
     else:
         auc = roc_auc_score(y, raw, multi_class="ovr", average="macro")
-    return {"test_auc": float(auc), "test_acc": float(np.mean(raw.argmax(1) == y)),
-            "test_acc_calibrated": float(np.mean(cal.argmax(1) == y)), "test_cases": len(y)}
+    return {
+        "test_auc": float(auc),
+        "test_acc": float(np.mean(raw.argmax(1) == y)),
+        "test_acc_calibrated": float(np.mean(cal.argmax(1) == y)),
+        "test_cases": len(y),
+    }
 
 
 def published(name: str) -> list[dict[str, Any]]:
@@ -176,18 +215,27 @@ def published(name: str) -> list[dict[str, Any]]:
     if not f.is_file():
         return []
     with open(f, newline="") as fh:
-        return [{"method": r["method"], "test_auc": float(r["test_AUC"]), "test_acc": float(r["test_ACC"])}
-                for r in csv.DictReader(fh) if r["dataset"].lower() == name.lower()]
+        return [
+            {"method": r["method"], "test_auc": float(r["test_AUC"]), "test_acc": float(r["test_ACC"])}
+            for r in csv.DictReader(fh)
+            if r["dataset"].lower() == name.lower()
+        ]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--npz", required=True, type=Path, help="MedMNIST-format .npz")
-    ap.add_argument("--config", type=Path, help="YAML merged over the defaults (same sections as a medtl config)")
-    ap.add_argument("--label-fraction", type=float, default=1.0, help="share of training labels used (default 1)")
+    ap.add_argument(
+        "--config", type=Path, help="YAML merged over the defaults (same sections as a medtl config)"
+    )
+    ap.add_argument(
+        "--label-fraction", type=float, default=1.0, help="share of training labels used (default 1)"
+    )
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
     ap.add_argument("--out", type=Path, help="results JSON")
-    ap.add_argument("--workdir", type=Path, help="dataset + workspace folder (default /tmp/medtl-bench/<npz stem>)")
+    ap.add_argument(
+        "--workdir", type=Path, help="dataset + workspace folder (default /tmp/medtl-bench/<npz stem>)"
+    )
     args = ap.parse_args(argv)
 
     from pipeline.config import load_config
@@ -200,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.workdir or Path("/tmp/medtl-bench") / npz.stem).resolve()
     n, dims = convert(npz, work / "data")
     user = yaml.safe_load(args.config.read_text()) if args.config else {}
-    print(f"{info['name']}: {n} cases, {dims}D, {info['kind']}, label fraction {args.label_fraction}", flush=True)
+    print(
+        f"{info['name']}: {n} cases, {dims}D, {info['kind']}, label fraction {args.label_fraction}",
+        flush=True,
+    )
     results = []
     for seed in range(args.seeds):
         cfg = make_config(info, dims, work / "data", work / "ws", seed, args.label_fraction, user)
@@ -218,27 +269,52 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads((plan.evaluate / "metrics.json").read_text())
         summary = json.loads((plan.finetune / "train_summary.json").read_text())
         auroc = metrics["evaluation"]["test"]["uncalibrated"]["discrimination"]["auroc"]["value"]
-        results.append({"seed": seed, **scores, "pipeline_auroc": auroc, "val_auroc": summary["best_val_auroc"],
-                        "strategy": summary["strategy"], "strategy_selection": summary.get("strategy_selection"),
-                        "train_cases": summary["train_cases"], "seconds": seconds})
-        print(f"seed {seed}: test AUC {scores['test_auc']:.4f}  ACC {scores['test_acc']:.4f} "
-              f"(calibrated {scores['test_acc_calibrated']:.4f})  strategy {summary['strategy']}  "
-              f"val AUROC {summary['best_val_auroc']:.4f}  {seconds:.0f} s", flush=True)
+        results.append(
+            {
+                "seed": seed,
+                **scores,
+                "pipeline_auroc": auroc,
+                "val_auroc": summary["best_val_auroc"],
+                "strategy": summary["strategy"],
+                "strategy_selection": summary.get("strategy_selection"),
+                "train_cases": summary["train_cases"],
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"seed {seed}: test AUC {scores['test_auc']:.4f}  ACC {scores['test_acc']:.4f} "
+            f"(calibrated {scores['test_acc_calibrated']:.4f})  strategy {summary['strategy']}  "
+            f"val AUROC {summary['best_val_auroc']:.4f}  {seconds:.0f} s",
+            flush=True,
+        )
     keys = ("test_auc", "test_acc", "test_acc_calibrated", "seconds")
     mean = {k: float(np.mean([r[k] for r in results])) for k in keys}
     std = {k: float(np.std([r[k] for r in results], ddof=1)) if len(results) > 1 else 0.0 for k in keys}
     pub = published(info["name"])
     print(f"\n{info['name']} (label fraction {args.label_fraction:g}, {len(results)} seeds)")
-    print(f"  medtl          AUC {mean['test_auc']:.3f} +- {std['test_auc']:.3f}   ACC {mean['test_acc']:.3f} +- "
-          f"{std['test_acc']:.3f}   ({mean['seconds']:.0f} s per seed)")
+    print(
+        f"  medtl          AUC {mean['test_auc']:.3f} +- {std['test_auc']:.3f}   "
+        f"ACC {mean['test_acc']:.3f} +- "
+        f"{std['test_acc']:.3f}   ({mean['seconds']:.0f} s per seed)"
+    )
     for p in pub:
         print(f"  {p['method']:<22s} AUC {p['test_auc']:.3f}           ACC {p['test_acc']:.3f}")
     if args.out:
-        args.out.write_text(json.dumps({
-            "dataset": info["name"], "npz": npz.name, "label_fraction": args.label_fraction,
-            "config": make_config(info, dims, Path("data"), Path("ws"), 0, args.label_fraction, user),
-            "seeds": results, "mean": mean, "std": std, "published": pub,
-        }, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "dataset": info["name"],
+                    "npz": npz.name,
+                    "label_fraction": args.label_fraction,
+                    "config": make_config(info, dims, Path("data"), Path("ws"), 0, args.label_fraction, user),
+                    "seeds": results,
+                    "mean": mean,
+                    "std": std,
+                    "published": pub,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -33,7 +33,11 @@ def test_two_gloo_processes_train_and_write_one_model(tmp_path: Path) -> None:
 def test_torchrun_command_runs_the_worker_module(tmp_path: Path) -> None:
     cmd = torchrun_command(tmp_path / "job.json", 3)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
-    assert "--nproc_per_node=3" in cmd and cmd[-3:] == ["pipeline.train.worker", "--job", str(tmp_path / "job.json")]
+    assert "--nproc_per_node=3" in cmd and cmd[-3:] == [
+        "pipeline.train.worker",
+        "--job",
+        str(tmp_path / "job.json"),
+    ]
 
 
 def test_failed_torchrun_raises_with_its_output(tmp_path: Path) -> None:

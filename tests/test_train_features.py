@@ -21,8 +21,11 @@ def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path: Path) -> No
     aug = make_augment_dir(tmp_path, n=48)
     sds = []
     for acc in (1, 4):
-        cfg = load_config(write_train_config(tmp_path, strategy="partial", trainable_groups=1, epochs=2,
-                                             batch_size=8, accumulate_steps=acc))
+        cfg = load_config(
+            write_train_config(
+                tmp_path, strategy="partial", trainable_groups=1, epochs=2, batch_size=8, accumulate_steps=acc
+            )
+        )
         run_finetune(cfg, aug, tmp_path / f"out{acc}", tmp_path / f"work{acc}", progress=False)
         sds.append(torch.load(tmp_path / f"out{acc}" / "model.pt", weights_only=True))
     for k in sds[0]:
@@ -101,12 +104,24 @@ def test_kfold_ensemble_is_loaded_by_the_evaluate_loader(tmp_path: Path) -> None
 
 def test_history_csv_and_summary_are_written(tmp_path: Path) -> None:
     aug = make_augment_dir(tmp_path, n=48)
-    cfg = load_config(write_train_config(tmp_path, strategy="finetune", epochs=2, sampler="balanced",
-                                         class_weighting="none", schedule="onecycle"))
+    cfg = load_config(
+        write_train_config(
+            tmp_path,
+            strategy="finetune",
+            epochs=2,
+            sampler="balanced",
+            class_weighting="none",
+            schedule="onecycle",
+        )
+    )
     summary = run_finetune(cfg, aug, tmp_path / "out", tmp_path / "work", progress=False)
     lines = (tmp_path / "out" / "history.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,train_loss,val_loss,val_auroc") and len(lines) == 3
-    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["epochs_run"] == summary["epochs_run"] == 2
+    assert (
+        json.loads((tmp_path / "out" / "train_summary.json").read_text())["epochs_run"]
+        == summary["epochs_run"]
+        == 2
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,15 @@ import numpy as np
 import yaml
 
 
-def make_augment_dir(root: Path, n: int = 48, size: int = 16, dims: int = 2, classes: int = 2,
-                     seed: int = 0, val_share: float = 0.3) -> Path:
+def make_augment_dir(
+    root: Path,
+    n: int = 48,
+    size: int = 16,
+    dims: int = 2,
+    classes: int = 2,
+    seed: int = 0,
+    val_share: float = 0.3,
+) -> Path:
     """Write ``tensors/<case>.npy`` ``(1, *[size]*dims)`` float16 and ``index.csv`` like the Augment stage.
 
     Class ``c`` carries a bright blob whose intensity grows with ``c`` (learnable, not trivial: noise).
@@ -41,12 +48,16 @@ def write_train_config(root: Path, classes: int = 2, dims: int = 2, size: int = 
     """A config whose data paths exist (unused: training reads the Augment folder)."""
     (root / "src").mkdir(exist_ok=True)
     (root / "labels.csv").write_text("path,label\n")
-    task = {"kind": "binary", "classes": {"0": "neg", "1": "pos"}, "positive_class": "pos"} if classes == 2 else {
-        "kind": "multiclass", "classes": {str(c): f"c{c}" for c in range(classes)}}
+    task = (
+        {"kind": "binary", "classes": {"0": "neg", "1": "pos"}, "positive_class": "pos"}
+        if classes == 2
+        else {"kind": "multiclass", "classes": {str(c): f"c{c}" for c in range(classes)}}
+    )
     t = {"epochs": 2, "batch_size": 8, "lr": 0.003, "patience": 5, "seed": 0, "device": "cpu"}
     t.update(train)
     cfg = {
-        "name": "train-test", "task": task,
+        "name": "train-test",
+        "task": task,
         "data": {"source": "src", "labels_csv": "labels.csv"},
         "preprocess": {"spatial_dims": dims, "image_size": size},
         "model": {"backbone": "efficientnet_lite0", "pretrained": True},

@@ -1,4 +1,4 @@
-"""A training subprocess SIGKILLed mid-epoch resumes and ends with the same weights as an uninterrupted run."""
+"""A training subprocess SIGKILLed mid-epoch resumes and ends with an uninterrupted run's weights."""
 
 from __future__ import annotations
 
@@ -22,8 +22,14 @@ pytestmark = pytest.mark.slow
 
 def _worker(job: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train.worker", "--job", str(job)], cwd=str(REPO_ROOT),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train.worker", "--job", str(job)],
+        cwd=str(REPO_ROOT),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _epochs_done(history: Path) -> list[dict[str, str]]:

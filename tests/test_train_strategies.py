@@ -1,4 +1,4 @@
-"""Strategies: linear probe written into the head, partial/gradual trainable sets, auto selection, BN re-estimation."""
+"""Strategies: linear probe in the head, partial/gradual trainable sets, auto selection, BN re-estimation."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def test_linear_probe_model_pt_gives_the_probe_scores(project) -> None:
     model, _ = load_trained_model(root / "out")
     val = _val(aug)
     probs = torch.softmax(torch.from_numpy(predict_logits(model, val.x, torch.device("cpu"))), 1).numpy()
-    assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(summary["best_val_auroc"], abs=1e-9)
+    assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(
+        summary["best_val_auroc"], abs=1e-9
+    )
     # the backbone is untouched: only the classifier changed
     sd = model.state_dict()
     changed = {k for k in sd if not torch.equal(sd[k], initial[k])}
@@ -108,8 +110,11 @@ def test_gradual_unfreezes_on_schedule(project) -> None:
 
 def test_auto_records_every_candidate_and_picks_the_best(project) -> None:
     root, aug = project
-    cfg = load_config(write_train_config(root, strategy="auto", auto_candidates=["finetune", "linear_probe"],
-                                         auto_tolerance=0.0, epochs=2))
+    cfg = load_config(
+        write_train_config(
+            root, strategy="auto", auto_candidates=["finetune", "linear_probe"], auto_tolerance=0.0, epochs=2
+        )
+    )
     summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
     sel = summary["strategy_selection"]
     names = [c["strategy"] for c in sel["candidates"]]

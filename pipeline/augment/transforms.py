@@ -21,19 +21,18 @@ from typing import Any
 import numpy as np
 from monai.transforms import (
     Compose,
-    RandomizableTransform,
     RandAdjustContrast,
     RandAffine,
     RandFlip,
     RandGaussianNoise,
+    RandomizableTransform,
     RandScaleIntensity,
     RandShiftIntensity,
 )
 
 from pipeline.config import AugmentConfig
 
-
-#: CT intensity windows in HU as (low, high) = (level - width / 2, level + width / 2), for ``preprocess.window``.
+#: CT intensity windows in HU, (low, high) = (level - width / 2, level + width / 2), for ``preprocess.window``
 HU_WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (0.0, 80.0),  # L 40 W 80
     "subdural": (-20.0, 180.0),  # L 80 W 200
@@ -49,25 +48,71 @@ HU_WINDOWS: dict[str, tuple[float, float]] = {
 #: Field values of each preset, per spatial dimensionality; fields set in the config win.
 PRESETS: dict[str, dict[int, dict[str, Any]]] = {
     "light": {
-        2: dict(flip=0.5, rotate_deg=5.0, scale=0.05, translate=0.03, intensity=0.05, noise_std=0.0, prob=0.5),
-        3: dict(flip=0.5, rotate_deg=5.0, rotate_3d=False, scale=0.05, translate=0.03, intensity=0.05,
-                noise_std=0.0, prob=0.5),
+        2: dict(
+            flip=0.5, rotate_deg=5.0, scale=0.05, translate=0.03, intensity=0.05, noise_std=0.0, prob=0.5
+        ),
+        3: dict(
+            flip=0.5,
+            rotate_deg=5.0,
+            rotate_3d=False,
+            scale=0.05,
+            translate=0.03,
+            intensity=0.05,
+            noise_std=0.0,
+            prob=0.5,
+        ),
     },
     "standard": {
         2: dict(flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.05, intensity=0.1, noise_std=0.0, prob=0.8),
-        3: dict(flip=0.5, rotate_deg=10.0, rotate_3d=True, scale=0.1, translate=0.05, intensity=0.1,
-                noise_std=0.0, prob=0.8),
+        3: dict(
+            flip=0.5,
+            rotate_deg=10.0,
+            rotate_3d=True,
+            scale=0.1,
+            translate=0.05,
+            intensity=0.1,
+            noise_std=0.0,
+            prob=0.8,
+        ),
     },
     "strong": {
-        2: dict(flip=0.5, rotate_deg=20.0, scale=0.15, translate=0.1, intensity=0.2, noise_std=0.05, prob=0.8),
-        3: dict(flip=0.5, flip_all_axes=True, rotate_deg=15.0, rotate_3d=True, scale=0.15, translate=0.08,
-                intensity=0.15, noise_std=0.03, prob=0.8),
+        2: dict(
+            flip=0.5, rotate_deg=20.0, scale=0.15, translate=0.1, intensity=0.2, noise_std=0.05, prob=0.8
+        ),
+        3: dict(
+            flip=0.5,
+            flip_all_axes=True,
+            rotate_deg=15.0,
+            rotate_3d=True,
+            scale=0.15,
+            translate=0.08,
+            intensity=0.15,
+            noise_std=0.03,
+            prob=0.8,
+        ),
     },
     "ct": {
-        2: dict(flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.05, intensity=0.05, noise_std=0.02,
-                window_jitter=0.1, prob=0.8),
-        3: dict(flip=0.5, rotate_deg=10.0, rotate_3d=False, scale=0.1, translate=0.05, intensity=0.05,
-                noise_std=0.02, window_jitter=0.1, prob=0.8),
+        2: dict(
+            flip=0.5,
+            rotate_deg=10.0,
+            scale=0.1,
+            translate=0.05,
+            intensity=0.05,
+            noise_std=0.02,
+            window_jitter=0.1,
+            prob=0.8,
+        ),
+        3: dict(
+            flip=0.5,
+            rotate_deg=10.0,
+            rotate_3d=False,
+            scale=0.1,
+            translate=0.05,
+            intensity=0.05,
+            noise_std=0.02,
+            window_jitter=0.1,
+            prob=0.8,
+        ),
     },
 }
 
@@ -86,7 +131,8 @@ class RandWindowJitter(RandomizableTransform):
 
     The deterministic twin is :func:`rewindow`. With the sample's range ``[lo, hi]`` (what the
     preprocessing window left), the new window has centre ``0.5 + u1 * jitter`` and width
-    ``1 - |u2| * jitter`` in units of ``hi - lo``; values are clipped to it and stretched back to ``[lo, hi]``.
+    ``1 - |u2| * jitter`` in units of ``hi - lo``; values are clipped to it and stretched
+    back to ``[lo, hi]``.
 
     Args:
         prob: Probability of applying the transform.
@@ -188,7 +234,15 @@ def apply(transform: Compose, x: np.ndarray, seed: int) -> np.ndarray:
 
 # Attributes that hold one sample's drawn values or helper objects, not parameters.
 _SAMPLED_STATE = {
-    "R", "randomize", "rand_affine_grid", "resampler", "gamma_value", "factor", "sampled_std", "centre", "width",
+    "R",
+    "randomize",
+    "rand_affine_grid",
+    "resampler",
+    "gamma_value",
+    "factor",
+    "sampled_std",
+    "centre",
+    "width",
 }
 
 

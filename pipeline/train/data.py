@@ -53,13 +53,18 @@ def label_subset(data: SplitData, fraction: float, seed: int) -> SplitData:
     keep = np.zeros(len(data), dtype=bool)
     for c in np.unique(data.y):
         idx = np.flatnonzero(data.y == c)
-        pats = sorted({data.patients[i] for i in idx}, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
+        pats = sorted(
+            {data.patients[i] for i in idx}, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest()
+        )
         n_keep = max(1, int(np.ceil(fraction * len(pats))))
         chosen = set(pats[:n_keep])
         keep[[i for i in idx if data.patients[i] in chosen]] = True
     sel = np.flatnonzero(keep)
     return SplitData(
-        [data.case_ids[i] for i in sel], [data.patients[i] for i in sel], data.x[sel], data.y[sel],
+        [data.case_ids[i] for i in sel],
+        [data.patients[i] for i in sel],
+        data.x[sel],
+        data.y[sel],
         [data.rows[i] for i in sel],
     )
 
@@ -107,7 +112,10 @@ def subset(data: SplitData, index: np.ndarray | list[int]) -> SplitData:
     """The cases at ``index``, in that order."""
     idx = np.asarray(index, dtype=np.int64)
     return SplitData(
-        [data.case_ids[i] for i in idx], [data.patients[i] for i in idx], data.x[idx], data.y[idx],
+        [data.case_ids[i] for i in idx],
+        [data.patients[i] for i in idx],
+        data.x[idx],
+        data.y[idx],
         [data.rows[i] for i in idx],
     )
 
@@ -118,8 +126,13 @@ def concat(a: SplitData, b: SplitData) -> SplitData:
         return b
     if len(b) == 0:
         return a
-    return SplitData(a.case_ids + b.case_ids, a.patients + b.patients, np.concatenate([a.x, b.x]),
-                     np.concatenate([a.y, b.y]), a.rows + b.rows)
+    return SplitData(
+        a.case_ids + b.case_ids,
+        a.patients + b.patients,
+        np.concatenate([a.x, b.x]),
+        np.concatenate([a.y, b.y]),
+        a.rows + b.rows,
+    )
 
 
 def patient_folds(data: SplitData, k: int, seed: int) -> np.ndarray:
@@ -139,8 +152,10 @@ def patient_folds(data: SplitData, k: int, seed: int) -> np.ndarray:
     fold_of: dict[str, int] = {}
     offset = 0
     for c in sorted(set(first.values())):
-        pats = sorted((p for p, lab in first.items() if lab == c),
-                      key=lambda p: hashlib.sha256(f"fold:{seed}:{p}".encode()).digest())
+        pats = sorted(
+            (p for p, lab in first.items() if lab == c),
+            key=lambda p: hashlib.sha256(f"fold:{seed}:{p}".encode()).digest(),
+        )
         for j, p in enumerate(pats):
             fold_of[p] = (offset + j) % k
         offset += len(pats)

@@ -55,13 +55,25 @@ from pipeline.train.strategies import (
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "images_per_s", "best"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_auroc",
+    "lr",
+    "seconds",
+    "images_per_s",
+    "data_wait_share",
+    "best",
+]
 
 
 def select_device(requested: str) -> torch.device:
     """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise MedtlError("train.device: 'cuda' was requested but no CUDA device is available; use 'auto' or 'cpu'")
+        raise MedtlError(
+            "train.device: 'cuda' was requested but no CUDA device is available; use 'auto' or 'cpu'"
+        )
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -101,7 +113,7 @@ def init_new_head(model: nn.Module, seed: int) -> None:
 
 
 def val_score(y: np.ndarray, probs: np.ndarray, positive_index: int | None) -> float:
-    """Validation AUROC: the positive class's for binary tasks, macro one-vs-rest otherwise (NaN if undefined)."""
+    """Validation AUROC: the positive class's (binary), macro one-vs-rest otherwise (NaN if undefined)."""
     from sklearn.metrics import roc_auc_score
 
     present = np.unique(y)
@@ -111,7 +123,9 @@ def val_score(y: np.ndarray, probs: np.ndarray, positive_index: int | None) -> f
         pos = 1 if positive_index is None else positive_index
         return float(roc_auc_score(y == pos, probs[:, pos]))
     try:
-        return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+        return float(
+            roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
+        )
     except ValueError:
         return float("nan")
 
@@ -194,7 +208,9 @@ def _batches(order: list[int], bs: int, dist: DistInfo, accumulate: int) -> list
     for b in range(len(order) // bs):
         local = order[b * bs : (b + 1) * bs][dist.rank :: dist.world]
         n_micro = max(1, min(accumulate, len(local) // 2))
-        steps.append([c.tolist() for c in np.array_split(np.asarray(local, dtype=np.int64), n_micro) if len(c)])
+        steps.append(
+            [c.tolist() for c in np.array_split(np.asarray(local, dtype=np.int64), n_micro) if len(c)]
+        )
     return steps
 
 
@@ -283,12 +299,22 @@ def train_epochs(
     counts = np.bincount(train.y, minlength=num_classes).astype(np.float64)
     weights = None
     if tc.class_weighting == "balanced":
-        weights = torch.tensor(len(train.y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        weights = torch.tensor(
+            len(train.y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
+        )
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing, reduction="sum")
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tc.amp and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and tc.amp and not torch.cuda.is_bf16_supported()
+    )
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best_score": -math.inf,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+    }
     last = work_dir / "last.pt"
     resumed = None
     if last.exists():
@@ -318,8 +344,10 @@ def train_epochs(
                 net = _wrap_ddp(model, dist, device)  # DDP registers hooks for the trainable set only
             n_trainable = n
         dataset.set_epoch(epoch)
-        order = balanced_order(train.y, tc.seed, epoch, num_classes) if tc.sampler == "balanced" else epoch_order(
-            len(train), tc.seed, epoch
+        order = (
+            balanced_order(train.y, tc.seed, epoch, num_classes)
+            if tc.sampler == "balanced"
+            else epoch_order(len(train), tc.seed, epoch)
         )
         steps = _batches(order, bs, dist, tc.accumulate_steps)
         micro = [m for step in steps for m in step]
@@ -328,18 +356,27 @@ def train_epochs(
         if strategy in ("partial", "gradual"):
             set_frozen_bn_eval(model)
         t0 = time.perf_counter()
-        total, n_seen = 0.0, 0
-        bar = tqdm(total=len(steps), desc=f"{strategy} epoch {epoch + 1}/{tc.epochs}", leave=False,
-                   disable=not (progress and dist.main), unit="step")
+        total, n_seen, waited = 0.0, 0, 0.0
+        bar = tqdm(
+            total=len(steps),
+            desc=f"{strategy} epoch {epoch + 1}/{tc.epochs}",
+            leave=False,
+            disable=not (progress and dist.main),
+            unit="step",
+        )
         it = iter(loader)
         for step in steps:
             n_local = sum(len(m) for m in step)
             opt.zero_grad(set_to_none=True)
             for j in range(len(step)):
+                tw = time.perf_counter()
                 xb, yb = next(it)
+                waited += time.perf_counter() - tw
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 if device.type == "cuda":
-                    xb = xb.contiguous(memory_format=torch.channels_last if xb.ndim == 4 else torch.channels_last_3d)
+                    xb = xb.contiguous(
+                        memory_format=torch.channels_last if xb.ndim == 4 else torch.channels_last_3d
+                    )
                 sync = j == len(step) - 1 or dist.world == 1
                 ctx = net.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
@@ -368,20 +405,37 @@ def train_epochs(
         else:
             state["bad_epochs"] += 1
         row = {
-            "epoch": epoch + 1, "train_loss": total / max(1, n_seen), "val_loss": vloss, "val_auroc": score,
-            "lr": opt.param_groups[-1]["lr"], "seconds": seconds,
-            "images_per_s": n_seen * dist.world / max(seconds, 1e-9), "best": improved,
+            "epoch": epoch + 1,
+            "train_loss": total / max(1, n_seen),
+            "val_loss": vloss,
+            "val_auroc": score,
+            "lr": opt.param_groups[-1]["lr"],
+            "seconds": seconds,
+            "images_per_s": n_seen * dist.world / max(seconds, 1e-9),
+            "data_wait_share": waited / max(seconds, 1e-9),
+            "best": improved,
         }
         state["history"].append(row)
         state["epoch"] = epoch + 1
         log.info(
             "%s epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f%s (%.1f s, %.0f img/s)",
-            strategy, epoch + 1, row["train_loss"], vloss, score, " *" if improved else "", seconds, row["images_per_s"],
+            strategy,
+            epoch + 1,
+            row["train_loss"],
+            vloss,
+            score,
+            " *" if improved else "",
+            seconds,
+            row["images_per_s"],
         )
         if dist.main:
             ck = {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": json.dumps(state),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "state": json.dumps(state),
             }
             if device.type == "cuda":
                 ck["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -430,7 +484,9 @@ def run_strategy(
     torch.manual_seed(tc.seed)
     model = build_model(cfg, num_classes, pretrained=pretrained, seed=tc.seed).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last if cfg.preprocess.spatial_dims == 2 else torch.channels_last_3d)
+        model = model.to(
+            memory_format=torch.channels_last if cfg.preprocess.spatial_dims == 2 else torch.channels_last_3d
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
     done = work_dir / "result.json"
     if done.exists() and (work_dir / "best.pt").exists():
@@ -442,16 +498,36 @@ def run_strategy(
         n_bn = reestimate_bn(model, train.x, device)
         result["bn_reestimated_layers"] = n_bn
     if strategy == "linear_probe":
-        probe = fit_linear_probe(model, train.x, train.y, val.x, val.y, tc, num_classes, cfg.task.positive_index, device)
+        probe = fit_linear_probe(
+            model, train.x, train.y, val.x, val.y, tc, num_classes, cfg.task.positive_index, device
+        )
         logits = predict_logits(model, val.x, device)
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
         score = val_score(val.y, probs, cfg.task.positive_index)
         vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
         seconds = time.perf_counter() - t0
-        history = [{"epoch": 1, "train_loss": float("nan"), "val_loss": vloss, "val_auroc": score, "lr": float("nan"),
-                    "seconds": seconds, "images_per_s": len(train) / max(seconds, 1e-9), "best": True}]
-        result.update(val_auroc=score if not math.isnan(score) else -vloss, probe=probe.to_dict(), epochs_run=1,
-                      best_epoch=1, stopped_by="closed_form", history=history, resumed_after_epoch=None)
+        history = [
+            {
+                "epoch": 1,
+                "train_loss": float("nan"),
+                "val_loss": vloss,
+                "val_auroc": score,
+                "lr": float("nan"),
+                "seconds": seconds,
+                "images_per_s": len(train) / max(seconds, 1e-9),
+                "data_wait_share": 0.0,
+                "best": True,
+            }
+        ]
+        result.update(
+            val_auroc=score if not math.isnan(score) else -vloss,
+            probe=probe.to_dict(),
+            epochs_run=1,
+            best_epoch=1,
+            stopped_by="closed_form",
+            history=history,
+            resumed_after_epoch=None,
+        )
         if dist.main:
             _save_state_dict(model, work_dir / "best.pt")
             write_history(work_dir / "history.csv", history)
@@ -465,7 +541,9 @@ def run_strategy(
     return model, result
 
 
-def run_finetune(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path, progress: bool = True) -> dict[str, Any]:
+def run_finetune(
+    cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path, progress: bool = True
+) -> dict[str, Any]:
     """Train with the configured strategy; write ``model.pt`` (best), ``model_info.json``, ``history.csv``.
 
     ``train.strategy: auto`` trains each of ``train.auto_candidates`` (cheapest first) and keeps the one
@@ -521,8 +599,13 @@ def run_finetune(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path, 
             "reason": reason,
             "tolerance": tc.auto_tolerance,
             "candidates": [
-                {"strategy": k, "val_auroc": r["val_auroc"], "seconds": r["seconds"], "epochs_run": r["epochs_run"],
-                 "best_epoch": r["best_epoch"]}
+                {
+                    "strategy": k,
+                    "val_auroc": r["val_auroc"],
+                    "seconds": r["seconds"],
+                    "epochs_run": r["epochs_run"],
+                    "best_epoch": r["best_epoch"],
+                }
                 for k, r in results.items()
             ],
         }
@@ -601,17 +684,34 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress):
         oof[fold == k] = torch.softmax(torch.from_numpy(predict_logits(m, va.x, device)), 1).numpy()
         members.append(m)
         history.extend(r["history"])
-        per_fold.append({"fold": k, "train_cases": len(tr), "val_cases": len(va), "val_auroc": r["val_auroc"],
-                         "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"]})
+        per_fold.append(
+            {
+                "fold": k,
+                "train_cases": len(tr),
+                "val_cases": len(va),
+                "val_auroc": r["val_auroc"],
+                "epochs_run": r["epochs_run"],
+                "best_epoch": r["best_epoch"],
+            }
+        )
     oof_score = val_score(pool.y, oof, cfg.task.positive_index)
     ensemble = FoldEnsemble(members).to(device)
     history = [dict(h, epoch=i + 1) for i, h in enumerate(history)]  # folds one after the other
     result = {
-        "strategy": tc.strategy, "val_auroc": oof_score, "epochs_run": sum(f["epochs_run"] for f in per_fold),
-        "best_epoch": None, "stopped_by": "k_fold", "history": history, "seconds": None,
+        "strategy": tc.strategy,
+        "val_auroc": oof_score,
+        "epochs_run": sum(f["epochs_run"] for f in per_fold),
+        "best_epoch": None,
+        "stopped_by": "k_fold",
+        "history": history,
+        "seconds": None,
     }
-    info = {"k": tc.folds, "out_of_fold_auroc": oof_score, "per_fold": per_fold,
-            "note": "train+val patients pooled; each fold's held-out part drove its early stopping"}
+    info = {
+        "k": tc.folds,
+        "out_of_fold_auroc": oof_score,
+        "per_fold": per_fold,
+        "note": "train+val patients pooled; each fold's held-out part drove its early stopping",
+    }
     return ensemble, result, info
 
 
@@ -640,16 +740,21 @@ def model_info(cfg: Config, num_classes: int) -> dict[str, Any]:
     }
 
 
-def load_trained_model(finetune_dir: Path, device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network (or fold ensemble) from ``model_info.json`` and load ``model.pt`` (weights only)."""
+def load_trained_model(
+    finetune_dir: Path, device: torch.device | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network (or fold ensemble) from ``model_info.json``; load ``model.pt`` (weights only)."""
     from models import create_backbone
 
     info = json.loads((finetune_dir / "model_info.json").read_text())
 
     def one() -> nn.Module:
         return create_backbone(
-            info["backbone"], num_classes=info["num_classes"], in_chans=info["in_chans"],
-            spatial_dims=info["spatial_dims"], pretrained=False,
+            info["backbone"],
+            num_classes=info["num_classes"],
+            in_chans=info["in_chans"],
+            spatial_dims=info["spatial_dims"],
+            pretrained=False,
         )
 
     ens = info.get("ensemble")

@@ -35,7 +35,7 @@ CHEAPEST_FIRST = ("linear_probe", "partial", "gradual", "finetune", "scratch")
 
 
 def setup_trainable(model: nn.Module, strategy: str, tc: TrainConfig):
-    """Set ``requires_grad`` for ``strategy``; returns the :class:`models.GradualUnfreezing` schedule or None."""
+    """Set ``requires_grad`` for ``strategy``; returns its :class:`models.GradualUnfreezing` or None."""
     from models import GradualUnfreezing, freeze, param_groups
 
     n_groups = len(param_groups(model))
@@ -45,7 +45,9 @@ def setup_trainable(model: nn.Module, strategy: str, tc: TrainConfig):
         freeze(model, min(tc.trainable_groups, n_groups))
     elif strategy == "gradual":
         schedule = GradualUnfreezing(
-            initial_groups=1, milestones=tuple(tc.unfreeze_milestones), groups_per_step=tc.unfreeze_groups_per_step
+            initial_groups=1,
+            milestones=tuple(tc.unfreeze_milestones),
+            groups_per_step=tc.unfreeze_groups_per_step,
         )
         schedule.apply(model, 0)
         return schedule
@@ -56,7 +58,9 @@ def setup_trainable(model: nn.Module, strategy: str, tc: TrainConfig):
     return None
 
 
-def make_optimizer(model: nn.Module, strategy: str, tc: TrainConfig, pretrained: bool) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, strategy: str, tc: TrainConfig, pretrained: bool
+) -> torch.optim.Optimizer:
     """AdamW with discriminative learning rates: head at ``lr``, pretrained body at ``lr * backbone_lr_mult``.
 
     ``partial`` optimises only its trainable groups; ``gradual`` gets every parameter (frozen ones have no
@@ -97,7 +101,9 @@ def reestimate_bn(model: nn.Module, x: np.ndarray, device: torch.device, batch_s
     Returns:
         The number of BatchNorm layers re-estimated.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns or len(x) < 2:
         return 0
     momenta = [m.momentum for m in bns]
@@ -117,7 +123,9 @@ def reestimate_bn(model: nn.Module, x: np.ndarray, device: torch.device, batch_s
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+def extract_features(
+    model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
     """Embeddings ``(N, num_features)`` = ``forward_head(forward_features(x), pre_logits=True)`` in eval mode.
 
     Args:
@@ -143,10 +151,16 @@ class ProbeResult:
     scores: dict[float, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"C": self.c, "val_auroc": self.val_score, "val_auroc_by_C": {str(k): v for k, v in self.scores.items()}}
+        return {
+            "C": self.c,
+            "val_auroc": self.val_score,
+            "val_auroc_by_C": {str(k): v for k, v in self.scores.items()},
+        }
 
 
-def probe_head_weights(clf, mean: np.ndarray, scale: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def probe_head_weights(
+    clf, mean: np.ndarray, scale: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Fold a fitted ``LogisticRegression`` on standardised features into a linear head ``(W, b)``.
 
     ``softmax(W f + b)`` equals ``clf.predict_proba((f - mean) / scale)`` (binary: the logit difference is

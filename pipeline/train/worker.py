@@ -31,25 +31,41 @@ def write_job(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path) -> 
     """Write ``work_dir/job.json``: the validated config and the stage folders (absolute paths)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     job = work_dir / "job.json"
-    write_json(job, {
-        "config": cfg.model_dump(mode="json"),
-        "augment_dir": str(Path(augment_dir).resolve()),
-        "out_dir": str(Path(out_dir).resolve()),
-        "work_dir": str(Path(work_dir).resolve()),
-    })
+    write_json(
+        job,
+        {
+            "config": cfg.model_dump(mode="json"),
+            "augment_dir": str(Path(augment_dir).resolve()),
+            "out_dir": str(Path(out_dir).resolve()),
+            "work_dir": str(Path(work_dir).resolve()),
+        },
+    )
     return job
 
 
 def torchrun_command(job: Path, nproc: int) -> list[str]:
     """The ``torchrun`` command line (as ``python -m torch.distributed.run``, same interpreter)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "pipeline.train.worker", "--job", str(job),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pipeline.train.worker",
+        "--job",
+        str(job),
     ]
 
 
-def launch_distributed(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: Path, nproc: int | None = None,
-                       timeout: float | None = None) -> dict[str, Any]:
+def launch_distributed(
+    cfg: Config,
+    augment_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    nproc: int | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
     """Train with ``nproc`` (default ``train.devices``) DDP processes under torchrun; wait for them.
 
     Args:
@@ -72,11 +88,19 @@ def launch_distributed(cfg: Config, augment_dir: Path, out_dir: Path, work_dir: 
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if cfg.runtime.threads:
         env["OMP_NUM_THREADS"] = str(cfg.runtime.threads)
-    proc = subprocess.run(torchrun_command(job, nproc), cwd=str(REPO_ROOT), env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        torchrun_command(job, nproc),
+        cwd=str(REPO_ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
-        raise MedtlError(f"FineTune: torchrun with {nproc} process(es) failed (exit {proc.returncode}):\n{tail}")
+        raise MedtlError(
+            f"FineTune: torchrun with {nproc} process(es) failed (exit {proc.returncode}):\n{tail}"
+        )
     return json.loads((Path(out_dir) / "train_summary.json").read_text())
 
 
@@ -103,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     try:
-        run_finetune(cfg, Path(job["augment_dir"]), Path(job["out_dir"]), Path(job["work_dir"]), progress=False)
+        run_finetune(
+            cfg, Path(job["augment_dir"]), Path(job["out_dir"]), Path(job["work_dir"]), progress=False
+        )
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
