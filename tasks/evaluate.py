@@ -9,13 +9,15 @@ from pipeline.evaluate.stage import run_evaluate
 from pipeline.workspace import StagePlan
 from tasks.base import StageTask
 from tasks.finetune import FineTune
+from tasks.study import study_members
 
 
 class Evaluate(StageTask):
     stage = "evaluate"
 
-    def requires(self) -> FineTune:
-        return FineTune(config=self.config)
+    def requires(self) -> FineTune | list:
+        members = study_members(self.config)
+        return [FineTune(config=self.config), *members] if members else FineTune(config=self.config)
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
         run_evaluate(cfg, plan, tmp)

@@ -59,8 +59,16 @@ def test_same_model_gives_no_difference(tmp_path) -> None:
     rng, y, case = _data(200, seed=3)
     now = _logits(y, 1.0, rng)
     _write_prev(tmp_path / "e", case, y, now)
-    out = compare_models(y, case, case, _softmax(now), load_previous(tmp_path / "e" / "predictions.csv", 2),
-                         NAMES, 0, n_bootstrap=200)
+    out = compare_models(
+        y,
+        case,
+        case,
+        _softmax(now),
+        load_previous(tmp_path / "e" / "predictions.csv", 2),
+        NAMES,
+        0,
+        n_bootstrap=200,
+    )
     assert out["delong"]["difference"] == pytest.approx(0, abs=1e-6)
     assert out["delong"]["p_value"] > 0.5 and out["paired_bootstrap"]["p_value"] > 0.5
 
@@ -72,11 +80,28 @@ def test_partial_overlap_and_label_changes_are_counted(tmp_path) -> None:
     y_prev[:10] = 1 - y_prev[:10]  # relabelled since the earlier run
     keep = np.r_[0:250]
     extra = np.array([f"gone{i}" for i in range(7)])
-    _write_prev(tmp_path / "e", np.r_[case[keep], extra], np.r_[y_prev[keep], np.zeros(7, int)],
-                np.r_[prev_logits[keep], np.zeros((7, 2))])
-    out = compare_models(y, case, case, _softmax(_logits(y, 1.0, rng)), load_previous(tmp_path / "e", 2),
-                         NAMES, 0, n_bootstrap=200)
-    assert (out["n_matched"], out["n_current_only"], out["n_previous_only"], out["n_label_mismatch"]) == (240, 50, 7, 10)
+    _write_prev(
+        tmp_path / "e",
+        np.r_[case[keep], extra],
+        np.r_[y_prev[keep], np.zeros(7, int)],
+        np.r_[prev_logits[keep], np.zeros((7, 2))],
+    )
+    out = compare_models(
+        y,
+        case,
+        case,
+        _softmax(_logits(y, 1.0, rng)),
+        load_previous(tmp_path / "e", 2),
+        NAMES,
+        0,
+        n_bootstrap=200,
+    )
+    assert (out["n_matched"], out["n_current_only"], out["n_previous_only"], out["n_label_mismatch"]) == (
+        240,
+        50,
+        7,
+        10,
+    )
 
 
 def test_multiclass_compares_each_class_and_cluster_bootstrap(tmp_path) -> None:
@@ -89,9 +114,15 @@ def test_multiclass_compares_each_class_and_cluster_bootstrap(tmp_path) -> None:
     z[np.arange(n), y] += 1.5
     names = ["a", "b", "c"]
     (tmp_path / "e").mkdir()
-    _write_predictions(tmp_path / "e" / "predictions.csv",
-                       {"test": SplitPredictions(logits=z, y=y, patient=patient, case=case)}, {}, names)
-    out = compare_models(y, case, patient, _softmax(z), load_previous(tmp_path / "e", k), names, None, n_bootstrap=200)
+    _write_predictions(
+        tmp_path / "e" / "predictions.csv",
+        {"test": SplitPredictions(logits=z, y=y, patient=patient, case=case)},
+        {},
+        names,
+    )
+    out = compare_models(
+        y, case, patient, _softmax(z), load_previous(tmp_path / "e", k), names, None, n_bootstrap=200
+    )
     assert set(out["classes"]) == set(names) and out["ci_resampling"] == "patient_cluster"
     for c in out["classes"].values():  # the same model
         assert abs(c["delong"]["difference"]) < 1e-4

@@ -31,7 +31,13 @@ def _cnn(dims: int) -> nn.Module:
     conv = nn.Conv2d if dims == 2 else nn.Conv3d
     pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
     return nn.Sequential(
-        conv(1, 8, 3, padding=1), nn.ReLU(), conv(8, 8, 3, padding=1), nn.ReLU(), pool, nn.Flatten(), nn.Linear(8, 2)
+        conv(1, 8, 3, padding=1),
+        nn.ReLU(),
+        conv(8, 8, 3, padding=1),
+        nn.ReLU(),
+        pool,
+        nn.Flatten(),
+        nn.Linear(8, 2),
     )
 
 
@@ -106,14 +112,23 @@ def test_3d_map_peaks_inside_the_cube() -> None:
     assert cams.shape == (len(pos), SIZE, SIZE, SIZE)
     inside = _peak_inside(cams, [boxes[i] for i in pos], 3)
     assert inside.all(), f"peak inside the cube for only {inside.mean():.0%} of positives"
-    fig = explanation_figure(x[pos[:2]].numpy(), cams[:2], select_cases(
-        np.ones(2, int), np.array([[0.1, 0.9], [0.8, 0.2]]), ["case-a", "case-b"], ["neg", "pos"], 1))
+    fig = explanation_figure(
+        x[pos[:2]].numpy(),
+        cams[:2],
+        select_cases(
+            np.ones(2, int), np.array([[0.1, 0.9], [0.8, 0.2]]), ["case-a", "case-b"], ["neg", "pos"], 1
+        ),
+    )
     assert len([a for a in fig.axes if a.images]) == 6  # three middle slices per case
 
 
 def test_target_layer_skips_collapsed_convolutions() -> None:
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=16), nn.Flatten(), nn.LazyLinear(2)
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=16),
+        nn.Flatten(),
+        nn.LazyLinear(2),
     )
     model(torch.zeros(1, 1, 32, 32))
     layer = find_target_layer(model, torch.zeros(1, 1, 32, 32))

@@ -51,14 +51,18 @@ class PreviousScores:
     probs: np.ndarray
 
 
-def _read_predictions_csv(path: Path, n_classes: int, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_predictions_csv(
+    path: Path, n_classes: int, split: str = "test"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r.get("split") == split]
     except OSError as err:
         raise ConfigError(f"evaluate.compare_with: cannot read {path}: {err}") from err
     if not rows:
-        raise ConfigError(f"evaluate.compare_with: {path} holds no '{split}' rows; expected a medtl predictions.csv")
+        raise ConfigError(
+            f"evaluate.compare_with: {path} holds no '{split}' rows; expected a medtl predictions.csv"
+        )
     raw = [c for c in rows[0] if c.startswith("p_raw_")]
     if len(raw) != n_classes:
         raise ConfigError(
@@ -70,8 +74,14 @@ def _read_predictions_csv(path: Path, n_classes: int, split: str = "test") -> tu
     return case, y, probs
 
 
-def load_previous(path: Path, n_classes: int, test_x: np.ndarray | None = None, test_case: np.ndarray | None = None,
-                  test_y: np.ndarray | None = None, device: Any = None) -> PreviousScores:
+def load_previous(
+    path: Path,
+    n_classes: int,
+    test_x: np.ndarray | None = None,
+    test_case: np.ndarray | None = None,
+    test_y: np.ndarray | None = None,
+    device: Any = None,
+) -> PreviousScores:
     """Load the earlier model's test predictions.
 
     Args:
@@ -98,7 +108,9 @@ def load_previous(path: Path, n_classes: int, test_x: np.ndarray | None = None, 
         from pipeline.train.loop import load_trained_model, predict_logits
 
         if test_x is None or test_case is None or test_y is None:
-            raise ConfigError(f"evaluate.compare_with: {path} is a FineTune folder; this run has no test tensors to score")
+            raise ConfigError(
+                f"evaluate.compare_with: {path} is a FineTune folder; this run has no test tensors to score"
+            )
         dev = device or torch.device("cpu")
         try:
             model, info = load_trained_model(path, dev)
@@ -120,7 +132,9 @@ def load_previous(path: Path, n_classes: int, test_x: np.ndarray | None = None, 
     )
 
 
-def _one(y_pos: np.ndarray, s_now: np.ndarray, s_prev: np.ndarray, bs: Bootstrap, level: float) -> dict[str, Any]:
+def _one(
+    y_pos: np.ndarray, s_now: np.ndarray, s_prev: np.ndarray, bs: Bootstrap, level: float
+) -> dict[str, Any]:
     if y_pos.all() or not y_pos.any():
         return {"error": "one class only among the matched cases: AUROC undefined"}
     a1, lo1, hi1 = delong_ci(y_pos, s_now, level)
@@ -135,9 +149,18 @@ def _one(y_pos: np.ndarray, s_now: np.ndarray, s_prev: np.ndarray, bs: Bootstrap
     }
 
 
-def compare_models(y: np.ndarray, case: np.ndarray, patient: np.ndarray, probs_now: np.ndarray,
-                   previous: PreviousScores, class_names: list[str], positive_index: int | None,
-                   n_bootstrap: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def compare_models(
+    y: np.ndarray,
+    case: np.ndarray,
+    patient: np.ndarray,
+    probs_now: np.ndarray,
+    previous: PreviousScores,
+    class_names: list[str],
+    positive_index: int | None,
+    n_bootstrap: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Paired comparison of AUROC, this run's model minus the earlier one, on the matched test cases.
 
     Args:

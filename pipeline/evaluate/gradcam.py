@@ -40,8 +40,10 @@ def find_target_layer(model: nn.Module, example: torch.Tensor, min_size: int = 4
     if not convs:
         raise ValueError(f"model {type(model).__name__}: no Conv2d/Conv3d layer for Grad-CAM")
     shapes: dict[int, tuple[int, ...]] = {}
-    hooks = [m.register_forward_hook(lambda mod, _i, out: shapes.__setitem__(id(mod), tuple(out.shape[2:])))
-             for m in convs]
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, out: shapes.__setitem__(id(mod), tuple(out.shape[2:])))
+        for m in convs
+    ]
     try:
         with torch.no_grad():
             model(example[:1])
@@ -55,8 +57,9 @@ def find_target_layer(model: nn.Module, example: torch.Tensor, min_size: int = 4
     return max(ran, key=lambda m: int(np.prod(shapes[id(m)])))
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, target: Sequence[int] | None = None,
-             layer: nn.Module | None = None) -> np.ndarray:
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, target: Sequence[int] | None = None, layer: nn.Module | None = None
+) -> np.ndarray:
     """Grad-CAM maps of a batch.
 
     Args:
@@ -113,8 +116,9 @@ class CamCase:
     correct: bool
 
 
-def select_cases(y: np.ndarray, probs: np.ndarray, case_ids: Sequence[str], class_names: Sequence[str],
-                 n: int) -> list[CamCase]:
+def select_cases(
+    y: np.ndarray, probs: np.ndarray, case_ids: Sequence[str], class_names: Sequence[str], n: int
+) -> list[CamCase]:
     """The ``n`` most confident correct and the ``n`` most confident wrong predictions (deterministic).
 
     Args:
@@ -130,8 +134,17 @@ def select_cases(y: np.ndarray, probs: np.ndarray, case_ids: Sequence[str], clas
     for want_correct in (True, False):
         idx = np.flatnonzero((pred == y) == want_correct)
         idx = idx[np.lexsort((idx, -conf[idx]))][:n]
-        out += [CamCase(int(i), str(case_ids[i]), class_names[int(y[i])], class_names[int(pred[i])],
-                        float(conf[i]), want_correct) for i in idx]
+        out += [
+            CamCase(
+                int(i),
+                str(case_ids[i]),
+                class_names[int(y[i])],
+                class_names[int(pred[i])],
+                float(conf[i]),
+                want_correct,
+            )
+            for i in idx
+        ]
     return out
 
 
@@ -156,24 +169,31 @@ def explanation_figure(images: np.ndarray, cams: np.ndarray, cases: Sequence[Cam
     n = len(cases)
     three_d = cams.ndim == 4
     if three_d:
-        fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.3 * n), squeeze=False)
+        fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.6 * n), squeeze=False)
     else:
         cols = min(n, 4) if n else 1
         rows = int(np.ceil(n / cols)) if n else 1
-        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.55 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, case in enumerate(cases):
         img = np.asarray(images[i][0], dtype=np.float32)
-        pairs = list(zip(_middle_slices(img), _middle_slices(cams[i]), strict=True)) if three_d else [(img, cams[i])]
+        pairs = (
+            list(zip(_middle_slices(img), _middle_slices(cams[i]), strict=True))
+            if three_d
+            else [(img, cams[i])]
+        )
         panel = axes[i] if three_d else [axes.ravel()[i]]
         for j, (ax, (im, cam)) in enumerate(zip(panel, pairs, strict=False)):
             ax.imshow(im, cmap="gray", interpolation="nearest")
             ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1, interpolation="bilinear")
             if j == 0:
                 mark = "correct" if case.correct else "WRONG"
-                ax.set_title(f"{case.case_id[:14]}\n{mark}: true {case.true_name[:14]},\n"
-                             f"pred {case.pred_name[:14]} (p={case.prob:.2f})", fontsize=7,
-                             color="black" if case.correct else "firebrick")
-    fig.tight_layout()
+                ax.set_title(
+                    f"{case.case_id[:16]}\n{mark}: true {case.true_name[:18]}\n"
+                    f"predicted {case.pred_name[:18]} (p={case.prob:.2f})",
+                    fontsize=7,
+                    color="black" if case.correct else "firebrick",
+                )
+    fig.tight_layout(h_pad=1.2)
     return fig

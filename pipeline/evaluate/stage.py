@@ -32,12 +32,24 @@ EVAL_SPLITS = ("val", "calibration", "test")
 SUBGROUP_COLUMNS = ("sex", "age_band", "manufacturer", "modality")
 
 
-def collect_predictions(cfg: Config, augment_dir: Path, finetune_dir: Path) -> dict[str, Any]:
-    """Logits and metadata of every evaluated split, as ``SplitPredictions``."""
+def collect_predictions(
+    cfg: Config, augment_dir: Path, finetune_dir: Path, keep: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Logits and metadata of every evaluated split, as ``SplitPredictions``.
+
+    Args:
+        cfg: The run config.
+        augment_dir: The Augment stage folder (cached tensors).
+        finetune_dir: The FineTune stage folder (``model.pt``).
+        keep: If given, receives ``model``, ``device`` and ``test_x`` (test tensors, (N, C, H, W) or
+            (N, C, D, H, W)) for explanations and model comparison.
+    """
     from pipeline.evaluate.summary import SplitPredictions
 
     device = select_device(cfg.train.device)
     model, _ = load_trained_model(finetune_dir, device)
+    if keep is not None:
+        keep.update(model=model, device=device)
     rows = read_index(augment_dir)
     group_cols = [c for c in SUBGROUP_COLUMNS if any(r.get(c) for r in rows)]
     group_cols += [c for c in (rows[0] if rows else {}) if c.startswith("group_")]
@@ -47,7 +59,11 @@ def collect_predictions(cfg: Config, augment_dir: Path, finetune_dir: Path) -> d
         if len(data) == 0:
             continue
         logits = predict_logits(model, data.x, device)
-        groups = {c.removeprefix("group_"): np.array([r.get(c) or "unknown" for r in data.rows]) for c in group_cols}
+        if keep is not None and split == "test":
+            keep["test_x"] = data.x
+        groups = {
+            c.removeprefix("group_"): np.array([r.get(c) or "unknown" for r in data.rows]) for c in group_cols
+        }
         out[split] = SplitPredictions(
             logits=logits.astype(np.float64),
             y=data.y,
@@ -73,8 +89,11 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
     from pipeline.report.render import write_reports
 
     torch.manual_seed(cfg.train.seed)
-    preds = collect_predictions(cfg, Path(plan.augment), Path(plan.finetune))
-    task = TaskInfo(kind=cfg.task.kind, class_names=cfg.task.class_names, positive_index=cfg.task.positive_index)
+    kept: dict[str, Any] = {}
+    preds = collect_predictions(cfg, Path(plan.augment), Path(plan.finetune), keep=kept)
+    task = TaskInfo(
+        kind=cfg.task.kind, class_names=cfg.task.class_names, positive_index=cfg.task.positive_index
+    )
     options = EvalOptions(
         calibration=cfg.evaluate.calibration,
         n_bootstrap=cfg.evaluate.n_bootstrap,
@@ -85,16 +104,23 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
     )
     result = evaluate_run(preds, task, options, seed=cfg.train.seed)
     metrics = dict(result.metrics)
+    add_val_operating_points(metrics, preds, result.calibrated, task, cfg.evaluate.ci_level)
     metrics["run"] = {
         "name": cfg.name,
         "data_snapshot": plan.snapshot,
         "stages": {s: Path(getattr(plan, s)).name for s in ("ingest", "augment", "finetune", "evaluate")},
         "config": cfg.public_dict(),
     }
+    if cfg.evaluate.compare_with is not None:
+        metrics["run"]["config"]["evaluate"]["compare_with"] = Path(cfg.evaluate.compare_with).name
+        metrics["comparison"] = compare_with_previous(cfg, preds, kept)
+    if cfg.evaluate.study_label_fractions:
+        metrics["study"] = collect_study(cfg, plan)
     metrics["headline"] = headline(metrics)
+    explanations = explain(cfg, preds, result.calibrated, kept)
     _write_predictions(out_dir / "predictions.csv", preds, result.calibrated, cfg.task.class_names)
     write_json(out_dir / "metrics.json", metrics)
-    write_reports(cfg, plan, metrics, preds, result.calibrated, out_dir)
+    write_reports(cfg, plan, metrics, preds, result.calibrated, out_dir, explanations=explanations)
     log.info("Evaluate: report written (%s)", ", ".join(sorted(p.name for p in out_dir.iterdir())))
     return metrics
 
@@ -112,7 +138,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_predictions(path: Path, preds: dict[str, Any], calibrated: dict[str, np.ndarray], names: list[str]) -> None:
+def _write_predictions(
+    path: Path, preds: dict[str, Any], calibrated: dict[str, np.ndarray], names: list[str]
+) -> None:
     buf = io.StringIO()
     cols = ["case_id", "patient_id", "split", "label_index"]
     cols += [f"p_raw_{n}" for n in names] + [f"p_cal_{n}" for n in names]
@@ -132,3 +160,299 @@ def _write_predictions(path: Path, preds: dict[str, Any], calibrated: dict[str, 
 
 def load_metrics(stage_dir: Path) -> dict[str, Any]:
     return json.loads((stage_dir / "metrics.json").read_text())
+
+
+def add_val_operating_points(
+    metrics: dict[str, Any], preds: dict[str, Any], calibrated: dict[str, np.ndarray], task, level: float
+) -> None:
+    """Add ``val`` (same fields as ``test``) to every operating point: how the rule did where it was chosen.
+
+    Binary tasks only; the val figures use the same variant's probabilities as the threshold choice.
+    """
+    if task.kind != "binary" or "val" not in preds:
+        return
+    from pipeline.evaluate.operating_points import apply_threshold
+
+    sp = preds["val"]
+    y_pos = np.asarray(sp.y) == task.positive_index
+    raw = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
+    test = metrics.get("evaluation", {}).get("test", {})
+    for variant, probs in (("uncalibrated", raw), ("calibrated", calibrated.get("val"))):
+        ops = (test.get(variant) or {}).get("operating_points") or {}
+        if probs is None:
+            continue
+        for op in ops.values():
+            if isinstance(op, dict) and isinstance(op.get("threshold"), (int, float)):
+                op["val"] = apply_threshold(
+                    probs[:, task.positive_index], y_pos, float(op["threshold"]), level=level
+                )
+
+
+def _resolve_compare_path(cfg: Config) -> Path:
+    p = Path(cfg.evaluate.compare_with).expanduser()
+    if not p.is_absolute() and cfg.source_path is not None:
+        p = Path(cfg.source_path).parent / p
+    return p
+
+
+def compare_with_previous(cfg: Config, preds: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:
+    """The ``comparison`` block: this model against ``evaluate.compare_with`` on the matched test cases."""
+    from pipeline.evaluate.compare import compare_models, load_previous
+
+    sp = preds["test"]
+    names = cfg.task.class_names
+    previous = load_previous(
+        _resolve_compare_path(cfg),
+        len(names),
+        test_x=kept.get("test_x"),
+        test_case=sp.case,
+        test_y=sp.y,
+        device=kept.get("device"),
+    )
+    raw = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
+    return compare_models(
+        np.asarray(sp.y),
+        np.asarray(sp.case),
+        np.asarray(sp.patient),
+        raw,
+        previous,
+        names,
+        cfg.task.positive_index if cfg.task.kind == "binary" else None,
+        n_bootstrap=cfg.evaluate.n_bootstrap,
+        level=cfg.evaluate.ci_level,
+        seed=cfg.train.seed,
+    )
+
+
+def explain(
+    cfg: Config, preds: dict[str, Any], calibrated: dict[str, np.ndarray], kept: dict[str, Any]
+) -> list[tuple[bytes, str]]:
+    """Grad-CAM overlay figures (PNG, caption) of the most confident correct and wrong test cases.
+
+    Errors are logged and give no figure: explanations must never fail an evaluation.
+    """
+    n = cfg.evaluate.explain_cases
+    if n <= 0 or "test" not in preds or kept.get("test_x") is None:
+        return []
+    from pipeline.evaluate.gradcam import explanation_figure, grad_cam, select_cases
+    from pipeline.report.plots import to_png
+
+    sp = preds["test"]
+    probs = calibrated.get("test", torch.softmax(torch.from_numpy(sp.logits), 1).numpy())
+    cases = select_cases(np.asarray(sp.y), probs, list(sp.case), cfg.task.class_names, n)
+    if not cases:
+        return []
+    try:
+        idx = [c.index for c in cases]
+        x = torch.from_numpy(np.asarray(kept["test_x"][idx], dtype=np.float32)).to(kept["device"])
+        pred = [cfg.task.class_names.index(c.pred_name) for c in cases]
+        model = kept["model"]
+        cams = grad_cam(model, x, target=pred)
+        fig = explanation_figure(x.cpu().numpy(), cams, cases)
+    except (RuntimeError, ValueError) as err:
+        log.warning("Evaluate: Grad-CAM failed (%s); the report has no explanation figure", err)
+        return []
+    n_ok = sum(c.correct for c in cases)
+    caption = (
+        f"Grad-CAM of the predicted class for the {n_ok} most confident correct and the {len(cases) - n_ok} most "
+        "confident wrong test predictions (preprocessed model inputs; red = regions that raised the predicted "
+        "class's score; captions give pseudonymous case ids only). A heat map shows where the model looked, "
+        "not why, and is no proof of clinically meaningful features."
+    )
+    return [(to_png(fig), caption)]
+
+
+def collect_study(cfg: Config, plan) -> dict[str, Any]:
+    """The ``study`` block: each study model's ``study_result.json`` (written by :func:`run_study_member`)."""
+    runs = []
+    for strategy in cfg.evaluate.study_strategies:
+        for frac in cfg.evaluate.study_label_fractions:
+            path = study_dir(cfg, plan, frac, strategy) / "study_result.json"
+            if path.is_file():
+                run = json.loads(path.read_text())
+                run["_predictions"] = str(path.parent / "predictions.csv")
+                runs.append(run)
+            else:
+                runs.append(
+                    {"strategy": strategy, "label_fraction": frac, "error": "not trained (missing result)"}
+                )
+    return summarise_study(runs, cfg)
+
+
+# ------------------------------------------------------------------------------ scarce-label study
+STUDY_VERSION = 1
+PRETRAINED_STRATEGIES = ("linear_probe", "partial", "finetune", "gradual")
+
+
+def study_config(cfg: Config, label_fraction: float, strategy: str) -> Config:
+    """The config of one study model: ``train.label_fraction`` and the strategy changed, nothing else.
+
+    ``scratch`` keeps ``train.strategy: finetune`` (every layer trained) with ``model.pretrained: false``.
+    """
+    pretrained = strategy != "scratch"
+    train = cfg.train.model_copy(
+        update={
+            "label_fraction": float(label_fraction),
+            "strategy": "finetune" if strategy == "scratch" else strategy,
+            "folds": 1,
+        }
+    )
+    model = cfg.model.model_copy(update={"pretrained": pretrained and cfg.model.pretrained})
+    return cfg.model_copy(update={"train": train, "model": model})
+
+
+def study_digest(cfg: Config, plan, label_fraction: float, strategy: str) -> str:
+    """Digest of a study model: as the FineTune digest (model and train sections, augment folder)."""
+    from pipeline.workspace import STAGE_VERSIONS
+
+    scfg = study_config(cfg, label_fraction, strategy)
+    return scfg.hashed(
+        "model", "train", extra={"augment": Path(plan.augment).name, "v": STAGE_VERSIONS["finetune"]}
+    )
+
+
+def study_reuses_main_model(cfg: Config, plan, label_fraction: float, strategy: str) -> bool:
+    """True when the study model is the run's own FineTune model (same digest): it is not trained twice."""
+    return study_digest(cfg, plan, label_fraction, strategy) == Path(plan.finetune).name
+
+
+def study_dir(cfg: Config, plan, label_fraction: float, strategy: str) -> Path:
+    """``<workspace>/study/<digest>/`` of one study model."""
+    return Path(plan.workspace) / "study" / study_digest(cfg, plan, label_fraction, strategy)
+
+
+def run_study_member(
+    cfg: Config, plan, label_fraction: float, strategy: str, out_dir: Path, work_dir: Path
+) -> dict[str, Any]:
+    """Train one study model (unless it is the run's own model) and score it on the test split.
+
+    Writes into ``out_dir``: the FineTune artefacts (when trained here), ``predictions.csv`` (test split,
+    uncalibrated probabilities; pseudonymous ids) and ``study_result.json``.
+
+    Returns:
+        The content of ``study_result.json``.
+    """
+    from pipeline.evaluate.bootstrap import Bootstrap
+    from pipeline.evaluate.metrics import discrimination_block
+    from pipeline.evaluate.summary import SplitPredictions
+    from pipeline.train.loop import run_finetune
+
+    scfg = study_config(cfg, label_fraction, strategy)
+    reused = study_reuses_main_model(cfg, plan, label_fraction, strategy)
+    if reused:
+        model_dir = Path(plan.finetune)
+    else:
+        run_finetune(scfg, Path(plan.augment), out_dir, work_dir, progress=False)
+        model_dir = out_dir
+    summary = (
+        json.loads((model_dir / "train_summary.json").read_text())
+        if (model_dir / "train_summary.json").is_file()
+        else {}
+    )
+    device = select_device(cfg.train.device)
+    model, _ = load_trained_model(model_dir, device)
+    rows = read_index(Path(plan.augment))
+    test = load_split(Path(plan.augment), rows, "test")
+    if len(test) == 0:
+        raise ValueError(f"study: the test split of {plan.augment} is empty")
+    logits = predict_logits(model, test.x, device).astype(np.float64)
+    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    sp = SplitPredictions(
+        logits=logits, y=test.y, patient=np.array(test.patients), case=np.array(test.case_ids)
+    )
+    _write_predictions(out_dir / "predictions.csv", {"test": sp}, {}, cfg.task.class_names)
+    bs = Bootstrap(
+        len(test.y),
+        cfg.evaluate.n_bootstrap,
+        seed=cfg.train.seed,
+        clusters=np.array(test.patients),
+        ci_level=cfg.evaluate.ci_level,
+    )
+    disc = discrimination_block(
+        probs, test.y, cfg.task.kind, cfg.task.class_names, cfg.task.positive_index, bs
+    )
+    key = "auroc" if cfg.task.kind == "binary" else "macro_auroc"
+    result = {
+        "study_version": STUDY_VERSION,
+        "strategy": strategy,
+        "label_fraction": float(label_fraction),
+        "pretrained": bool(scfg.model.pretrained),
+        "train_strategy": scfg.train.strategy,
+        "digest": study_digest(cfg, plan, label_fraction, strategy),
+        "reused_main_model": reused,
+        "train_cases": summary.get("train_cases"),
+        "best_val_auroc": summary.get("best_val_auroc"),
+        "epochs_run": summary.get("epochs_run"),
+        "test_metric": key,
+        "test_auroc": disc.get(key),
+        "test_discrimination": disc,
+    }
+    write_json(out_dir / "study_result.json", result)
+    return result
+
+
+def summarise_study(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """The ``study`` block: every run, and per label fraction whether pretraining beat training from scratch.
+
+    Negative transfer is flagged at a fraction when the best pretrained strategy's test AUROC is not above
+    the scratch model's (point estimates); the paired DeLong test of that difference (binary tasks, same
+    test cases) says how sure this is.
+    """
+
+    by_key = {(r["strategy"], r["label_fraction"]): r for r in runs}
+    transfer = []
+    for frac in sorted({r["label_fraction"] for r in runs}):
+        scratch = by_key.get(("scratch", frac))
+        pre = [r for (s, f), r in by_key.items() if f == frac and s != "scratch" and _auc(r) is not None]
+        if scratch is None or _auc(scratch) is None or not pre:
+            continue
+        best = max(pre, key=_auc)
+        entry = {
+            "label_fraction": frac,
+            "best_pretrained": best["strategy"],
+            "auroc_pretrained": _auc(best),
+            "auroc_scratch": _auc(scratch),
+            "difference": _auc(best) - _auc(scratch),
+            "negative_transfer": bool(_auc(best) <= _auc(scratch)),
+        }
+        if cfg.task.kind == "binary":
+            paired = _paired_from_predictions(best, scratch, cfg)
+            if paired is not None:
+                entry["delong"] = paired
+        transfer.append(entry)
+    return {
+        "metric": "auroc" if cfg.task.kind == "binary" else "macro_auroc",
+        "label_fractions": list(cfg.evaluate.study_label_fractions),
+        "strategies": list(cfg.evaluate.study_strategies),
+        "runs": [
+            {k: v for k, v in r.items() if k not in ("test_discrimination", "_predictions")} for r in runs
+        ],
+        "transfer": transfer,
+        "negative_transfer_at": [t["label_fraction"] for t in transfer if t["negative_transfer"]],
+    }
+
+
+def _auc(run: dict[str, Any]) -> float | None:
+    a = run.get("test_auroc")
+    return a.get("value") if isinstance(a, dict) else None
+
+
+def _paired_from_predictions(a: dict[str, Any], b: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    from pipeline.evaluate.compare import load_previous
+    from pipeline.evaluate.delong import delong_roc_test
+
+    pa, pb = a.get("_predictions"), b.get("_predictions")
+    if not pa or not pb:
+        return None
+    k = len(cfg.task.class_names)
+    A, B = load_previous(Path(pa), k), load_previous(Path(pb), k)
+    idx = {c: i for i, c in enumerate(B.case)}
+    common = [(i, idx[c]) for i, c in enumerate(A.case) if c in idx]
+    if len(common) < 2:
+        return None
+    ia, ib = np.array(common).T
+    pos = cfg.task.positive_index
+    y_pos = A.y[ia] == pos
+    if y_pos.all() or not y_pos.any():
+        return None
+    return delong_roc_test(y_pos, A.probs[ia, pos], B.probs[ib, pos], cfg.evaluate.ci_level).to_dict()

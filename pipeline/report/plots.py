@@ -23,11 +23,18 @@ def to_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def roc_figure(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive_index: int | None,
-               auroc_text: dict[str, str] | None = None):
+def roc_figure(
+    y: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    positive_index: int | None,
+    auroc_text: dict[str, str] | None = None,
+):
     """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    classes = [positive_index] if (probs.shape[1] == 2 and positive_index is not None) else range(probs.shape[1])
+    classes = (
+        [positive_index] if (probs.shape[1] == 2 and positive_index is not None) else range(probs.shape[1])
+    )
     for k in classes:
         if len(np.unique(y == k)) < 2:
             continue
@@ -45,8 +52,12 @@ def roc_figure(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], pos
     return fig
 
 
-def reliability_figure(bins_before: list[dict], bins_after: list[dict], xlabel: str,
-                       titles: tuple[str, str] = ("uncalibrated", "calibrated")):
+def reliability_figure(
+    bins_before: list[dict],
+    bins_after: list[dict],
+    xlabel: str,
+    titles: tuple[str, str] = ("uncalibrated", "calibrated"),
+):
     """Reliability diagrams before/after calibration from the metrics' reliability bins.
 
     Each bin dict has ``mean_confidence``, ``observed_frequency``, ``observed_ci`` (Wilson 95%) and
@@ -63,7 +74,14 @@ def reliability_figure(bins_before: list[dict], bins_after: list[dict], xlabel: 
         yerr = np.clip(np.vstack([f - lo, hi - f]), 0, None)
         ax.errorbar(x, f, yerr=yerr, fmt="o-", ms=4, capsize=2, label="observed (95% CI)")
         for b, cx, fy in zip(bins, x, f, strict=True):
-            ax.annotate(str(b["count"]), (cx, fy), textcoords="offset points", xytext=(3, 4), fontsize=6, color="dimgray")
+            ax.annotate(
+                str(b["count"]),
+                (cx, fy),
+                textcoords="offset points",
+                xytext=(3, 4),
+                fontsize=6,
+                color="dimgray",
+            )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_title(f"Reliability, {title}")
@@ -97,22 +115,27 @@ def history_figure(history: list[dict[str, str]]):
     return fig
 
 
-def histogram_figure(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive_index: int | None,
-                     thresholds: dict[str, float] | None = None):
+def histogram_figure(
+    y: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    positive_index: int | None,
+    thresholds: dict[str, float] | None = None,
+):
     """Distribution of the calibrated positive-class probability (or top confidence) per true class."""
-    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    fig, ax = plt.subplots(figsize=(7.2, 3.2))
     col = positive_index if (probs.shape[1] == 2 and positive_index is not None) else None
     for k, name in enumerate(class_names):
         vals = probs[y == k, col] if col is not None else probs[y == k].max(1)
         if len(vals):
             ax.hist(vals, bins=np.linspace(0, 1, 26), alpha=0.5, label=f"true {name} (n={len(vals)})")
-    for name, t in (thresholds or {}).items():
-        ax.axvline(t, ls="--", lw=1, c="k")
-        ax.annotate(name, (t, ax.get_ylim()[1] * 0.9), fontsize=7, rotation=90, ha="right")
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 1))]
+    for i, (name, t) in enumerate((thresholds or {}).items()):
+        ax.axvline(t, ls=styles[i % len(styles)], lw=1.2, c="k", label=f"{name} ({t:.2f})")
     what = f"P({class_names[col]})" if col is not None else "top-class confidence"
     ax.set_xlabel(f"calibrated {what}")
     ax.set_ylabel("test cases")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 
@@ -130,5 +153,44 @@ def decision_curve_figure(curve: dict):
     ax.set_ylabel("net benefit")
     ax.set_title("Decision curve, test split")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def label_efficiency_figure(runs: list[dict], metric: str = "AUROC"):
+    """Test AUROC (95% CI bars) against the share of training labels, one line per strategy.
+
+    Each run dict has ``strategy``, ``label_fraction`` and ``test_auroc`` (``{"value", "ci"}``) or ``error``.
+    """
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    strategies = list(dict.fromkeys(r["strategy"] for r in runs))
+    for j, strat in enumerate(strategies):
+        pts = sorted(
+            (r["label_fraction"], r["test_auroc"])
+            for r in runs
+            if r["strategy"] == strat
+            and isinstance(r.get("test_auroc"), dict)
+            and r["test_auroc"].get("value") is not None
+        )
+        if not pts:
+            continue
+        x = np.array([p[0] for p in pts]) * (
+            1 + 0.025 * (j - (len(strategies) - 1) / 2)
+        )  # dodge overlapping bars
+        v = np.array([p[1]["value"] for p in pts], dtype=float)
+        lo = np.array([p[1]["ci"][0] if p[1]["ci"][0] is not None else np.nan for p in pts], dtype=float)
+        hi = np.array([p[1]["ci"][1] if p[1]["ci"][1] is not None else np.nan for p in pts], dtype=float)
+        yerr = np.nan_to_num(np.clip(np.vstack([v - lo, hi - v]), 0, None))
+        ax.errorbar(x, v, yerr=yerr, fmt="o-", capsize=3, label=strat)
+    fr = sorted({r["label_fraction"] for r in runs})
+    ax.set_xscale("log")
+    ax.set_xticks(fr)
+    ax.set_xticklabels([f"{f:.0%}" for f in fr])
+    ax.minorticks_off()
+    ax.axhline(0.5, c="grey", lw=0.8, ls=":")
+    ax.set_xlabel("share of training labels used")
+    ax.set_ylabel(f"test {metric} (95% CI)")
+    ax.set_title("Label efficiency, test split")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig

@@ -1,0 +1,377 @@
+"""The exported report: every section a clinical committee needs, from a synthetic evaluated run.
+
+``build_report`` assembles a run without training (synthetic logits with a known signal, real
+``evaluate_run`` metrics, a real comparison and study summary, a Grad-CAM figure) and writes the report;
+``tests/test_report_chromium.py`` renders the same output in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config
+from pipeline.evaluate.bootstrap import Bootstrap
+from pipeline.evaluate.compare import PreviousScores, compare_models
+from pipeline.evaluate.gradcam import explanation_figure, select_cases
+from pipeline.evaluate.metrics import auroc_with_ci
+from pipeline.evaluate.stage import add_val_operating_points, summarise_study
+from pipeline.evaluate.summary import EvalOptions, SplitPredictions, TaskInfo, evaluate_run
+from pipeline.report import render
+from pipeline.report.plots import to_png
+from pipeline.workspace import StagePlan
+
+BINARY = {"0": "malignant", "1": "benign"}
+MULTI = {"0": "normal", "1": "mild", "2": "severe"}
+
+
+def _split(
+    rng: np.random.Generator, n: int, k: int, strength: float, name: str, two_per_patient: bool
+) -> SplitPredictions:
+    y = rng.integers(0, k, n)
+    z = rng.normal(size=(n, k))
+    z[np.arange(n), y] += strength
+    z *= 2.5  # over-confident, so calibration has something to fix
+    per = 2 if two_per_patient else 1
+    patient = np.array([f"P{name[0]}{i // per:04d}" for i in range(n)])
+    case = np.array([f"C{name[0]}{i:05d}" for i in range(n)])
+    sex = np.where(rng.random(n) < 0.9, "F", "M")  # 'M' is a too-small subgroup
+    site = np.where(np.arange(n) % 2 == 0, "site-a", "site-b")
+    return SplitPredictions(logits=z, y=y, patient=patient, case=case, groups={"sex": sex, "site": site})
+
+
+def _write_plan(root: Path, names: list[str]) -> StagePlan:
+    plan = StagePlan(
+        workspace=root,
+        snapshot="0123456789ab",
+        ingest=root / "ingest" / "i1",
+        augment=root / "augment" / "a1",
+        finetune=root / "finetune" / "f1",
+        evaluate=root / "evaluate" / "e1",
+    )
+    for d in (plan.ingest, plan.augment, plan.finetune, plan.evaluate):
+        d.mkdir(parents=True)
+    splits = {
+        s: {"cases": n, "patients": n, "per_class": {c: n // len(names) for c in names}}
+        for s, n in (("train", 600), ("val", 160), ("calibration", 120), ("test", 300))
+    }
+    (plan.ingest / "ingest_report.json").write_text(
+        json.dumps(
+            {
+                "inputs": 1190,
+                "cases": 1180,
+                "patients": 1180,
+                "split_rule": "patient-level keyed hash",
+                "splits": splits,
+                "problems_by_code": {"unreadable": 7, "no_label": 3},
+                "problems": [
+                    {"code": "unreadable", "reason": "file is not DICOM, NIfTI or a 2D image"},
+                    {"code": "no_label", "reason": "no row in labels.csv"},
+                ],
+                "pixel_review": [],
+                "deidentification": "keyed HMAC-SHA256 pseudonyms",
+            }
+        )
+    )
+    (plan.finetune / "train_summary.json").write_text(
+        json.dumps(
+            {
+                "backbone": "efficientnet_lite0",
+                "strategy": "finetune",
+                "train_cases": 600,
+                "train_class_counts": [300, 300],
+                "label_fraction": 1.0,
+                "epochs_run": 3,
+                "best_epoch": 2,
+                "stopped_by": "max_epochs",
+                "best_val_auroc": 0.9,
+                "device": "cpu",
+                "weights": {"description": "ImageNet weights", "sha256": "ab" * 32},
+            }
+        )
+    )
+    with open(plan.finetune / "history.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "train_loss", "val_loss", "val_auroc", "best"])
+        for e in range(1, 4):
+            w.writerow([e, 0.7 / e, 0.6 / e**0.5, 0.7 + 0.05 * e, e == 2])
+    return plan
+
+
+def _study(cfg: Config, test: SplitPredictions, pos: int, rng: np.random.Generator) -> dict:
+    """Study runs with known ordering: scratch beats the pretrained models at 10% (negative transfer)."""
+    runs = []
+    y_pos = test.y == pos
+    strength = {
+        ("linear_probe", 0.1): 0.3,
+        ("finetune", 0.1): 0.4,
+        ("scratch", 0.1): 1.5,
+        ("linear_probe", 1.0): 1.5,
+        ("finetune", 1.0): 2.5,
+        ("scratch", 1.0): 1.0,
+    }
+    for (strategy, frac), s in strength.items():
+        score = s * y_pos + rng.normal(size=len(y_pos))
+        bs = Bootstrap(len(y_pos), 200, seed=0)
+        runs.append(
+            {
+                "strategy": strategy,
+                "label_fraction": frac,
+                "pretrained": strategy != "scratch",
+                "train_cases": int(600 * frac),
+                "best_val_auroc": 0.8,
+                "test_auroc": auroc_with_ci(score, y_pos, bs),
+                "reused_main_model": (strategy, frac) == ("finetune", 1.0),
+            }
+        )
+    return summarise_study(runs, cfg)
+
+
+def build_report(
+    tmp: Path, classes: dict[str, str] = BINARY, two_per_patient: bool = True, seed: int = 0
+) -> Path:
+    """Write report.html / report.pdf / model_card.md of a synthetic run into ``tmp/evaluate/e1``."""
+    rng = np.random.default_rng(seed)
+    names = list(classes.values())
+    k = len(names)
+    kind = "binary" if k == 2 else "ordinal"
+    cfg = Config.model_validate(
+        {
+            "name": "synthetic-report",
+            "task": {"kind": kind, "classes": classes, "positive_class": "malignant" if k == 2 else None},
+            "data": {"source": str(tmp), "labels_csv": str(tmp / "labels.csv")},
+            "evaluate": {
+                "n_bootstrap": 200,
+                "study_label_fractions": [0.1, 1.0],
+                "study_strategies": ["linear_probe", "finetune", "scratch"],
+            },
+            "report": {"title": "Synthetic committee report"},
+        }
+    )
+    plan = _write_plan(tmp, names)
+    preds = {
+        s: _split(rng, n, k, 1.6, s, two_per_patient and s == "test")
+        for s, n in (("val", 160), ("calibration", 120), ("test", 300))
+    }
+    task = TaskInfo(kind=kind, class_names=names, positive_index=cfg.task.positive_index)
+    opts = EvalOptions(calibration="temperature", n_bootstrap=200, min_subgroup=cfg.evaluate.min_subgroup)
+    result = evaluate_run(preds, task, opts, seed=0)
+    metrics = dict(result.metrics)
+    add_val_operating_points(metrics, preds, result.calibrated, task, 0.95)
+    test = preds["test"]
+    prev = PreviousScores(
+        "evaluate",
+        "older-run",
+        test.case[::-1].copy(),
+        test.y[::-1].copy(),
+        np.full((len(test.y), k), 1.0 / k) + 0.05 * rng.random((len(test.y), k)),
+    )
+    raw = np.exp(test.logits) / np.exp(test.logits).sum(1, keepdims=True)
+    metrics["comparison"] = compare_models(
+        test.y,
+        test.case,
+        test.patient,
+        raw,
+        prev,
+        names,
+        cfg.task.positive_index if kind == "binary" else None,
+        n_bootstrap=200,
+    )
+    if kind == "binary":
+        metrics["study"] = _study(cfg, test, cfg.task.positive_index, rng)
+    cases = select_cases(test.y, result.calibrated["test"], list(test.case), names, 2)
+    imgs = rng.random((len(cases), 1, 24, 24))
+    cams = rng.random((len(cases), 24, 24))
+    expl = [(to_png(explanation_figure(imgs, cams, cases)), "Grad-CAM of synthetic cases.")]
+    (plan.evaluate / "metrics.json").write_text(json.dumps(metrics))
+    render.write_reports(cfg, plan, metrics, preds, result.calibrated, plan.evaluate, explanations=expl)
+    return plan.evaluate
+
+
+@pytest.fixture(scope="module")
+def binary_report(tmp_path_factory) -> Path:
+    return build_report(tmp_path_factory.mktemp("rep"))
+
+
+def _text(html: str) -> str:
+    import html as html_mod
+
+    return html_mod.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html.split("<body>", 1)[1])))
+
+
+def test_every_section_is_present(binary_report: Path) -> None:
+    html = (binary_report / "report.html").read_text()
+    for heading in (
+        "Summary",
+        "Data and splits",
+        "Model and training",
+        "Discrimination and calibration on the test split",
+        "Operating points (chosen on validation, reported on test)",
+        "Conformal prediction sets",
+        "Subgroups (test split)",
+        "Patient-level metrics (test split)",
+        "Explanations (Grad-CAM)",
+        "Scarce labels: label efficiency and strategies",
+        "Comparison with the previous model",
+        "Reporting checklist",
+        "Limitations",
+    ):
+        assert f"<h2>{heading}" in html, heading
+    for fig in (
+        "history",
+        "roc",
+        "reliability",
+        "histogram",
+        "decision_curve",
+        "gradcam",
+        "label_efficiency",
+    ):
+        assert f"id='fig-{fig}'" in html, fig
+    text = _text(html)
+    assert "unreadable" in text and "no_label" in text  # ingestion problems table
+    assert "NEGATIVE TRANSFER" in text and "pretrained better" in text
+    assert "too small" in text  # the 'M' subgroup
+    assert "calibrated (temperature)" in text
+
+
+def test_operating_points_show_val_and_test_with_cis(binary_report: Path) -> None:
+    metrics = json.loads((binary_report / "metrics.json").read_text())
+    ops = metrics["evaluation"]["test"]["calibrated"]["operating_points"]
+    html = (binary_report / "report.html").read_text()
+    for rule, op in ops.items():
+        val = op["val"]
+        assert val["threshold"] == op["threshold"]
+        assert val["sensitivity"]["value"] == pytest.approx(op["val_sensitivity"])
+        assert val["sensitivity"]["ci"][0] <= val["sensitivity"]["value"] <= val["sensitivity"]["ci"][1]
+        for split in ("val", "test"):
+            s = op[split]["sensitivity"]
+            assert render.fmt(s) in html, (rule, split)
+    rows = re.findall(r"<tr><td>[^<]*</td><td>(val|test)</td>", html)
+    assert rows.count("val") == rows.count("test") == len(ops)
+
+
+def test_conformal_and_subgroups_come_from_metrics(binary_report: Path) -> None:
+    metrics = json.loads((binary_report / "metrics.json").read_text())
+    text = _text((binary_report / "report.html").read_text())
+    for method, d in metrics["conformal"]["methods"].items():
+        assert (
+            f"{method} {render.fmt(d['qhat'])} {render.fmt(d['test']['coverage'])} {render.fmt(d['test']['mean_set_size'])}"
+            in text
+        )
+        for cname, c in d["test"]["per_class"].items():
+            assert (
+                f"{method} {cname} {c['n']} {render.fmt(c['coverage'])} {render.fmt(c['mean_set_size'])}"
+                in text
+            )
+    for col, groups in metrics["subgroups"].items():
+        for g, d in groups.items():
+            auc = d["metrics"]["discrimination"]["auroc"]
+            assert f"{col} {g} {d['size']['cases']} {d['size']['patients']} {render.fmt(auc)}" in text
+
+
+def test_comparison_and_patient_level(binary_report: Path) -> None:
+    metrics = json.loads((binary_report / "metrics.json").read_text())
+    text = _text((binary_report / "report.html").read_text())
+    c = metrics["comparison"]
+    assert c["n_matched"] == metrics["splits"]["test"]["cases"]
+    assert render.fmt(c["delong"]["p_value"]) in text and render.fmt(c["paired_bootstrap"]) in text
+    assert "higher than the previous model's" in text  # the previous model is noise
+    pl = metrics["patient_level"]
+    assert pl["n_patients"] == metrics["splits"]["test"]["patients"] < metrics["splits"]["test"]["cases"]
+    assert render.fmt(pl["metrics"]["discrimination"]["auroc"]) in text
+
+
+def test_html_has_no_external_reference(binary_report: Path) -> None:
+    html = (binary_report / "report.html").read_text()
+    assert not re.search(r"(?i)\b(https?|ftp)://", html)
+    assert not re.search(r"(?i)//[a-z0-9.-]+\.[a-z]{2,}/", html)  # protocol-relative URLs
+    srcs = re.findall(r"""(?i)\b(?:src|href|xlink:href|poster|data)\s*=\s*["']?([^"'\s>]+)""", html)
+    assert srcs, "expected embedded images"
+    assert all(s.startswith("data:image/png;base64,") for s in srcs), [
+        s[:40] for s in srcs if not s.startswith("data:")
+    ]
+    assert not re.search(r"(?i)<(script|link|iframe|object|embed)\b", html)
+    assert not re.search(r"(?i)@import|url\((?!data:)", html)
+
+
+def test_pdf_carries_the_same_content(binary_report: Path, monkeypatch) -> None:
+    drawn: list[str] = []
+    orig = render._PdfFlow._line
+
+    def spy(self, text, *a, **k):
+        drawn.append(text)
+        return orig(self, text, *a, **k)
+
+    monkeypatch.setattr(render._PdfFlow, "_line", spy)
+    doc = render.Doc()
+    doc.h("Heading")
+    doc.p("A long paragraph " * 30)
+    doc.warn("Careful: something to say")
+    doc.table(["a very long header"] * 14, [[f"0.{i}12 [0.{i}01, 0.{i}99]" for i in range(14)]] * 3)
+    doc.fig("x", _png(), "caption")
+    doc.pdf(binary_report / "small.pdf", "T", "sub")
+    words = " ".join(drawn).split()
+    for block_text in ("Heading", "A long paragraph " * 30, "Careful: something to say", "caption"):
+        for w in block_text.split():
+            assert w in words
+    for i in range(14):  # wrapped cells still carry every piece, once per row
+        for piece in (f"0.{i}12", f"[0.{i}01,", f"0.{i}99]"):
+            assert words.count(piece) == 3, piece
+    pdf = (binary_report / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") >= 5
+
+
+def _png() -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    return to_png(fig)
+
+
+def test_pdf_text_of_the_real_report_covers_the_html(binary_report: Path, monkeypatch, tmp_path) -> None:
+    drawn: list[str] = []
+    orig = render._PdfFlow._line
+    monkeypatch.setattr(
+        render._PdfFlow, "_line", lambda self, t, *a, **k: (drawn.append(t), orig(self, t, *a, **k))[1]
+    )
+    html_doc = render.Doc()
+    metrics = json.loads((binary_report / "metrics.json").read_text())
+    # Re-render only the metrics-driven sections into a fresh Doc and compare word sets with its HTML.
+    render._conformal_section(html_doc, metrics)
+    render._comparison_section(html_doc, metrics)
+    render._study_section(html_doc, metrics)
+    html_doc.pdf(tmp_path / "r.pdf", "t", "s")
+    pdf_chars = "".join(drawn).replace(" ", "")
+    html_chars = _text(html_doc.html("t", "s")).replace(" ", "").replace("&#9888;", "")
+    for token in re.findall(r"[A-Za-z_]{4,}|\d\.\d{3}", html_chars):
+        assert token in pdf_chars, token
+
+
+def test_model_card(binary_report: Path) -> None:
+    card = (binary_report / "model_card.md").read_text()
+    for needle in (
+        "Intended use",
+        "Data provenance",
+        "Post-hoc calibration",
+        "## Operating points",
+        "| AUROC |",
+        "## Limitations",
+        "0123456789ab",
+    ):
+        assert needle in card, needle
+
+
+def test_multiclass_report_renders_without_binary_only_sections(tmp_path) -> None:
+    out = build_report(tmp_path, classes=MULTI, two_per_patient=False, seed=3)
+    html = (out / "report.html").read_text()
+    assert "<h2>Operating points" not in html and "<h2>Patient-level" not in html
+    assert "<h2>Conformal prediction sets" in html and "macro AUROC" in html
+    assert "severe: AUROC" in html  # per-class one-vs-rest rows
+    assert "<h2>Comparison with the previous model" in html and "normal" in _text(html)
+    assert (out / "report.pdf").stat().st_size > 10_000
