@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shutil
@@ -159,8 +158,8 @@ def cache_load(ws: Path, n: int = 20) -> list[tuple[str, str, float]]:
                 ts.append(time.perf_counter() - t)
             return float(np.median(ts))
 
-        out.append((label, ".npy", best(lambda: np.load(src))))
-        out.append((label, ".npy mmap + copy", best(lambda: np.array(np.load(src, mmap_mode="r")))))
+        out.append((label, ".npy", best(lambda s=src: np.load(s))))
+        out.append((label, ".npy mmap + copy", best(lambda s=src: np.array(np.load(s, mmap_mode="r")))))
         out.append((label, ".nii", best(lambda: np.asanyarray(nib.load(tmp / "v.nii").dataobj))))
         out.append((label, ".nii.gz", best(lambda: np.asanyarray(nib.load(tmp / "v.nii.gz").dataobj))))
     shutil.rmtree(tmp)

@@ -17,10 +17,16 @@ from pipeline.ingest.stage import read_manifest, run_ingest
 from tests.conftest import PHI_ID_PREFIX, PHI_PATH_WORD, make_dataset, square_image, write_config, write_dicom
 
 
+@pytest.fixture(autouse=True)
+def fixed_key(monkeypatch) -> None:
+    """A fixed pseudonym key: hashed splits (and so these tests) are deterministic."""
+    monkeypatch.setenv("MEDTL_TEST_KEY", "medtl-test-key-0123456789abcdef")
+
+
 @pytest.fixture
 def project(tmp_path: Path):
     make_dataset(tmp_path, n_patients=30)
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"})
     return load_config(config), tmp_path / "ws", tmp_path
 
 
@@ -132,7 +138,9 @@ def test_index_is_private_and_holds_no_phi_outside(project) -> None:
 
 def test_mask_regions_blank_flagged_2d_images(tmp_path: Path) -> None:
     make_dataset(tmp_path, n_patients=30)  # Secondary Capture files: flagged for pixel review
-    cfg = load_config(write_config(tmp_path, ingest={"mask_regions": [[0, 0, 8, 4]]}))
+    cfg = load_config(
+        write_config(tmp_path, ingest={"mask_regions": [[0, 0, 8, 4]]}, deid={"key_env": "MEDTL_TEST_KEY"})
+    )
     ws = tmp_path / "ws"
     report, manifest = _run(cfg, ws, "a")
     assert len(report["pixel_review"]) == len(manifest) == 30

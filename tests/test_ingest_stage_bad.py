@@ -54,6 +54,12 @@ def _append_labels(root: Path, rows: list[tuple[str, str]]) -> None:
         csv.writer(fh, lineterminator="\n").writerows(rows)
 
 
+@pytest.fixture(autouse=True)
+def fixed_key(monkeypatch) -> None:
+    """A fixed pseudonym key: hashed splits (and so these tests) are deterministic."""
+    monkeypatch.setenv("MEDTL_TEST_KEY", "medtl-test-key-0123456789abcdef")
+
+
 @pytest.fixture
 def bad_project(tmp_path: Path) -> Path:
     make_dataset(tmp_path, n_patients=30)
@@ -88,13 +94,14 @@ def bad_project(tmp_path: Path) -> Path:
     extra = sorted(img.rglob("*.dcm"))[4].read_bytes()
     (img / "unlabelled").mkdir()
     (img / "unlabelled" / "img.dcm").write_bytes(extra)
-    return write_config(tmp_path)
+    return write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"})
 
 
-def test_bad_inputs_are_reported_and_valid_cases_go_on(bad_project: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_bad_inputs_are_reported_and_valid_cases_go_on(bad_project: Path, processes: int) -> None:
     root = bad_project.parent
     before = _tree_digest(root / "images")
-    cfg = load_config(bad_project)
+    cfg = load_config(bad_project, overrides={"ingest": {"processes": processes}})
     out = root / "ws" / "ingest" / "x"
     out.mkdir(parents=True)
     report = run_ingest(cfg, out, root / "ws")
@@ -153,7 +160,7 @@ def test_every_case_failing_stops_with_one_clear_error(tmp_path: Path, capfd, re
     (src / "a.dcm").write_bytes(b"")
     (src / "b.dcm").write_bytes(b"not a dicom file at all" * 20)
     (tmp_path / "labels.csv").write_text("file,diagnosis\na.dcm,normal\nb.dcm,lesion\n")
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"})
     with pytest.raises(IngestError) as exc:
         out = tmp_path / "ws" / "ingest" / "x"
         out.mkdir(parents=True)
@@ -185,7 +192,9 @@ def test_labels_keyed_by_each_id_type(tmp_path: Path, id_type: str) -> None:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["case", "diagnosis"])
         w.writerows(rows)
-    config = write_config(tmp_path, data={"id_column": "case", "id_type": id_type})
+    config = write_config(
+        tmp_path, data={"id_column": "case", "id_type": id_type}, deid={"key_env": "MEDTL_TEST_KEY"}
+    )
     out = tmp_path / "ws" / "ingest" / "x"
     out.mkdir(parents=True)
     report = run_ingest(load_config(config), out, tmp_path / "ws")
@@ -193,3 +202,27 @@ def test_labels_keyed_by_each_id_type(tmp_path: Path, id_type: str) -> None:
     assert report["problems_by_code"].get("no_label", 0) == 0
     manifest = read_manifest(out)
     assert sum(r["class_name"] == "lesion" for r in manifest) == 10
+
+
+def test_unexpected_reader_error_is_reported_not_raised(tmp_path: Path, monkeypatch) -> None:
+    """A reader bug or exotic file (any exception while decoding) becomes code decode_failed."""
+    from pipeline.ingest import sources
+
+    make_dataset(tmp_path, n_patients=30)
+    real = sources.load_item
+    victim = sorted((tmp_path / "images").rglob("*.dcm"))[0]
+
+    def flaky(item, options=None):
+        if str(victim) in item.files:
+            raise ValueError("synthetic reader failure")
+        return real(item, options)
+
+    monkeypatch.setattr(sources, "load_item", flaky)
+    out = tmp_path / "ws" / "ingest" / "x"
+    out.mkdir(parents=True)
+    report = run_ingest(
+        load_config(write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"})), out, tmp_path / "ws"
+    )
+    assert report["cases"] == 29 and report["problems_by_code"]["decode_failed"] == 1
+    reason = next(p["reason"] for p in report["problems"] if p["code"] == "decode_failed")
+    assert "ValueError" in reason and str(tmp_path) not in reason

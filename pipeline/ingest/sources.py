@@ -230,7 +230,11 @@ def scan_sources(
     results: dict[str, Any] = {}
     misses: list[tuple[str, str]] = []
     for p, kind in todo:
-        cached = index.lookup(p) if index is not None else None
+        try:
+            cached = index.lookup(p) if index is not None else None
+        except OSError as err:  # vanished or unreadable between the walk and now
+            results[p] = Rejected(p, f"{p}: cannot read file ({err}); expected a readable file", "unreadable")
+            continue
         if cached is not None:
             results[p] = _decode_result(p, cached)
         else:
@@ -245,11 +249,16 @@ def scan_sources(
     for (p, kind), res in zip(misses, fresh, strict=True):
         results[p] = res
         if index is not None:
-            index.store(p, _encode_result(kind, res))
+            try:
+                index.store(p, _encode_result(kind, res))
+            except OSError:
+                pass  # gone since it was read: the next scan reports it
 
     items: list[SourceItem] = []
     records = []
     for p, kind in todo:
+        if p not in results:
+            continue
         res = results[p]
         if isinstance(res, Rejected):
             rejected.append(res)

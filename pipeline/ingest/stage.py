@@ -107,10 +107,31 @@ def _mask_for(item: Any, cfg: Config) -> tuple:
     return regions if len(shape) >= 3 and shape[2] == 1 else ()
 
 
+def _safe_decode(job: _Job) -> dict[str, Any]:
+    """:func:`_decode_to_cache`, with any unexpected reader failure turned into an IngestError.
+
+    A malformed file must never end the run with a traceback; the error type and message are kept so the
+    failure can be reported (code ``decode_failed``).
+    """
+    try:
+        return _decode_to_cache(job)
+    except IngestError:
+        raise
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - a bad file, or a reader bug: reported, run goes on
+        where = job.item.files[0] if len(job.item.files) == 1 else f"series starting {job.item.files[0]}"
+        raise IngestError(
+            f"{where}: decoding failed with {type(err).__name__}: {err}; expected a readable "
+            f"{job.item.kind} input (please report this file's structure if it is valid)",
+            "decode_failed",
+        ) from err
+
+
 def _decode_worker(job: _Job) -> Any:
     """Process-pool entry: IngestError comes back as a tuple, since pickling would drop its code."""
     try:
-        return _decode_to_cache(job)
+        return _safe_decode(job)
     except IngestError as err:
         return ("IngestError", err.reason, err.code)
 
@@ -474,7 +495,7 @@ def _run_jobs(jobs: list[_Job], processes: int) -> tuple[list[Any], int]:
 
     def one(job: _Job) -> Any:
         try:
-            return _decode_to_cache(job)
+            return _safe_decode(job)
         except IngestError as err:
             return err
 
