@@ -279,6 +279,10 @@ class TrainConfig(_Section):
         probe_c: ``linear_probe``: inverse L2 strengths tried; the best by validation AUROC is kept.
         bn_reestimate: Re-estimate BatchNorm running statistics on the training images before training
             (target-domain statistics for frozen or partially frozen backbones).
+        probe_init: ``partial``/``gradual``/``finetune``: start from the fitted linear probe as the head
+            (LP-FT, Kumar et al. 2022: fine-tuning distorts pretrained features less).
+        ema_decay: Keep an exponential moving average of the weights (0 disables, e.g. 0.98); the EMA
+            weights are the ones validated, early-stopped and saved.
         epochs: Maximum epochs.
         batch_size: Mini-batch size (per optimizer step, over all devices).
         accumulate_steps: Gradient accumulation: each optimizer step sums this many micro-batches of
@@ -314,6 +318,8 @@ class TrainConfig(_Section):
     unfreeze_groups_per_step: int = Field(1, ge=1, le=100)
     probe_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     bn_reestimate: bool = False
+    probe_init: bool = False
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     epochs: int = Field(30, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)
     accumulate_steps: int = Field(1, ge=1, le=1024)
@@ -568,10 +574,14 @@ class Config(_Section):
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def public_dict(self) -> dict[str, Any]:
-        """The config as written into reports: no absolute paths (they may contain names)."""
+        """The config as written into reports: no paths at all (folder and file names may contain names).
+
+        The data source and labels file are named only by placeholders; the private run record and the
+        operator's own config file say where they are.
+        """
         out = self.model_dump(mode="json", exclude={"runtime", "ops", "source_path"})
-        out["data"]["source"] = Path(out["data"]["source"]).name
-        out["data"]["labels_csv"] = Path(out["data"]["labels_csv"]).name
+        out["data"]["source"] = "<data.source>"
+        out["data"]["labels_csv"] = "<data.labels_csv>"
         if out["model"].get("weights"):
             out["model"]["weights"] = Path(out["model"]["weights"]).name
         return out
