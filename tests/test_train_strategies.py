@@ -158,3 +158,15 @@ def test_scratch_differs_from_pretrained_start(project) -> None:
     cfg = load_config(write_train_config(root, strategy="scratch", epochs=1))
     summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
     assert summary["pretrained"] is False and summary["weights"] is None
+
+
+def test_probe_init_and_ema(project) -> None:
+    root, aug = project
+    cfg = load_config(write_train_config(root, strategy="finetune", epochs=2, probe_init=True, ema_decay=0.5))
+    summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
+    assert summary["probe_init"]["C"] in cfg.train.probe_c and summary["ema_decay"] == 0.5
+    # the saved weights are the EMA weights that were validated
+    model, _ = load_trained_model(root / "out")
+    val = _val(aug)
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, val.x, torch.device("cpu"))), 1).numpy()
+    assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(summary["best_val_auroc"], abs=1e-9)

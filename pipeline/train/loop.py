@@ -315,6 +315,11 @@ def train_epochs(
         "bad_epochs": 0,
         "history": [],
     }
+    ema = None
+    if tc.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
     last = work_dir / "last.pt"
     resumed = None
     if last.exists():
@@ -326,6 +331,8 @@ def train_epochs(
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         torch.set_rng_state(ck["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in ck:
             torch.cuda.set_rng_state(ck["cuda_rng"], device)
@@ -388,11 +395,14 @@ def train_epochs(
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             bar.update(1)
             bar.set_postfix(loss=f"{total / max(1, n_seen):.4f}")
         bar.close()
         seconds = time.perf_counter() - t0
-        logits = predict_logits(model, val.x, device)
+        judged = ema.module if ema is not None else model  # the EMA weights are the ones kept
+        logits = predict_logits(judged, val.x, device)
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
         vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
         score = val_score(val.y, probs, pos)
@@ -401,7 +411,7 @@ def train_epochs(
         if improved:
             state.update(best_score=key_score, best_epoch=epoch, bad_epochs=0)
             if dist.main:
-                _save_state_dict(model, work_dir / "best.pt")
+                _save_state_dict(judged, work_dir / "best.pt")
         else:
             state["bad_epochs"] += 1
         row = {
@@ -437,6 +447,8 @@ def train_epochs(
                 "torch_rng": torch.get_rng_state(),
                 "state": json.dumps(state),
             }
+            if ema is not None:
+                ck["ema"] = ema.state_dict()
             if device.type == "cuda":
                 ck["cuda_rng"] = torch.cuda.get_rng_state(device)
             with atomic_path(last) as tmp:
@@ -532,6 +544,11 @@ def run_strategy(
             _save_state_dict(model, work_dir / "best.pt")
             write_history(work_dir / "history.csv", history)
     else:
+        if tc.probe_init and pretrained and not (work_dir / "last.pt").exists():
+            probe = fit_linear_probe(
+                model, train.x, train.y, val.x, val.y, tc, num_classes, cfg.task.positive_index, device
+            )
+            result["probe_init"] = probe.to_dict()
         out = train_epochs(cfg, model, strategy, train, val, work_dir, device, dist, progress)
         result.update(val_auroc=out.pop("best_score"), **out)
     result["seconds"] = time.perf_counter() - t0
@@ -632,6 +649,8 @@ def run_finetune(
         "stopped_by": result["stopped_by"],
         "resumed_after_epoch": result.get("resumed_after_epoch"),
         "probe": result.get("probe"),
+        "probe_init": result.get("probe_init"),
+        "ema_decay": tc.ema_decay,
         "bn_reestimated_layers": result.get("bn_reestimated_layers"),
         "train_cases": len(train),
         "train_class_counts": counts.astype(int).tolist(),
