@@ -186,6 +186,7 @@ def nightly_build(
     """
     from pipeline.ops.lock import RunLock
     from pipeline.ops.notify import notify
+    from pipeline.ops.registry import Registry
 
     config = str(Path(config).resolve())
     cfg, plan = config_and_plan(config)
@@ -195,6 +196,10 @@ def nightly_build(
     with RunLock(plan.workspace, purpose=f"medtl run {cfg.name}") as lock:
         if lock.recovered:
             summary["recovered_lock"] = {k: lock.recovered.get(k) for k in ("pid", "host", "since")}
+        interrupted = Registry(plan.workspace).close_interrupted_runs()
+        if interrupted:
+            log.warning("Run history: %d earlier run(s) had been killed before finishing", interrupted)
+            summary["interrupted_runs"] = interrupted
         if task.complete():
             # Nothing to do tonight: write nothing at all (the run history is not touched either).
             result = luigi.build([task], **luigi_kwargs)

@@ -160,6 +160,21 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
         challenger.calibrator,
         reference_profile(manifest, ws),
     )
+    earlier = [d for d in reg.decisions() if d["challenger_id"] == model_id]
+    if earlier:
+        # A run killed after recording the decision but before writing its file: finish it, decide nothing
+        # again (a second look would count as another use of the locked holdout).
+        decision = dict(earlier[-1]["details"])
+        status = reg.get(model_id)["status"]
+        if decision.get("promoted") and status == "candidate":
+            reg.promote(
+                model_id, "auto", "; ".join(decision["reasons"]), {"evaluated_on": decision["evaluated_on"]}
+            )
+        elif not decision.get("promote") and status == "candidate":
+            reg.set_status(model_id, "rejected", "auto", "; ".join(decision["reasons"]))
+        decision["holdout_uses"] = reg.holdout_uses()
+        log.info("Promotion: model %s was decided by an earlier run; decision reused", model_id)
+        return decision
     if champ is not None and champ["id"] == model_id:
         return {
             "model_id": model_id,

@@ -342,6 +342,20 @@ class Registry:
             )
             return int(cur.lastrowid)
 
+    def close_interrupted_runs(self) -> int:
+        """Mark runs still ``running`` as ``interrupted`` (killed before they could finish); return how many.
+
+        Only call this while holding the workspace lock: then no run of this workspace is alive, so a
+        ``running`` row is one whose process died (SIGKILL, power loss) before :meth:`finish_run`.
+        """
+        if not self._read("SELECT id FROM runs WHERE status = 'running' LIMIT 1"):
+            return 0  # nothing to write (a no-op night must not touch the database)
+        with self.connect() as con:
+            cur = con.execute(
+                "UPDATE runs SET status = 'interrupted', finished = ? WHERE status = 'running'", (now(),)
+            )
+            return int(cur.rowcount)
+
     def finish_run(self, run_id: int, status: str, record: str | None, summary: dict[str, Any]) -> None:
         with self.connect() as con:
             con.execute(
