@@ -63,7 +63,10 @@ def report(tmp_path_factory) -> Path:
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [chromium(), *FLAGS, f"--user-data-dir={cwd / 'profile'}", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
