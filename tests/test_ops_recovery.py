@@ -14,6 +14,7 @@ Set ``MEDTL_RECOVERY_OUT=FILE`` to write the trial table as JSON (used for BENCH
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -28,8 +29,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_dataset, write_config
-
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +128,8 @@ def _kill(proc: subprocess.Popen) -> None:
     raise AssertionError(f"processes of the killed group {proc.pid} survive")
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_sigkill_at_each_stage_then_rerun_completes(tmp_path: Path) -> None:
     make_dataset(tmp_path, n_patients=60)
     config = write_config(
@@ -294,3 +295,43 @@ def con_models(ws: Path) -> list[str]:
         return [s for (s,) in con.execute("SELECT status FROM models ORDER BY id")]
     finally:
         con.close()
+
+
+_FORKING_HOLDER = """
+import multiprocessing as mp, os, sys, time
+sys.path.insert(0, '.')
+from pipeline.ops.lock import RunLock
+
+def sleeper():
+    print(os.getpid(), flush=True)  # the child is running (past the fork hooks)
+    time.sleep(120)  # an orphaned pool worker: never notices its parent died
+
+if __name__ == '__main__':
+    RunLock(sys.argv[1]).acquire()
+    child = mp.get_context('fork').Process(target=sleeper)
+    child.start()
+    time.sleep(120)
+"""
+
+
+def test_lock_dies_with_its_process_not_with_forked_children(tmp_path: Path) -> None:
+    """A run SIGKILLed while a forked worker of it lives on must not keep the workspace locked."""
+    from pipeline.ops.lock import RunLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_HOLDER, str(tmp_path)],
+        cwd=str(REPO_ROOT),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        child = int(holder.stdout.readline())
+        holder.kill()  # the main process only, as the OOM killer or `kill -9 PID` would
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # the forked child is still alive (orphaned) ...
+        with RunLock(tmp_path) as lock:  # ... and yet the lock is recovered
+            assert lock.recovered["pid"] == holder.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)

@@ -7,6 +7,12 @@ reports the recovered holder. On filesystems without working ``flock`` (some NFS
 pid is checked instead when it ran on the same host.
 
 The file is removed on release, so a finished run leaves nothing behind.
+
+A ``flock`` belongs to the open file description, which ``fork`` shares with the child: a forked decoder or
+Luigi worker process would keep the lock after its parent was killed (orphaned pool workers sleep forever),
+and every later night would find the workspace locked by a dead pid. So the lock's descriptor is closed in
+every child forked while it is held (``os.register_at_fork``); the lock lives exactly as long as the process
+that took it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,19 @@ from pipeline.errors import MedtlError
 
 log = logging.getLogger(__name__)
 
+#: Descriptors of the run locks held by this process (closed in forked children, see the module docstring).
+_HELD_FDS: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the parent's descriptor (and so the lock) is untouched
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 class LockHeld(MedtlError):
     """Another live process holds the workspace lock."""
@@ -38,9 +57,20 @@ class LockHeld(MedtlError):
         who = ", ".join(
             f"{k} {holder.get(k)}" for k in ("pid", "host", "user", "since") if holder.get(k) is not None
         )
+        dead = (
+            holder.get("host") == socket.gethostname()
+            and holder.get("pid") is not None
+            and not _pid_alive(int(holder["pid"]))
+        )
+        hint = (
+            f" The recorded holder pid {holder.get('pid')} is gone, so leftover processes of that run still "
+            f"hold the lock (list them with `fuser -v {path}`); end them and the next run takes it over."
+            if dead
+            else " Wait for it to finish; the lock is released automatically if that process dies."
+        )
         super().__init__(
             f"workspace lock {path} is held ({who or 'holder unknown'}); another medtl run is using this "
-            "workspace. Wait for it to finish; the lock is released automatically if that process dies."
+            f"workspace.{hint}"
         )
 
 
@@ -126,6 +156,7 @@ class RunLock:
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
             os.fsync(fd)
             self._fd = fd
+            _HELD_FDS.add(fd)
             return self
         raise MedtlError(
             f"workspace lock {self.path}: could not be taken after 10 attempts (file keeps changing)"
@@ -144,6 +175,7 @@ class RunLock:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        _HELD_FDS.discard(self._fd)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
