@@ -48,3 +48,19 @@ def test_failed_torchrun_raises_with_its_output(tmp_path: Path) -> None:
     (aug / "index.csv").write_text("case_id,patient_id,split,label_index\n")  # no cases: training must fail
     with pytest.raises(MedtlError, match="torchrun with 2 process"):
         launch_distributed(cfg, aug, tmp_path / "out", tmp_path / "work", timeout=300)
+
+
+def test_finetune_task_launches_torchrun_only_for_several_devices(tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import tasks.finetune as ft
+
+    calls = []
+    monkeypatch.setattr(ft, "launch_distributed", lambda *a, **k: calls.append(("ddp", a[-1])))
+    monkeypatch.setattr(ft, "run_finetune", lambda *a, **k: calls.append(("local", None)))
+    plan = SimpleNamespace(finetune=tmp_path / "finetune" / "abc", augment=tmp_path / "augment")
+    task = ft.FineTune(config=str(tmp_path / "unused.yaml"))
+    for devices in (1, 3):
+        cfg = load_config(write_train_config(tmp_path, devices=devices))
+        task.build(cfg, plan, tmp_path / "tmp")
+    assert calls == [("local", None), ("ddp", 3)]

@@ -137,3 +137,17 @@ def test_history_csv_and_summary_are_written(tmp_path: Path) -> None:
 def test_bad_train_options_are_refused_with_the_key(tmp_path: Path, train: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(write_train_config(tmp_path, **train))
+
+
+def test_tensorboard_log_is_published_with_every_epoch(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    aug = make_augment_dir(tmp_path, n=48)
+    cfg = load_config(
+        write_train_config(tmp_path, strategy="auto", auto_candidates=["linear_probe", "partial"])
+    )
+    run_finetune(cfg, aug, tmp_path / "out", tmp_path / "work", progress=False)
+    ev = EventAccumulator(str(tmp_path / "out" / "tensorboard" / "partial"))
+    ev.Reload()
+    assert [s.step for s in ev.Scalars("val_auroc")] == [1, 2]
+    assert {"train_loss", "val_loss", "lr"} <= set(ev.Tags()["scalars"])

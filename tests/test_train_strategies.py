@@ -169,4 +169,6 @@ def test_probe_init_and_ema(project) -> None:
     model, _ = load_trained_model(root / "out")
     val = _val(aug)
     probs = torch.softmax(torch.from_numpy(predict_logits(model, val.x, torch.device("cpu"))), 1).numpy()
-    assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(summary["best_val_auroc"], abs=1e-9)
+    assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(
+        summary["best_val_auroc"], abs=1e-9
+    )

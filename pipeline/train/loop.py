@@ -670,8 +670,18 @@ def run_finetune(
         write_json(out_dir / "model_info.json", info)
         write_history(out_dir / "history.csv", history)
         write_json(out_dir / "train_summary.json", summary)
+        _publish_tensorboard(work_dir, out_dir / "tensorboard")
     dist.barrier()
     return summary
+
+
+def _publish_tensorboard(work_dir: Path, dest: Path) -> None:
+    """Copy the TensorBoard event folders of the work folder (one per strategy/fold) into the outputs."""
+    import shutil
+
+    for tb in sorted(work_dir.rglob("tensorboard")):
+        rel = tb.parent.relative_to(work_dir)
+        shutil.copytree(tb, dest / rel if str(rel) != "." else dest, dirs_exist_ok=True)
 
 
 class FoldEnsemble(nn.Module):
