@@ -19,7 +19,7 @@ from pipeline.config import Config
 from pipeline.evaluate.bootstrap import Bootstrap
 from pipeline.evaluate.compare import PreviousScores, compare_models
 from pipeline.evaluate.gradcam import explanation_figure, select_cases
-from pipeline.evaluate.metrics import auroc_with_ci
+from pipeline.evaluate.metrics import auroc_with_ci, wilson_ci
 from pipeline.evaluate.stage import add_val_operating_points, summarise_study
 from pipeline.evaluate.summary import EvalOptions, SplitPredictions, TaskInfo, evaluate_run
 from pipeline.report import render
@@ -264,10 +264,11 @@ def test_conformal_and_subgroups_come_from_metrics(binary_report: Path) -> None:
             in text
         )
         for cname, c in d["test"]["per_class"].items():
-            assert (
-                f"{method} {cname} {c['n']} {render.fmt(c['coverage'])} {render.fmt(c['mean_set_size'])}"
-                in text
-            )
+            lo, hi = wilson_ci(round(c["coverage"] * c["n"]), c["n"])
+            cov = render.fmt({"value": c["coverage"], "ci": [lo, hi]})
+            assert f"{method} {cname} {c['n']} {cov} {render.fmt(c['mean_set_size'])}" in text
+            if hi < metrics["conformal"]["target_coverage"]:
+                assert f"{cname} {c['n']} {cov} {render.fmt(c['mean_set_size'])} under-covered" in text
     for col, groups in metrics["subgroups"].items():
         for g, d in groups.items():
             auc = d["metrics"]["discrimination"]["auroc"]

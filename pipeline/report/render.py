@@ -13,6 +13,7 @@ import csv
 import datetime as dt
 import html
 import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -284,10 +285,12 @@ class _PdfFlow:
         self.fig.add_artist(Line2D([self.M / self.W, 1 - self.M / self.W], [yy, yy], lw=lw, color=color))
 
     # -- blocks ----------------------------------------------------------------------------------------
-    def heading(self, text: str) -> None:
-        self._need(0.2 + self._lh(12) + 0.9)  # never a heading alone at the bottom of a page
+    def heading(self, text: str, keep: float = 0.9) -> None:
+        """A section heading, kept on one page with the first ``keep`` inches of what follows."""
+        self._need(0.2 + self._lh(12) * len(self._wrap(text, 12)) + keep)
         self.y += 0.12
-        self._line(text, 12, "bold", color="#234")
+        for ln in self._wrap(text, 12):
+            self._line(ln, 12, "bold", color="#234")
         self._rule("#bbc")
         self.y += 0.05
 
@@ -327,16 +330,20 @@ class _PdfFlow:
             cap = int(self.width / (0.6 * size / 72.0)) - 2 * (ncol - 1)
             if sum(natural) <= cap:
                 break
+        # A column is not wrapped below its longest unbreakable piece (a word, or the "[lo, hi]" of a CI)
+        # unless nothing else fits; header words may break.
+        floor = [max([6] + [len(p) for r in cells[1:] for p in _cell_pieces(r[i])]) for i in range(ncol)]
         widths = list(natural)
-        while sum(widths) > cap:  # wrap the widest column a little more
-            i = int(np.argmax(widths))
-            widths[i] = max(6, widths[i] - 1)
-            if all(w <= 6 for w in widths):
+        while sum(widths) > cap:  # wrap the column with the most slack first
+            slack = [w - f for w, f in zip(widths, floor, strict=True)]
+            i = int(np.argmax(slack)) if max(slack) > 0 else int(np.argmax(widths))
+            if widths[i] <= 6:
                 break
+            widths[i] -= 1
         lh = self._lh(size)
         num_col = [sum(_numeric(r[i]) for r in cells[1:]) > len(cells[1:]) / 2 for i in range(ncol)]
         for r_i, row in enumerate(cells):
-            wrapped = [textwrap.wrap(c, widths[i]) or [""] for i, c in enumerate(row)]
+            wrapped = [_wrap_cell(c, widths[i]) for i, c in enumerate(row)]
             n = max(len(w) for w in wrapped)
             if r_i == 0 or self.fig is None:
                 self._need(lh * (n + 2))
@@ -355,7 +362,7 @@ class _PdfFlow:
         self._rule("#ccc")
         self.y += 0.1
 
-    def figure(self, name: str, png: bytes, caption: str) -> None:
+    def _fig_size(self, name: str, png: bytes, caption: str) -> tuple[Any, float, float, list[str]]:
         import io
 
         import matplotlib.image as mpimg
@@ -367,7 +374,10 @@ class _PdfFlow:
         max_h = self.H - 2 * self.M - 1.0
         if h > max_h:
             h, w = max_h, max_h * w_px / h_px
-        cap = self._wrap(caption or name, 7.5)
+        return img, w, h, self._wrap(caption or name, 7.5)
+
+    def figure(self, name: str, png: bytes, caption: str) -> None:
+        img, w, h, cap = self._fig_size(name, png, caption)
         self._need(h + len(cap) * self._lh(7.5) + 0.15)
         ax = self.fig.add_axes(
             [(self.M + (self.width - w) / 2) / self.W, 1 - (self.y + h) / self.H, w / self.W, h / self.H]
@@ -388,9 +398,14 @@ class _PdfFlow:
             for ln in self._wrap(self.title, 15):
                 self._line(ln, 15, "bold")
             self.para(self.subtitle, 7.5, "#555")
-            for kind, x in blocks:
+            for i, (kind, x) in enumerate(blocks):
                 if kind == "h":
-                    self.heading(x)
+                    nxt = blocks[i + 1] if i + 1 < len(blocks) else ("", None)
+                    keep = 0.9
+                    if nxt[0] == "fig":
+                        _, _, h, cap = self._fig_size(*nxt[1])
+                        keep = h + len(cap) * self._lh(7.5) + 0.15
+                    self.heading(x, keep)
                 elif kind == "p":
                     self.para(x)
                 elif kind == "warn":
@@ -402,6 +417,24 @@ class _PdfFlow:
                 elif kind == "fig":
                     self.figure(*x)
             self._finish_page()
+
+
+_CI = re.compile(r"^(\S+) (\[[^\]]*\])$")
+
+
+def _cell_pieces(c: str) -> list[str]:
+    m = _CI.match(c)
+    return [m.group(1), m.group(2)] if m else (c.split() or [""])
+
+
+def _wrap_cell(c: str, width: int) -> list[str]:
+    """Wrap a table cell; a ``value [lo, hi]`` cell breaks before its interval."""
+    if len(c) <= width:
+        return [c]
+    m = _CI.match(c)
+    if m and len(m.group(2)) <= width:
+        return [m.group(1), m.group(2)]
+    return textwrap.wrap(c, width) or [""]
 
 
 def _numeric(c: Any) -> bool:
@@ -808,18 +841,7 @@ def _conformal_section(doc: Doc, metrics: dict[str, Any]) -> None:
             ]
         )
         for cname, c in (t.get("per_class") or {}).items():
-            warn = (
-                "below target"
-                if (
-                    c.get("coverage") is not None
-                    and conf.get("target_coverage") is not None
-                    and c["coverage"] < conf["target_coverage"]
-                )
-                else ""
-            )
-            per_class.append(
-                [name, cname, c.get("n"), fmt(c.get("coverage")), fmt(c.get("mean_set_size")), warn]
-            )
+            per_class.append([name, cname, c.get("n"), *_coverage_cells(c, conf.get("target_coverage"))])
     doc.table(
         [
             "method",
@@ -836,7 +858,23 @@ def _conformal_section(doc: Doc, metrics: dict[str, Any]) -> None:
         doc.p(
             "Per true class, test split (the guarantee is marginal: a class can be under-covered, see the note):"
         )
-        doc.table(["method", "true class", "cases", "coverage", "mean set size", "note"], per_class)
+        doc.table(["method", "true class", "cases", "coverage (95% CI)", "mean set size", "note"], per_class)
+
+
+def _coverage_cells(c: dict[str, Any], target: float | None) -> list[str]:
+    """Coverage with its Wilson interval, mean set size, and a note when the interval lies below the target."""
+    from pipeline.evaluate.metrics import wilson_ci
+
+    cov, n = c.get("coverage"), c.get("n") or 0
+    if cov is None or not n:
+        return [fmt(cov), fmt(c.get("mean_set_size")), ""]
+    lo, hi = wilson_ci(int(round(cov * n)), int(n))
+    note = ""
+    if target is not None and hi < target:
+        note = f"under-covered: CI below {target:.2f}"
+    elif target is not None and cov < target:
+        note = "below target, within chance"
+    return [fmt({"value": cov, "ci": [lo, hi]}), fmt(c.get("mean_set_size")), note]
 
 
 def _group_row(col: str, g: str, d: dict[str, Any]) -> list[Any]:
@@ -905,8 +943,9 @@ def _patient_section(doc: Doc, metrics: dict[str, Any]) -> None:
         return
     doc.h("Patient-level metrics (test split)")
     doc.p(
-        f"{pl.get('n_patients')} patients; a patient's probabilities are the {pl.get('aggregation')} over their cases "
-        f"({pl.get('probabilities')} probabilities); patient label rule: {pl.get('label_rule')}; "
+        f"{pl.get('n_patients')} patients; a patient's probabilities are the "
+        f"{str(pl.get('aggregation')).replace('_', ' ')} over their cases "
+        f"({pl.get('probabilities')} probabilities); patient label rule: {str(pl.get('label_rule')).replace('_', ' ')}; "
         f"{pl.get('n_patients_with_mixed_labels')} patient(s) have cases with different labels."
     )
     rows = [
