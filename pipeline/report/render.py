@@ -437,9 +437,12 @@ def _wrap_cell(c: str, width: int) -> list[str]:
     return textwrap.wrap(c, width) or [""]
 
 
+_NUM = re.compile(r"^-?\d+(\.\d+)?%?( \[[-\d., ]+\])?$")
+
+
 def _numeric(c: Any) -> bool:
-    s = str(c)
-    return bool(s) and (s[0].isdigit() or (s[0] == "-" and s[1:2].isdigit()))
+    """True for a number, a percentage or a ``value [lo, hi]`` cell (right-aligned in tables)."""
+    return bool(_NUM.match(str(c).strip()))
 
 
 def write_reports(
