@@ -161,9 +161,13 @@ class Doc:
                 out.append(
                     "<div class='tbl'><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>"
                 )
+                num_col = _numeric_columns(rows, len(header))
                 for r in rows:
                     cells = "".join(
-                        f"<td class='num'>{esc(c)}</td>" if _numeric(c) else f"<td>{esc(c)}</td>" for c in r
+                        f"<td class='num'>{esc(c)}</td>"
+                        if num_col[i] and _numeric(c)
+                        else f"<td>{esc(c)}</td>"
+                        for i, c in enumerate(r)
                     )
                     out.append(f"<tr>{cells}</tr>")
                 out.append("</table></div>")
@@ -341,7 +345,7 @@ class _PdfFlow:
                 break
             widths[i] -= 1
         lh = self._lh(size)
-        num_col = [sum(_numeric(r[i]) for r in cells[1:]) > len(cells[1:]) / 2 for i in range(ncol)]
+        num_col = _numeric_columns(cells[1:], ncol)
         for r_i, row in enumerate(cells):
             wrapped = [_wrap_cell(c, widths[i]) for i, c in enumerate(row)]
             n = max(len(w) for w in wrapped)
@@ -353,7 +357,7 @@ class _PdfFlow:
                 parts = []
                 for i, w in enumerate(wrapped):
                     t = w[k] if k < len(w) else ""
-                    right = _numeric(row[i]) if r_i > 0 else num_col[i]
+                    right = num_col[i] and (r_i == 0 or _numeric(row[i]))
                     parts.append(t.rjust(widths[i]) if right else t.ljust(widths[i]))
                 self._line("  ".join(parts), size, "bold" if r_i == 0 else "normal", "monospace")
             if r_i == 0:
@@ -395,7 +399,7 @@ class _PdfFlow:
         with atomic_path(self.path) as tmp, PdfPages(tmp) as pdf:
             self.pdf = pdf
             self._new_page()
-            for ln in self._wrap(self.title, 15):
+            for ln in self._wrap(self.title, 16.5):
                 self._line(ln, 15, "bold")
             self.para(self.subtitle, 7.5, "#555")
             for i, (kind, x) in enumerate(blocks):
@@ -438,6 +442,15 @@ def _wrap_cell(c: str, width: int) -> list[str]:
 
 
 _NUM = re.compile(r"^-?\d+(\.\d+)?%?( \[[-\d., ]+\])?$")
+
+
+def _numeric_columns(rows: list[list[Any]], ncol: int) -> list[bool]:
+    """Columns whose non-empty cells are mostly numeric (right-aligned)."""
+    out = []
+    for i in range(ncol):
+        filled = [r[i] for r in rows if i < len(r) and str(r[i]).strip() not in ("", "n/a")]
+        out.append(bool(filled) and sum(_numeric(c) for c in filled) > len(filled) / 2)
+    return out
 
 
 def _numeric(c: Any) -> bool:
