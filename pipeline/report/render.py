@@ -702,6 +702,11 @@ def build_document(
     _patient_section(doc, metrics)
     if explanations:
         doc.h("Explanations (Grad-CAM)")
+        if ingest.get("pixel_review"):
+            doc.warn(
+                "Some inputs were flagged at ingestion for possible burned-in text (see Data and splits): the "
+                "overlays show the preprocessed pixels, so review them before sharing this report outside the team."
+            )
         for png, caption in explanations:
             doc.fig("gradcam", png, caption)
     _study_section(doc, metrics)
