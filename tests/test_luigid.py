@@ -23,7 +23,6 @@ def _free_port() -> int:
 
 def test_run_with_luigid_two_workers(tmp_path: Path) -> None:
     from pipeline.ops.registry import Registry
-    from tasks.cli import run_pipeline
 
     luigid = Path(sys.executable).with_name("luigid")
     assert luigid.is_file(), f"luigid not found beside {sys.executable}"
@@ -47,8 +46,16 @@ def test_run_with_luigid_two_workers(tmp_path: Path) -> None:
         make_dataset(tmp_path)
         config = write_config(tmp_path, train={"strategy": "linear_probe", "epochs": 2, "batch_size": 16, "lr": 0.03},
                               ops={"promotion": {"min_holdout_cases": 5}, "retries": 0})
-        rc = run_pipeline(config, workers=2, scheduler_host="127.0.0.1", scheduler_port=port)
-        assert rc == 0, Registry(tmp_path / "ws").task_events()
+        # A fresh process, as `medtl run` is in production: Luigi forks one process per worker, and forking
+        # a test process whose torch/onnxruntime thread pools are already running can deadlock.
+        repo = Path(__file__).resolve().parents[1]
+        proc_run = subprocess.run(
+            [sys.executable, "-m", "tasks.cli", "run", str(config), "--workers", "2",
+             "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)],
+            cwd=repo, capture_output=True, text=True, timeout=900,
+        )
+        rc = proc_run.returncode
+        assert rc == 0, (proc_run.stderr[-3000:], Registry(tmp_path / "ws").task_events())
         reg = Registry(tmp_path / "ws")
         (run,) = reg.runs()
         assert run["status"] == "success"
