@@ -48,6 +48,7 @@ DEFAULTS: dict[int, dict[str, Any]] = {
             "strategy": "auto",
             "auto_candidates": ["linear_probe", "finetune"],
             "epochs": 30,
+            "min_steps_per_epoch": 15,
             "batch_size": 32,
             "lr": 0.001,
             "backbone_lr_mult": 0.3,

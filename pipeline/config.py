@@ -284,6 +284,8 @@ class TrainConfig(_Section):
         ema_decay: Keep an exponential moving average of the weights (0 disables, e.g. 0.98); the EMA
             weights are the ones validated, early-stopped and saved.
         epochs: Maximum epochs.
+        min_steps_per_epoch: Small training sets: an epoch draws the cases as many times as needed (each
+            draw reshuffled and augmented anew) to make at least this many optimizer steps (0: one draw).
         batch_size: Mini-batch size (per optimizer step, over all devices).
         accumulate_steps: Gradient accumulation: each optimizer step sums this many micro-batches of
             ``batch_size / accumulate_steps`` samples.
@@ -321,6 +323,7 @@ class TrainConfig(_Section):
     probe_init: bool = False
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     epochs: int = Field(30, ge=1, le=1000)
+    min_steps_per_epoch: int = Field(0, ge=0, le=100000)
     batch_size: int = Field(32, ge=1, le=4096)
     accumulate_steps: int = Field(1, ge=1, le=1024)
     lr: float = Field(1e-3, gt=0.0, le=1.0)

@@ -151,3 +151,26 @@ def test_tensorboard_log_is_published_with_every_epoch(tmp_path: Path) -> None:
     ev.Reload()
     assert [s.step for s in ev.Scalars("val_auroc")] == [1, 2]
     assert {"train_loss", "val_loss", "lr"} <= set(ev.Tags()["scalars"])
+
+
+def test_small_sets_repeat_draws_with_fresh_augmentation(tmp_path: Path) -> None:
+    from pipeline.augment.stage import read_index
+    from pipeline.augment.transforms import build_train_transform
+    from pipeline.config import AugmentConfig
+    from pipeline.train.data import AugmentedDataset, load_split, repeated_order
+
+    aug = make_augment_dir(tmp_path, n=20)
+    train = load_split(aug, read_index(aug), "train")
+    n = len(train)
+    order = repeated_order(lambda r: epoch_order(n, 0, 100 + r), n, 3)
+    assert sorted(order) == list(range(3 * n))
+    ds = AugmentedDataset(train, build_train_transform(AugmentConfig(preset="strong"), 2, 16), seed=0)
+    (a, ya), (b, yb) = ds[1], ds[1 + n]
+    assert ya == yb and not torch.equal(a, b)
+    cfg = load_config(
+        write_train_config(tmp_path, strategy="finetune", epochs=1, batch_size=8, min_steps_per_epoch=6)
+    )
+    summary = run_finetune(cfg, aug, tmp_path / "out", tmp_path / "work", progress=False)
+    assert summary["epochs_run"] == 1
+    rows = (tmp_path / "out" / "history.csv").read_text().splitlines()
+    assert len(rows) == 2

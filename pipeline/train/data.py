@@ -70,7 +70,11 @@ def label_subset(data: SplitData, fraction: float, seed: int) -> SplitData:
 
 
 class AugmentedDataset(Dataset):
-    """Training dataset applying the random transform with a per-(seed, epoch, index) RNG."""
+    """Training dataset applying the random transform with a per-(seed, epoch, index) RNG.
+
+    Index ``i`` reads case ``i % N``: an epoch that draws the cases ``r`` times (small training sets, see
+    :func:`repeated_order`) passes ``i + r * N`` so every draw gets its own augmentation.
+    """
 
     def __init__(self, data: SplitData, transform, seed: int) -> None:
         self.data = data
@@ -85,10 +89,22 @@ class AugmentedDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.data.x[i].astype(np.float32)
+        k = i % len(self.data)
+        x = self.data.x[k].astype(np.float32)
         if self.transform is not None and len(self.transform.transforms):
             x = apply(self.transform, x, sample_seed(self.seed, self.epoch, i))
-        return torch.from_numpy(np.ascontiguousarray(x)), int(self.data.y[i])
+        return torch.from_numpy(np.ascontiguousarray(x)), int(self.data.y[k])
+
+
+def repeated_order(order_fn, n: int, repeats: int) -> list[int]:
+    """``repeats`` draws of an epoch order, draw ``r`` offset by ``r * n`` (see :class:`AugmentedDataset`).
+
+    Args:
+        order_fn: ``order_fn(r)`` gives draw ``r``'s order of ``0..n-1`` (draw 0 is the plain epoch order).
+        n: Number of cases.
+        repeats: Draws per epoch (>= 1).
+    """
+    return [i + r * n for r in range(repeats) for i in order_fn(r)]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

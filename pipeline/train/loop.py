@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.augment.stage import read_index
-from pipeline.augment.transforms import build_train_transform
+from pipeline.augment.transforms import build_train_transform, sample_seed
 from pipeline.config import Config
 from pipeline.errors import MedtlError
 from pipeline.io import atomic_path, write_json, write_text
@@ -41,6 +41,7 @@ from pipeline.train.data import (
     label_subset,
     load_split,
     patient_folds,
+    repeated_order,
     subset,
 )
 from pipeline.train.strategies import (
@@ -294,7 +295,9 @@ def train_epochs(
     transform = build_train_transform(cfg.augment, cfg.preprocess.spatial_dims, cfg.preprocess.image_size)
     dataset = AugmentedDataset(train, transform, tc.seed)
     bs = min(tc.batch_size, len(train))
-    steps_per_epoch = max(1, len(train) // bs)
+    # small training sets: an epoch draws the cases several times to make train.min_steps_per_epoch steps
+    repeats = max(1, math.ceil(tc.min_steps_per_epoch * bs / len(train)))
+    steps_per_epoch = max(1, (repeats * len(train)) // bs)
     sched = _scheduler(opt, tc, steps_per_epoch)
     counts = np.bincount(train.y, minlength=num_classes).astype(np.float64)
     weights = None
@@ -351,11 +354,13 @@ def train_epochs(
                 net = _wrap_ddp(model, dist, device)  # DDP registers hooks for the trainable set only
             n_trainable = n
         dataset.set_epoch(epoch)
-        order = (
-            balanced_order(train.y, tc.seed, epoch, num_classes)
-            if tc.sampler == "balanced"
-            else epoch_order(len(train), tc.seed, epoch)
-        )
+        def draw(r: int, epoch: int = epoch) -> list[int]:
+            e = epoch if r == 0 else sample_seed(tc.seed, epoch, 1_000_000 + r)
+            if tc.sampler == "balanced":
+                return balanced_order(train.y, tc.seed, e, num_classes)
+            return epoch_order(len(train), tc.seed, e)
+
+        order = repeated_order(draw, len(train), repeats)
         steps = _batches(order, bs, dist, tc.accumulate_steps)
         micro = [m for step in steps for m in step]
         loader = DataLoader(dataset, batch_sampler=micro, num_workers=cfg.runtime.num_workers)
