@@ -112,7 +112,11 @@ def plan_stages(cfg: Config) -> StagePlan:
         extra={"ingest": ingest, "backbone": backbone_preprocessing(cfg), "v": STAGE_VERSIONS["augment"]},
     )
     finetune = cfg.hashed("model", "train", extra={"augment": augment, "v": STAGE_VERSIONS["finetune"]})
-    evaluate = cfg.hashed("evaluate", "report", extra={"finetune": finetune, "v": STAGE_VERSIONS["evaluate"]})
+    holdout = {"fraction": cfg.ops.promotion.holdout_fraction, "min": cfg.ops.promotion.min_holdout_cases}
+    evaluate = cfg.hashed(
+        "evaluate", "report",
+        extra={"finetune": finetune, "holdout": holdout, "v": STAGE_VERSIONS["evaluate"]},
+    )
     return StagePlan(
         workspace=ws,
         snapshot=snap,

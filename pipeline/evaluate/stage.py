@@ -74,6 +74,57 @@ def collect_predictions(
     return out
 
 
+def exclude_promotion_holdout(
+    cfg: Config, workspace: Path, preds: dict[str, Any], kept: dict[str, Any]
+) -> dict[str, Any]:
+    """Leave the locked promotion holdout out of the test split reported here (in place).
+
+    The holdout (``ops.promotion.holdout_fraction`` of the test patients, by keyed hash) serves promotion
+    decisions only. When it is too small to be used (see :func:`pipeline.ingest.splits.usable_holdout`),
+    promotion uses the whole test split and nothing is left out here either.
+
+    Returns:
+        What was done, for ``metrics.json`` (``promotion_holdout``) and the report.
+    """
+    from pipeline.evaluate.summary import SplitPredictions
+    from pipeline.ingest.deid import load_or_create_key
+    from pipeline.ingest.splits import usable_holdout
+
+    policy = cfg.ops.promotion
+    info: dict[str, Any] = {"fraction": policy.holdout_fraction, "excluded_cases": 0, "excluded_patients": 0}
+    sp = preds.get("test")
+    if sp is None or policy.holdout_fraction <= 0:
+        info["note"] = "no locked holdout: promotion decisions use the whole test split"
+        return info
+    key = load_or_create_key(workspace / "private", cfg.deid.key_env)
+    n_classes = len(cfg.task.classes)
+    mask = usable_holdout(sp.patient, sp.y, n_classes, key, policy.holdout_fraction, policy.min_holdout_cases)
+    if mask is None or len(np.unique(sp.y[~mask])) < 2:
+        info["note"] = (
+            "the locked holdout is too small to be used (promotion decisions use the whole test split), so "
+            "the whole test split is reported"
+        )
+        return info
+    keep = ~mask
+    preds["test"] = SplitPredictions(
+        logits=sp.logits[keep], y=sp.y[keep], patient=sp.patient[keep], case=sp.case[keep],
+        groups={k: v[keep] for k, v in sp.groups.items()},
+    )
+    if "test_x" in kept:
+        kept["test_x"] = kept["test_x"][keep]
+    info.update(
+        excluded_cases=int(mask.sum()),
+        excluded_patients=len(set(sp.patient[mask].tolist())),
+        reported_cases=int(keep.sum()),
+        note=(
+            f"{int(mask.sum())} test cases of {len(set(sp.patient[mask].tolist()))} patients form the locked "
+            "promotion holdout: they are used only for champion/challenger decisions and are not in the test "
+            "metrics of this report"
+        ),
+    )
+    return info
+
+
 def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
     """Evaluate the FineTune stage's model and write the report into ``out_dir``.
 
@@ -91,6 +142,7 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     kept: dict[str, Any] = {}
     preds = collect_predictions(cfg, Path(plan.augment), Path(plan.finetune), keep=kept)
+    holdout = exclude_promotion_holdout(cfg, Path(plan.workspace), preds, kept)
     task = TaskInfo(
         kind=cfg.task.kind, class_names=cfg.task.class_names, positive_index=cfg.task.positive_index
     )
@@ -104,6 +156,7 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
     )
     result = evaluate_run(preds, task, options, seed=cfg.train.seed)
     metrics = dict(result.metrics)
+    metrics["promotion_holdout"] = holdout
     add_val_operating_points(metrics, preds, result.calibrated, task, cfg.evaluate.ci_level)
     metrics["run"] = {
         "name": cfg.name,

@@ -17,6 +17,8 @@ import hmac
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
+
 from pipeline.config import SplitConfig
 from pipeline.errors import IngestError
 
@@ -78,3 +80,27 @@ def assign_splits(
             f = "calibration"
         out.append(f)
     return out
+
+
+# The locked promotion holdout: a keyed-hash share of the test patients (stable as data grows), used by
+# promotion decisions only and left out of the Evaluate report's test metrics.
+
+def holdout_mask(patients: np.ndarray, key: bytes, fraction: float) -> np.ndarray:
+    """Boolean ``(N,)``: the case's patient belongs to the locked holdout (keyed hash, stable as data grows)."""
+    return np.array(
+        [unit_hash(str(p), key, salt="promotion-holdout") < fraction for p in patients], dtype=bool
+    )
+
+
+def usable_holdout(
+    patients: np.ndarray, y: np.ndarray, n_classes: int, key: bytes, fraction: float, min_cases: int
+) -> np.ndarray | None:
+    """The locked holdout mask when it is usable (at least ``min_cases`` cases and every class), else None.
+
+    The one rule shared by promotion decisions (which use the holdout) and the Evaluate report (which
+    leaves it out of its test metrics, so the holdout serves promotion decisions only).
+    """
+    mask = holdout_mask(patients, key, fraction)
+    if mask.sum() >= min_cases and len(np.unique(y[mask])) == n_classes:
+        return mask
+    return None

@@ -33,7 +33,7 @@ from scipy.special import softmax
 from pipeline.config import Config, PromotionPolicy
 from pipeline.evaluate.bootstrap import Bootstrap, auroc_stat, percentile_ci
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
-from pipeline.ingest.splits import unit_hash
+from pipeline.ingest.splits import holdout_mask, usable_holdout
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,6 @@ class Scored:
     patients: dict[str, np.ndarray]
     cases: dict[str, np.ndarray]
     calibrator: dict[str, Any]
-
-
-def holdout_mask(patients: np.ndarray, key: bytes, fraction: float) -> np.ndarray:
-    """Boolean ``(N,)``: the case's patient belongs to the locked holdout (keyed hash, stable as data grows)."""
-    return np.array(
-        [unit_hash(str(p), key, salt="promotion-holdout") < fraction for p in patients], dtype=bool
-    )
 
 
 def brier(probs: np.ndarray, y: np.ndarray) -> float:
@@ -312,10 +305,10 @@ def decide(
     policy = cfg.ops.promotion
     y = challenger.y["test"]
     patients = challenger.patients["test"]
+    n_classes = challenger.raw["test"].shape[1]
     mask = holdout_mask(patients, key, policy.holdout_fraction)
     yh = y[mask]
-    usable = mask.sum() >= policy.min_holdout_cases and len(np.unique(yh)) == challenger.raw["test"].shape[1]
-    if usable:
+    if usable_holdout(patients, y, n_classes, key, policy.holdout_fraction, policy.min_holdout_cases) is not None:
         sel, evaluated_on = mask, "holdout"
         note = f"locked holdout: {int(mask.sum())} of {len(y)} test cases"
     else:

@@ -552,6 +552,9 @@ def build_document(
         for s, d in ingest.get("splits", {}).items():
             rows.append([s, d["cases"], d["patients"]] + [d["per_class"].get(n, 0) for n in names])
         doc.table(["split", "cases", "patients"] + [f"class {n}" for n in names], rows)
+        holdout = metrics.get("promotion_holdout") or {}
+        if holdout.get("note"):
+            doc.p(f"Locked promotion holdout: {holdout['note']}.")
         probs = ingest.get("problems_by_code", {})
         if probs:
             doc.p(
