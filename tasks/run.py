@@ -90,23 +90,25 @@ class RunPipeline(luigi.Task):
         headline = {}
         if policy["train"] and (plan.evaluate / "metrics.json").exists():
             headline = json.loads((plan.evaluate / "metrics.json").read_text()).get("headline", {})
-        write_json(
-            self.output().path,
-            {
-                "schema_version": 2,
-                "night": self._night(),
-                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "name": cfg.name,
-                "data_snapshot": plan.snapshot,
-                "stages": {s: os.path.relpath(getattr(plan, s), ws) for s in stages},
-                "report": os.path.relpath(plan.evaluate / "report.html", ws) if policy["train"] else None,
-                "headline": headline,
-                "retrain": policy,
-                "promotion": _decision_summary(decision),
-                "champion_id": champ["id"] if champ else None,
-                "drift": drift,
-            },
-        )
+        record = {
+            "schema_version": 2,
+            "night": self._night(),
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "name": cfg.name,
+            "data_snapshot": plan.snapshot,
+            "stages": {s: os.path.relpath(getattr(plan, s), ws) for s in stages},
+            "report": os.path.relpath(plan.evaluate / "report.html", ws) if policy["train"] else None,
+            "headline": headline,
+            "retrain": policy,
+            "promotion": _decision_summary(decision),
+            "champion_id": champ["id"] if champ else None,
+            "drift": drift,
+        }
+        from pipeline.report.nightly import write_nightly_report
+
+        # The HTML page first: the JSON record is the task's output, so it must be the last thing written.
+        write_nightly_report(Path(self.output().path).with_suffix(".html"), record, reg.drift("nightly", limit=14))
+        write_json(self.output().path, record)
 
 
 def _decision_summary(decision: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -45,6 +45,8 @@ def test_chain_writes_every_stage_output(finished_run: Path) -> None:
             assert (dirs[0] / f).stat().st_size > 0, (stage, f)
     runs = list((ws / "runs").glob("*.json"))
     assert len(runs) == 1
+    nightly_html = runs[0].with_suffix(".html").read_text()
+    assert "Champion / challenger decision" in nightly_html and "promoted" in nightly_html
     record = json.loads(runs[0].read_text())
     assert set(record["stages"]) == {"ingest", "augment", "finetune", "evaluate"}
     metrics = json.loads(next((ws / "evaluate").glob("*/metrics.json")).read_text())
