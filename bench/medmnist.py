@@ -257,10 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rc = run_pipeline(path)
         seconds = time.perf_counter() - t0
-        if rc != 0:
-            print(f"seed {seed}: the pipeline failed (exit {rc})", file=sys.stderr)
-            return rc
         plan = plan_stages(load_config(path))
+        if rc != 0:
+            if not (plan.evaluate / "predictions.csv").is_file():
+                print(f"seed {seed}: the pipeline failed (exit {rc})", file=sys.stderr)
+                return rc
+            print(
+                f"seed {seed}: the run wrapper failed (exit {rc}) after the Evaluate stage finished; "
+                "scoring its predictions",
+                file=sys.stderr,
+            )
         loaded = load_config(path)
         scores = test_scores(plan.evaluate / "predictions.csv", info["kind"], loaded.task.class_names)
         metrics = json.loads((plan.evaluate / "metrics.json").read_text())
