@@ -63,6 +63,8 @@ class RunPipeline(luigi.Task):
     def run(self):
         from pipeline.ops.nightly import monitor, retrain_decision
         from pipeline.ops.registry import Registry
+        from tasks.evaluate import Evaluate
+        from tasks.finetune import FineTune
         from tasks.ops import Promote
 
         cfg, plan = config_and_plan(self.config)
@@ -78,17 +80,27 @@ class RunPipeline(luigi.Task):
         else:
             policy = retrain_decision(cfg, plan, reg)
         decision = None
+        evaluated = policy["train"]
         if policy["train"]:
             yield promote_task
             decision = json.loads(Path(promote_task.output().path).read_text())
+        elif FineTune(config=self.config).complete():
+            # Tonight's data and training config give an already trained model: when only evaluation or
+            # report options changed, re-evaluate it (no new promotion decision: the model is the same).
+            yield Evaluate(config=self.config)
+            evaluated = True
+            policy = dict(
+                policy,
+                reasons=[*policy["reasons"], "model already trained: evaluated with the current options"],
+            )
         champ_before = reg.get(decision["champion_id"]) if decision and decision.get("champion_id") else None
         drift = monitor(cfg, plan, reg, champion=champ_before)
         champ = reg.champion()
         reg.record_drift("nightly", drift, plan.snapshot, champ["id"] if champ else None)
         ws = plan.workspace
-        stages = ("ingest", "augment", "finetune", "evaluate") if policy["train"] else ("ingest",)
+        stages = ("ingest", "augment", "finetune", "evaluate") if evaluated else ("ingest",)
         headline = {}
-        if policy["train"] and (plan.evaluate / "metrics.json").exists():
+        if evaluated and (plan.evaluate / "metrics.json").exists():
             headline = json.loads((plan.evaluate / "metrics.json").read_text()).get("headline", {})
         record = {
             "schema_version": 2,
@@ -97,7 +109,7 @@ class RunPipeline(luigi.Task):
             "name": cfg.name,
             "data_snapshot": plan.snapshot,
             "stages": {s: os.path.relpath(getattr(plan, s), ws) for s in stages},
-            "report": os.path.relpath(plan.evaluate / "report.html", ws) if policy["train"] else None,
+            "report": os.path.relpath(plan.evaluate / "report.html", ws) if evaluated else None,
             "headline": headline,
             "retrain": policy,
             "promotion": _decision_summary(decision),
@@ -107,7 +119,9 @@ class RunPipeline(luigi.Task):
         from pipeline.report.nightly import write_nightly_report
 
         # The HTML page first: the JSON record is the task's output, so it must be the last thing written.
-        write_nightly_report(Path(self.output().path).with_suffix(".html"), record, reg.drift("nightly", limit=14))
+        write_nightly_report(
+            Path(self.output().path).with_suffix(".html"), record, reg.drift("nightly", limit=14)
+        )
         write_json(self.output().path, record)
 
 

@@ -107,7 +107,10 @@ def exclude_promotion_holdout(
         return info
     keep = ~mask
     preds["test"] = SplitPredictions(
-        logits=sp.logits[keep], y=sp.y[keep], patient=sp.patient[keep], case=sp.case[keep],
+        logits=sp.logits[keep],
+        y=sp.y[keep],
+        patient=sp.patient[keep],
+        case=sp.case[keep],
         groups={k: v[keep] for k, v in sp.groups.items()},
     )
     if "test_x" in kept:
@@ -409,21 +412,24 @@ def run_study_member(
     if len(test) == 0:
         raise ValueError(f"study: the test split of {plan.augment} is empty")
     logits = predict_logits(model, test.x, device).astype(np.float64)
-    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    sp = SplitPredictions(
-        logits=logits, y=test.y, patient=np.array(test.patients), case=np.array(test.case_ids)
-    )
+    split_preds = {
+        "test": SplitPredictions(
+            logits=logits, y=test.y, patient=np.array(test.patients), case=np.array(test.case_ids)
+        )
+    }
+    # The same test cases as the main report: the locked promotion holdout is left out here too.
+    exclude_promotion_holdout(cfg, Path(plan.workspace), split_preds, {})
+    sp = split_preds["test"]
+    probs = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
     _write_predictions(out_dir / "predictions.csv", {"test": sp}, {}, cfg.task.class_names)
     bs = Bootstrap(
-        len(test.y),
+        len(sp.y),
         cfg.evaluate.n_bootstrap,
         seed=cfg.train.seed,
-        clusters=np.array(test.patients),
+        clusters=sp.patient,
         ci_level=cfg.evaluate.ci_level,
     )
-    disc = discrimination_block(
-        probs, test.y, cfg.task.kind, cfg.task.class_names, cfg.task.positive_index, bs
-    )
+    disc = discrimination_block(probs, sp.y, cfg.task.kind, cfg.task.class_names, cfg.task.positive_index, bs)
     key = "auroc" if cfg.task.kind == "binary" else "macro_auroc"
     result = {
         "study_version": STUDY_VERSION,
