@@ -103,3 +103,29 @@ def test_no_identifier_outside_private(finished_run: Path) -> None:
     assert checked > 20
     # ... and the private mapping does hold the source paths (so QA can trace a case)
     assert any(PHI_PATH_WORD.encode() in f.read_bytes() for f in private.rglob("*") if f.is_file())
+
+
+def test_fold_ensemble_val_predictions_are_out_of_fold(tmp_path: Path) -> None:
+    """A k-fold ensemble trained on the val cases: Evaluate scores val with each case's out-of-fold model."""
+    import csv
+
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.train.loop import load_oof
+    from pipeline.workspace import plan_stages
+    from tests.conftest import make_dataset, write_config
+
+    make_dataset(tmp_path)
+    config = write_config(tmp_path, train={"folds": 2, "epochs": 1, "batch_size": 16, "lr": 0.003})
+    assert run_pipeline(config) == 0
+    plan = plan_stages(load_config(config))
+    oof = load_oof(plan.finetune)
+    assert oof is not None
+    with open(plan.evaluate / "predictions.csv") as fh:
+        val = [r for r in csv.DictReader(fh) if r["split"] == "val"]
+    assert val
+    for r in val:
+        p = np.exp(oof[r["case_id"]])
+        p = p / p.sum()
+        assert abs(float(r["p_raw_lesion"]) - p[1]) < 1e-5

@@ -24,7 +24,7 @@ from pipeline.augment.stage import read_index
 from pipeline.config import Config
 from pipeline.io import write_json, write_text
 from pipeline.train.data import load_split
-from pipeline.train.loop import load_trained_model, predict_logits, select_device
+from pipeline.train.loop import load_oof, load_trained_model, predict_logits, select_device
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def collect_predictions(
     model, _ = load_trained_model(finetune_dir, device)
     if keep is not None:
         keep.update(model=model, device=device)
+    oof = load_oof(finetune_dir)
     rows = read_index(augment_dir)
     group_cols = [c for c in SUBGROUP_COLUMNS if any(r.get(c) for r in rows)]
     group_cols += [c for c in (rows[0] if rows else {}) if c.startswith("group_")]
@@ -59,6 +60,10 @@ def collect_predictions(
         if len(data) == 0:
             continue
         logits = predict_logits(model, data.x, device)
+        if split == "val" and oof is not None:
+            # A k-fold ensemble trained on the validation cases: use each case's out-of-fold prediction
+            # (the fold model that did not see it), so thresholds chosen on val are not in-sample.
+            logits = np.stack([oof[c] if c in oof else lg for c, lg in zip(data.case_ids, logits, strict=True)])
         if keep is not None and split == "test":
             keep["test_x"] = data.x
         groups = {

@@ -31,7 +31,7 @@ from pipeline.augment.stage import read_index
 from pipeline.augment.transforms import build_train_transform, sample_seed
 from pipeline.config import Config
 from pipeline.errors import MedtlError
-from pipeline.io import atomic_path, write_json, write_text
+from pipeline.io import atomic_path, write_bytes, write_json, write_text
 from pipeline.train.data import (
     AugmentedDataset,
     SplitData,
@@ -665,6 +665,7 @@ def run_finetune(
         "seconds_training": result.get("seconds"),
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
     }
+    oof = folds_info.pop("_oof") if folds_info else None
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _save_state_dict(model, out_dir / "model.pt")
@@ -672,6 +673,7 @@ def run_finetune(
         info["strategy"] = result["strategy"]
         if folds_info:
             info["ensemble"] = {"folds": tc.folds, "combine": "mean_probability"}
+            _save_oof(out_dir / OOF_FILE, *oof)
         write_json(out_dir / "model_info.json", info)
         write_history(out_dir / "history.csv", history)
         write_json(out_dir / "train_summary.json", summary)
@@ -703,6 +705,25 @@ class FoldEnsemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([torch.softmax(m(x).float(), 1) for m in self.members]).mean(0)
         return torch.log(probs.clamp_min(1e-12))
+
+
+OOF_FILE = "oof_predictions.npz"
+
+
+def _save_oof(path: Path, case_ids: list[str], logits: np.ndarray) -> None:
+    """Out-of-fold logits (log-probabilities) per pseudonymous case id, written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, case_id=np.array(case_ids, dtype=str), logits=logits.astype(np.float64))
+    write_bytes(path, buf.getvalue())
+
+
+def load_oof(finetune_dir: Path) -> dict[str, np.ndarray] | None:
+    """``case_id -> out-of-fold logits`` of a k-fold FineTune folder, or None for a single model."""
+    path = Path(finetune_dir) / OOF_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return dict(zip(z["case_id"].tolist(), z["logits"], strict=True))
 
 
 def _run_folds(cfg, train, val, work_dir, device, dist, progress):
@@ -745,6 +766,9 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress):
         "out_of_fold_auroc": oof_score,
         "per_fold": per_fold,
         "note": "train+val patients pooled; each fold's held-out part drove its early stopping",
+        # Out-of-fold predictions (popped before the summary is written): the Evaluate stage uses them for
+        # the validation split, whose cases the ensemble has trained on.
+        "_oof": (list(pool.case_ids), np.log(np.clip(oof, 1e-12, None))),
     }
     return ensemble, result, info
 
