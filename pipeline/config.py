@@ -462,12 +462,17 @@ class RetrainPolicy(_Section):
     Attributes:
         min_new_cases: Retrain when at least this many labelled cases arrived since the champion's data.
         max_days: Retrain when the champion is at least this many days old (None: never for age alone).
+        warm_start: Start a retraining from the ``pretrained`` backbone (default) or from the current
+            ``champion``'s weights (same backbone and classes; a k-fold champion starts every fold from
+            its first member). The champion used is fixed per data snapshot and training config, so the
+            FineTune folder name stays stable across reruns of the night.
 
     A changed training configuration (model, train, preprocess, augment sections) always retrains.
     """
 
     min_new_cases: int = Field(1, ge=0)
     max_days: float | None = Field(None, gt=0)
+    warm_start: Literal["pretrained", "champion"] = "pretrained"
 
 
 class PromotionPolicy(_Section):

@@ -44,6 +44,7 @@ class StagePlan:
     augment: Path
     finetune: Path
     evaluate: Path
+    warm_start: Path | None = None  # FineTune folder whose weights start training (ops.retrain.warm_start)
 
     @property
     def private(self) -> Path:
@@ -97,6 +98,33 @@ def backbone_preprocessing(cfg: Config) -> dict:
     return {"mean": list(spec.mean), "std": list(spec.std), "intensity": spec.intensity}
 
 
+def warm_start_source(cfg: Config, ws: Path, key: str) -> Path | None:
+    """The champion FineTune folder a retraining starts from, fixed once per (augment digest, train config).
+
+    The choice is recorded in ``<workspace>/ops/warm_start.json`` the first time a plan needs it, so the
+    FineTune digest does not change when tonight's model later becomes the champion itself.
+    """
+    if cfg.ops.retrain.warm_start != "champion":
+        return None
+    import json as _json
+
+    from pipeline.io import write_json
+
+    path = ws / "ops" / "warm_start.json"
+    table = _json.loads(path.read_text()) if path.exists() else {}
+    if key not in table:
+        champion = None
+        if (ws / "ops" / "registry.sqlite").exists():
+            from pipeline.ops.registry import Registry
+
+            champ = Registry(ws).champion()
+            if champ is not None and (ws / "finetune" / champ["finetune"] / "model.pt").exists():
+                champion = champ["finetune"]
+        table[key] = champion
+        write_json(path, table)
+    return ws / "finetune" / table[key] if table[key] else None
+
+
 def plan_stages(cfg: Config) -> StagePlan:
     """Compute every stage's output folder for ``cfg`` and the current data snapshot."""
     ws = Path(cfg.runtime.workspace)
@@ -104,17 +132,27 @@ def plan_stages(cfg: Config) -> StagePlan:
     key = load_or_create_key(private, cfg.deid.key_env)
     snap = data_snapshot(Path(cfg.data.source), Path(cfg.data.labels_csv))
     ingest = cfg.hashed(
-        "task", "data", "split", "ingest", "deid",
+        "task",
+        "data",
+        "split",
+        "ingest",
+        "deid",
         extra={"snapshot": snap, "key": key_fingerprint(key), "v": STAGE_VERSIONS["ingest"]},
     )
     augment = cfg.hashed(
-        "preprocess", "augment",
+        "preprocess",
+        "augment",
         extra={"ingest": ingest, "backbone": backbone_preprocessing(cfg), "v": STAGE_VERSIONS["augment"]},
     )
-    finetune = cfg.hashed("model", "train", extra={"augment": augment, "v": STAGE_VERSIONS["finetune"]})
+    warm = warm_start_source(cfg, ws, f"{augment}-{cfg.hashed('model', 'train')}")
+    extra = {"augment": augment, "v": STAGE_VERSIONS["finetune"]}
+    if warm is not None:
+        extra["warm_start"] = warm.name
+    finetune = cfg.hashed("model", "train", extra=extra)
     holdout = {"fraction": cfg.ops.promotion.holdout_fraction, "min": cfg.ops.promotion.min_holdout_cases}
     evaluate = cfg.hashed(
-        "evaluate", "report",
+        "evaluate",
+        "report",
         extra={"finetune": finetune, "holdout": holdout, "v": STAGE_VERSIONS["evaluate"]},
     )
     return StagePlan(
@@ -124,4 +162,5 @@ def plan_stages(cfg: Config) -> StagePlan:
         augment=ws / "augment" / augment,
         finetune=ws / "finetune" / finetune,
         evaluate=ws / "evaluate" / evaluate,
+        warm_start=warm,
     )

@@ -24,6 +24,11 @@ _CACHE: dict[tuple[str, int], tuple[Config, StagePlan]] = {}
 FAILURES: list[tuple[str, MedtlError]] = []
 
 
+def clear_plan_cache() -> None:
+    """Forget cached plans, so the next planning sees the data (and registry) as they are now."""
+    _CACHE.clear()
+
+
 def config_and_plan(path: str) -> tuple[Config, StagePlan]:
     """Load (once per file version) the config and its stage plan."""
     mtime = os.stat(path).st_mtime_ns

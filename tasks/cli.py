@@ -29,9 +29,10 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
                  scheduler_port: int | None = None) -> int:
     """Run the whole chain for ``config``; return a process exit code (0 success)."""
     from pipeline.errors import MedtlError
-    from tasks.base import FAILURES, config_and_plan, install_log_filter
+    from tasks.base import FAILURES, clear_plan_cache, config_and_plan, install_log_filter
 
     install_log_filter()
+    clear_plan_cache()  # plan from tonight's data, not from an earlier call in this process
     try:
         cfg, plan = config_and_plan(str(config))
     except MedtlError as err:

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.train.loop import run_finetune
+from pipeline.io import write_json
+from pipeline.train.loop import WARM_START_FILE, run_finetune
 from pipeline.train.worker import launch_distributed
 from pipeline.workspace import StagePlan
 from tasks.augment import Augment
@@ -28,6 +29,10 @@ class FineTune(StageTask):
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
         work = plan.finetune.with_name(plan.finetune.name + ".work")
+        if plan.warm_start is not None:  # ops.retrain.warm_start: champion
+            work.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(plan.warm_start / "model.pt", work / WARM_START_FILE)
+            write_json(tmp / "warm_start.json", {"from_finetune": plan.warm_start.name})
         if cfg.train.devices > 1:
             launch_distributed(cfg, plan.augment, tmp, work, cfg.train.devices)
         else:

@@ -499,7 +499,10 @@ def run_strategy(
     num_classes = len(cfg.task.classes)
     pretrained = cfg.model.pretrained and strategy != "scratch"
     torch.manual_seed(tc.seed)
-    model = build_model(cfg, num_classes, pretrained=pretrained, seed=tc.seed).to(device)
+    model = build_model(cfg, num_classes, pretrained=pretrained, seed=tc.seed)
+    if strategy != "scratch":
+        warm_start_into(model, work_dir)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(
             memory_format=torch.channels_last if cfg.preprocess.spatial_dims == 2 else torch.channels_last_3d
@@ -708,6 +711,41 @@ class FoldEnsemble(nn.Module):
 
 
 OOF_FILE = "oof_predictions.npz"
+WARM_START_FILE = "warm_start.pt"
+
+
+def warm_start_into(model: nn.Module, work_dir: Path) -> bool:
+    """Load ``warm_start.pt`` (a champion's ``model.pt``) from ``work_dir`` or its parent into ``model``.
+
+    The FineTune task puts the file there when ``ops.retrain.warm_start: champion`` (k-fold runs train in
+    ``work_dir/fold<k>``, hence the parent). A k-fold champion (``members.<k>.*`` keys) gives its first
+    member. Loading is strict: a champion of another backbone or class count is an error, never a partial
+    load.
+
+    Returns:
+        True when weights were loaded.
+    """
+    path = next((p for p in (work_dir / WARM_START_FILE, work_dir.parent / WARM_START_FILE) if p.is_file()), None)
+    if path is None:
+        return False
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.startswith("members.") for k in sd):
+        sd = {k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith("members.0.")}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise MedtlError(
+            f"ops.retrain.warm_start: the champion's weights ({path}) do not fit this network "
+            f"({type(model).__name__}, {cfg_summary(model)}); expected the same backbone and classes. "
+            "Use warm_start: pretrained after changing the backbone or the classes"
+        ) from err
+    log.info("FineTune: warm start from the champion's weights")
+    return True
+
+
+def cfg_summary(model: nn.Module) -> str:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return f"{getattr(head, 'out_features', '?')} outputs"
 
 
 def _save_oof(path: Path, case_ids: list[str], logits: np.ndarray) -> None:
