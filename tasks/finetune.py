@@ -29,10 +29,11 @@ class FineTune(StageTask):
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
         work = plan.finetune.with_name(plan.finetune.name + ".work")
-        if plan.warm_start is not None:  # ops.retrain.warm_start: champion
+        warm = getattr(plan, "warm_start", None)
+        if warm is not None:  # ops.retrain.warm_start: champion
             work.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(plan.warm_start / "model.pt", work / WARM_START_FILE)
-            write_json(tmp / "warm_start.json", {"from_finetune": plan.warm_start.name})
+            shutil.copy2(warm / "model.pt", work / WARM_START_FILE)
+            write_json(tmp / "warm_start.json", {"from_finetune": warm.name})
         if cfg.train.devices > 1:
             launch_distributed(cfg, plan.augment, tmp, work, cfg.train.devices)
         else:
