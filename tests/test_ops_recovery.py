@@ -222,7 +222,10 @@ def test_sigkill_at_each_stage_then_rerun_completes(tmp_path: Path) -> None:
     record = json.loads(record_file.read_text())
     for stage, rel in record["stages"].items():
         assert (ws / rel).is_dir() and not Path(rel).name.startswith("."), (stage, rel)
-    assert record["promotion"]["promoted"] is True
+    # Promoted or not depends on this tiny model's quality (a first model needs an AUROC bound above
+    # min_auroc on a handful of holdout cases); what matters here is that Promote ran and decided once.
+    decided = record["promotion"]
+    assert decided is not None and isinstance(decided["promoted"], bool)
 
     # Registry: the final run succeeded and recorded the recovered lock; the killed runs are not left
     # "running" forever (they are marked interrupted once the next run holds the lock).
@@ -232,7 +235,7 @@ def test_sigkill_at_each_stage_then_rerun_completes(tmp_path: Path) -> None:
     assert [s for s, _ in runs] == ["interrupted"] * len(trials) + ["success"], runs
     assert json.loads(runs[-1][1])["recovered_lock"]["pid"] == previous_pid
     models = con_models(ws)
-    assert len(models) == 1 and models[0] == "champion"
+    assert len(models) == 1 and models[0] == ("champion" if decided["promoted"] else "rejected")
 
     # Promote killed after the registry recorded its decision but before the decision file was written:
     # the rerun reuses the recorded decision (no second look at the locked holdout).
@@ -245,7 +248,7 @@ def test_sigkill_at_each_stage_then_rerun_completes(tmp_path: Path) -> None:
     n_decisions, uses = len(reg.decisions()), reg.holdout_uses()
     cfg = load_config(config)
     again = register_and_decide(cfg, plan_stages(cfg))
-    assert again["promoted"] is True and again["model_id"] == record["champion_id"]
+    assert again["promoted"] == decided["promoted"] and again["model_id"] == decided["model_id"]
     assert len(reg.decisions()) == n_decisions and reg.holdout_uses() == uses
 
     # A further rerun is a no-op; gc removes the leftover temporary folders.
