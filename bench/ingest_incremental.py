@@ -41,32 +41,22 @@ def _write(
     z: float | None = None,
     instance: int = 1,
 ) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filewriter import dcmwrite
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.PatientID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = pid, modality, 1, instance
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = img.shape
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    from pipeline.demo import synthetic_dicom, write_dicom_file
+
+    geometry = {}
     if z is not None:
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-90.0, -90.0, z]
-        ds.SliceThickness = 2.5
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = img.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(path, ds, enforce_file_format=True)
+        geometry = dict(
+            ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[-90.0, -90.0, z],
+            SliceThickness=2.5, RescaleSlope=1, RescaleIntercept=-1024,
+        )
+    ds = synthetic_dicom(
+        img.astype(np.uint16), CTImageStorage if modality == "CT" else "1.2.840.10008.5.1.4.1.1.1",
+        StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, PatientID=pid, Modality=modality,
+        InstanceNumber=instance, PixelSpacing=[0.7, 0.7], BitsStored=12, HighBit=11, **geometry,
+    )
+    write_dicom_file(path, ds)
 
 
 def build(root: Path, n_files: int, rng: np.random.Generator) -> list[Path]:

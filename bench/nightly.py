@@ -38,32 +38,18 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the project's packages, also when medtl is not pip-installed
 TARGET_NOOP_S = 10.0
 
 
 def _dicom(path: Path, img: np.ndarray, patient_id: str) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filewriter import dcmwrite
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pipeline.demo import synthetic_dicom, write_dicom_file
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.Modality, ds.Manufacturer = patient_id, "CR", "SynthCo"
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = img.shape
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = img.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(path, ds, enforce_file_format=True)
+    ds = synthetic_dicom(
+        img, "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        PatientID=patient_id, Modality="CR", Manufacturer="SynthCo", PixelSpacing=[0.5, 0.5],
+    )
+    write_dicom_file(path, ds)
 
 
 def _image(rng: np.random.Generator, positive: bool, size: int = 32) -> np.ndarray:

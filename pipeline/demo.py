@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,40 +26,53 @@ US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 OFFICIAL_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 
-def _dicom_bytes(img: np.ndarray, patient: str, index: int) -> bytes:
+def synthetic_dicom(img: np.ndarray, sop_class_uid: str, uid_seed: str | None = None, **tags: Any):
+    """A single-frame MONOCHROME2 DICOM dataset around ``img`` (rows, columns), with ``tags`` set last.
+
+    The demo, the tests and the benchmarks build their DICOM files here. The pixel module follows the
+    array's dtype (uint8: 8 bits; uint16/int16: 16 bits, signed for int16); ``tags`` (pydicom keywords)
+    may override any of it. UIDs are random, or derived from ``uid_seed`` so files are reproducible.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filewriter import dcmwrite
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    uid = lambda kind: generate_uid(entropy_srcs=["medtl-demo", kind, patient])  # noqa: E731
+    def uid(kind: str) -> str:
+        return generate_uid(entropy_srcs=["medtl-demo", kind, uid_seed]) if uid_seed else generate_uid()
+
+    img = np.ascontiguousarray(img)
+    if img.dtype not in (np.uint8, np.uint16, np.int16):
+        raise ValueError(f"synthetic_dicom: img dtype {img.dtype}; expected uint8, uint16 or int16")
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
+    meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = uid("sop")
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = US_IMAGE_STORAGE
+    ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = uid("study")
     ds.SeriesInstanceUID = uid("series")
-    ds.PatientID = patient
-    ds.PatientName = f"Demo^{patient}"
-    ds.Modality = "US"
-    ds.Manufacturer = "MedMNIST (synthetic DICOM wrapper)"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
-    ds.BurnedInAnnotation = "NO"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = img.shape
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
+    bits = img.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.PixelRepresentation = int(img.dtype == np.int16)
+    ds.PixelData = img.tobytes()
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def write_dicom_file(path: Path, ds: Any) -> None:
+    """Write a dataset from :func:`synthetic_dicom` to ``path`` (atomically, folders created)."""
+    from pydicom.filewriter import dcmwrite
+
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    write_bytes(path, buf.getvalue())
 
 
 def write_demo_data(folder: Path, npz: Path = DATA_DIR / "breastmnist.npz") -> int:
@@ -77,7 +91,12 @@ def write_demo_data(folder: Path, npz: Path = DATA_DIR / "breastmnist.npz") -> i
         for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
             patient = f"BMN-{split}-{i:04d}"
             rel = f"{split}/{patient}.dcm"
-            write_bytes(folder / "dicom" / rel, _dicom_bytes(img, patient, i))
+            ds = synthetic_dicom(
+                np.asarray(img, dtype=np.uint8), US_IMAGE_STORAGE, uid_seed=patient, PatientID=patient,
+                PatientName=f"Demo^{patient}", Modality="US", BurnedInAnnotation="NO",
+                Manufacturer="MedMNIST (synthetic DICOM wrapper)",
+            )
+            write_dicom_file(folder / "dicom" / rel, ds)
             rows.append({"path": rel, "label": int(lab), "split": OFFICIAL_SPLITS[split]})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["path", "label", "split"], lineterminator="\n")

@@ -35,45 +35,18 @@ def square_image(rng: np.random.Generator, positive: bool, size: int = 32) -> np
 
 
 def write_dicom(path: Path, img: np.ndarray, patient_id: str, instance: int = 1) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filewriter import dcmwrite
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """A Secondary Capture CR image with identifiers planted in every identifying tag."""
+    from pipeline.demo import synthetic_dicom, write_dicom_file
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = patient_id
-    ds.PatientName = PHI_NAME
-    ds.PatientBirthDate = "19230101"
-    ds.AccessionNumber = f"ACC{patient_id}"
-    ds.InstitutionName = "St Planted Hospital"
-    ds.ReferringPhysicianName = "Who^Doctor"
-    ds.StudyDate = "20240229"
-    ds.Modality = "CR"
-    ds.PatientSex = "F" if instance % 2 else "M"
-    ds.PatientAge = "054Y"
-    ds.Manufacturer = "SynthCo"
-    ds.ImageComments = "free text about Johnathan Doe"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = img.shape
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = img.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(path, ds, enforce_file_format=True)
+    ds = synthetic_dicom(
+        img, "1.2.840.10008.5.1.4.1.1.7",
+        PatientID=patient_id, PatientName=PHI_NAME, PatientBirthDate="19230101",
+        AccessionNumber=f"ACC{patient_id}", InstitutionName="St Planted Hospital",
+        ReferringPhysicianName="Who^Doctor", StudyDate="20240229", Modality="CR",
+        PatientSex="F" if instance % 2 else "M", PatientAge="054Y", Manufacturer="SynthCo",
+        ImageComments="free text about Johnathan Doe", InstanceNumber=instance, PixelSpacing=[0.5, 0.5],
+    )
+    write_dicom_file(path, ds)
 
 
 def make_dataset(root: Path, n_patients: int = 60, seed: int = 0) -> Path:

@@ -72,36 +72,18 @@ def _needles() -> list[bytes]:
 
 
 def _write(path: Path, img: np.ndarray, i: int) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filewriter import dcmwrite
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pipeline.demo import synthetic_dicom, write_dicom_file
 
     us = i % 5 == 0
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1" if us else "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID = f"{PATIENT_ID_PREFIX}{i:04d}"
-    for k, v in PLANTED.items():
-        setattr(ds, k, v)
-    ds.Modality = "US" if us else "CR"
-    ds.BurnedInAnnotation = "YES" if i % 7 == 0 else "NO"
-    ds.PatientSex, ds.PatientAge, ds.Manufacturer = "F", "061Y", "SynthCo"
+    ds = synthetic_dicom(
+        img, "1.2.840.10008.5.1.4.1.1.6.1" if us else "1.2.840.10008.5.1.4.1.1.1",
+        PatientID=f"{PATIENT_ID_PREFIX}{i:04d}", **PLANTED,
+        Modality="US" if us else "CR", BurnedInAnnotation="YES" if i % 7 == 0 else "NO",
+        PatientSex="F", PatientAge="061Y", Manufacturer="SynthCo", PixelSpacing=[0.5, 0.5],
+    )
     block = ds.private_block(0x0011, "PLANTED CREATOR", create=True)
     block.add_new(0x01, "LO", PRIVATE_TAG_VALUE)
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = img.shape
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = img.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(path, ds, enforce_file_format=True)
+    write_dicom_file(path, ds)
 
 
 def _make(root: Path, n: int = 48) -> Path:
