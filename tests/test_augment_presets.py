@@ -77,3 +77,20 @@ def test_rewindow_stays_in_range_and_is_identity_for_the_full_window(rng: np.ran
     torch.testing.assert_close(t(x), a)
     with pytest.raises(ValueError, match="jitter=0.9"):
         RandWindowJitter(jitter=0.9)
+
+
+def test_zscore_nonzero_keeps_the_shape_of_a_constant_foreground() -> None:
+    """A binary mask (AdrenalMNIST3D-like) must not be z-scored to all zeros (foreground std is 0)."""
+    from pipeline.augment.preprocess import PreprocessSpec, preprocess
+
+    vol = np.zeros((12, 12, 12), dtype=np.uint8)
+    vol[3:9, 4:8, 2:10] = 255
+    spec = PreprocessSpec(spatial_dims=3, image_size=12, intensity="zscore_nonzero", window=None, mean=0.0, std=1.0)
+    out = preprocess(vol, None, spec)[0]
+    ref = np.transpose(vol, (2, 1, 0)) != 0
+    assert out[ref].min() > 0.5 and np.abs(out[~ref]).max() < 1e-6
+    # a textured foreground is still z-scored over the non-zero voxels
+    tex = vol.astype(np.float32) * np.linspace(0.5, 1.5, 12)[None, None, :]
+    out2 = preprocess(tex, None, spec)[0]
+    fg = out2[np.transpose(tex, (2, 1, 0)) != 0]
+    assert abs(fg.mean()) < 1e-4 and abs(fg.std() - 1) < 1e-3

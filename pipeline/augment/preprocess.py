@@ -85,7 +85,12 @@ def _intensity(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         nz = x[x != 0]
         if nz.size < 2:
             return np.zeros_like(x)
-        return np.where(x != 0, (x - nz.mean()) / max(float(nz.std()), 1e-6), 0.0).astype(np.float32)
+        mean, sd = float(nz.mean()), float(nz.std())
+        if sd <= 1e-6 * max(abs(mean), 1.0):
+            # Constant foreground (a binary mask, a label map with one value): z-scoring would send every
+            # voxel to 0 and erase the shape. Keep the shape: foreground 1, background 0.
+            return (x != 0).astype(np.float32)
+        return np.where(x != 0, (x - mean) / sd, 0.0).astype(np.float32)
     lo, hi = np.percentile(x, spec.clip_percentiles)
     if hi <= lo:
         return np.zeros_like(x)
