@@ -8,13 +8,15 @@ Public API::
     groups = param_groups(model)          # stem -> ... -> head
     freeze(model, n_trainable_groups=1)   # linear probe
 
-Importing this package registers every built-in backbone (2D timm, 3D MedicalNet, inflated 2D->3D).
+Importing this package registers every built-in backbone (2D timm, 3D MedicalNet, compact 3D
+ResNets trained from scratch, inflated 2D->3D).
 """
 
 from __future__ import annotations
 
 from models import inflate as _inflate  # noqa: F401  (registers inflated 2D->3D backbones)
 from models import medicalnet as _medicalnet  # noqa: F401  (registers 3D MedicalNet backbones)
+from models import resnet3d as _resnet3d  # noqa: F401  (registers compact 3D ResNets, from scratch)
 from models import timm2d as _timm2d  # noqa: F401  (registers 2D backbones)
 from models.inflate import Inflated3d, InflationError, check_inflation, inflate_modules
 from models.registry import (

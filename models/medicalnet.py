@@ -35,7 +35,13 @@ from models.spec import BackboneSpec, WeightSource
 from models.weights import ResolvedWeights, read_checkpoint
 from pipeline.errors import WeightsError
 
-__all__ = ["MedicalNetResNet", "load_medicalnet_state_dict", "MEDICALNET_DEPTHS", "adapt_first_conv"]
+__all__ = [
+    "MedicalNetResNet",
+    "ResNet3dInterface",
+    "load_medicalnet_state_dict",
+    "MEDICALNET_DEPTHS",
+    "adapt_first_conv",
+]
 
 AXIS_ORDER_3D = "N,C,D,H,W (batch, channel, slices, rows, columns)"
 
@@ -59,7 +65,74 @@ def _shortcut_a(x: torch.Tensor, planes: int, stride: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad)) if pad > 0 else x
 
 
-class MedicalNetResNet(ResNet):
+class ResNet3dInterface:
+    """The medtl fine-tuning interface over a MONAI 3D :class:`~monai.networks.nets.ResNet`.
+
+    Shared by :class:`MedicalNetResNet` and :class:`models.resnet3d.CompactResNet3d`; the host class sets
+    ``drop_rate``, ``num_classes`` and ``num_features``.
+    """
+
+    drop_rate: float
+    num_classes: int
+    num_features: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map before pooling.
+
+        Args:
+            x: Input ``(N, C, D, H, W)``.
+
+        Returns:
+            ``(N, num_features, d, h, w)``.
+        """
+        x = self.act(self.bn1(self.conv1(x)))
+        if not self.no_max_pool:
+            x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool, dropout, classifier.
+
+        Args:
+            x: Output of :meth:`forward_features`.
+            pre_logits: Return the pooled embedding ``(N, num_features)`` instead of the logits.
+        """
+        x = torch.flatten(self.avgpool(x), 1)
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of an input ``(N, C, D, H, W)``."""
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``fc``)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs."""
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+        nn.init.constant_(self.fc.bias, 0)
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """Stem (conv1, bn1), layer1, layer2, layer3, layer4, head (fc)."""
+        parts = [
+            [self.conv1, self.bn1],
+            [self.layer1],
+            [self.layer2],
+            [self.layer3],
+            [self.layer4],
+            [self.fc],
+        ]
+        return [[p for m in part for p in m.parameters()] for part in parts]
+
+
+class MedicalNetResNet(ResNet3dInterface, ResNet):
     """MONAI 3D ResNet in MedicalNet's layout, with the medtl fine-tuning interface.
 
     ``state_dict`` keys equal MedicalNet's (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
@@ -109,61 +182,6 @@ class MedicalNetResNet(ResNet):
             ds = layer[0].downsample
             if isinstance(ds, partial):
                 layer[0].downsample = partial(_shortcut_a, planes=ds.keywords["planes"], stride=stride)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature map before pooling.
-
-        Args:
-            x: Input ``(N, C, D, H, W)``.
-
-        Returns:
-            ``(N, num_features, D/8, H/8, W/8)`` (rounded up).
-        """
-        x = self.act(self.bn1(self.conv1(x)))
-        if not self.no_max_pool:
-            x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool, dropout, classifier.
-
-        Args:
-            x: Output of :meth:`forward_features`.
-            pre_logits: Return the pooled embedding ``(N, num_features)`` instead of the logits.
-        """
-        x = torch.flatten(self.avgpool(x), 1)
-        if self.drop_rate > 0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` of an input ``(N, C, D, H, W)``."""
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The classifier (``fc``)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-        nn.init.constant_(self.fc.bias, 0)
-
-    def param_groups(self) -> list[list[nn.Parameter]]:
-        """Stem (conv1, bn1), layer1, layer2, layer3, layer4, head (fc)."""
-        parts = [
-            [self.conv1, self.bn1],
-            [self.layer1],
-            [self.layer2],
-            [self.layer3],
-            [self.layer4],
-            [self.fc],
-        ]
-        return [[p for m in part for p in m.parameters()] for part in parts]
 
 
 def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

@@ -307,6 +307,11 @@ class TrainConfig(_Section):
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` (not hashed).
         amp: Mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU (not hashed).
         label_fraction: Use only this stratified share of training labels (label-efficiency studies).
+        tta: Test-time augmentation by mirroring, for validation (early stopping), evaluation and
+            prediction: ``flip`` averages the probabilities of the image and its left-right mirror,
+            ``flip_all`` of every combination of mirrored axes (4 passes in 2D, 8 in 3D; for
+            orientation-free data, with ``augment.flip_all_axes``); ``none`` by default. Use it only when
+            training flipped the images the same way.
     """
 
     strategy: Literal["auto", "linear_probe", "partial", "finetune", "gradual", "scratch"] = "finetune"
@@ -342,6 +347,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    tta: Literal["none", "flip", "flip_all"] = "none"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -298,3 +298,18 @@ def test_param_groups_and_gradient_through_shortcut_a(rng) -> None:
             p.zero_()  # residual branch contributes nothing: only the shortcut carries gradient
     m.layer2[0](inp).sum().backward()
     assert inp.grad is not None and float(inp.grad.abs().sum()) > 0
+
+
+def test_compact_3d_resnet_keeps_resolution_for_small_volumes_and_has_no_weights() -> None:
+    from models import create_backbone, get_spec, param_groups
+    from pipeline.errors import WeightsError
+
+    m = create_backbone("resnet10_3d_compact", num_classes=3, in_chans=1, pretrained=False)
+    x = torch.randn(2, 1, 28, 28, 28)
+    feats = m.forward_features(x)
+    # 3^3 stride-2 stem, no max-pool, three stride-2 stages: 28 -> 14 -> 14 -> 7 -> 4 -> 2
+    assert feats.shape == (2, 256, 2, 2, 2)
+    assert m(x).shape == (2, 3) and m.forward_head(feats, pre_logits=True).shape == (2, 256)
+    assert len(param_groups(m)) == 6 and get_spec("resnet18_3d_compact").weights is None
+    with pytest.raises(WeightsError, match="no known pretrained weights"):
+        create_backbone("resnet10_3d_compact", num_classes=2, pretrained=True)

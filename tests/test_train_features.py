@@ -174,3 +174,29 @@ def test_small_sets_repeat_draws_with_fresh_augmentation(tmp_path: Path) -> None
     assert summary["epochs_run"] == 1
     rows = (tmp_path / "out" / "history.csv").read_text().splitlines()
     assert len(rows) == 2
+
+
+def test_flip_tta_averages_every_mirror_combination_and_is_reloaded(tmp_path: Path) -> None:
+    from pipeline.train.loop import FlipTTA, tta_axes, with_tta, without_tta
+
+    assert tta_axes("flip", 2) == (3,) and tta_axes("flip_all", 3) == (2, 3, 4) and tta_axes("none", 3) == ()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 4, 2))
+    x = torch.randn(5, 1, 2, 3, 4)
+    tta = with_tta(net, "flip_all", 3)
+    assert isinstance(tta, FlipTTA) and len(tta.combos) == 8 and without_tta(tta) is net
+    flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    with torch.no_grad():
+        want = torch.stack([torch.softmax(net(x.flip(c) if c else x), 1) for c in flips]).mean(0)
+        torch.testing.assert_close(torch.softmax(tta(x), 1), want)
+        # a mirrored input gives the same TTA output (the set of mirrors is the same)
+        torch.testing.assert_close(tta(x.flip(3)), tta(x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(net(x.flip(3)), net(x))
+    assert with_tta(net, "none", 3) is net
+    # trained with tta: flip, the saved model comes back wrapped, and model.pt holds the plain network
+    aug = make_augment_dir(tmp_path, n=32)
+    cfg = load_config(write_train_config(tmp_path, strategy="linear_probe", tta="flip"))
+    run_finetune(cfg, aug, tmp_path / "out", tmp_path / "work", progress=False)
+    model, info = load_trained_model(tmp_path / "out")
+    assert info["tta"] == "flip" and isinstance(model, FlipTTA) and model.combos == [(), (3,)]
+    sd = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert not any(k.startswith("model.") for k in sd)

@@ -24,7 +24,7 @@ from pipeline.augment.stage import read_index
 from pipeline.config import Config
 from pipeline.io import write_json, write_text
 from pipeline.train.data import load_split
-from pipeline.train.loop import load_oof, load_trained_model, predict_logits, select_device
+from pipeline.train.loop import load_oof, load_trained_model, predict_logits, select_device, without_tta
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def collect_predictions(
     device = select_device(cfg.train.device)
     model, _ = load_trained_model(finetune_dir, device)
     if keep is not None:
-        keep.update(model=model, device=device)
+        keep.update(model=without_tta(model), device=device)  # Grad-CAM: one forward pass per input
     oof = load_oof(finetune_dir)
     rows = read_index(augment_dir)
     group_cols = [c for c in SUBGROUP_COLUMNS if any(r.get(c) for r in rows)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -407,7 +408,7 @@ def train_epochs(
         bar.close()
         seconds = time.perf_counter() - t0
         judged = ema.module if ema is not None else model  # the EMA weights are the ones kept
-        logits = predict_logits(judged, val.x, device)
+        logits = predict_logits(with_tta(judged, tc.tta, cfg.preprocess.spatial_dims), val.x, device)
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
         vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
         score = val_score(val.y, probs, pos)
@@ -521,7 +522,7 @@ def run_strategy(
         probe = fit_linear_probe(
             model, train.x, train.y, val.x, val.y, tc, num_classes, cfg.task.positive_index, device
         )
-        logits = predict_logits(model, val.x, device)
+        logits = predict_logits(with_tta(model, tc.tta, cfg.preprocess.spatial_dims), val.x, device)
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
         score = val_score(val.y, probs, cfg.task.positive_index)
         vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
@@ -710,6 +711,53 @@ class FoldEnsemble(nn.Module):
         return torch.log(probs.clamp_min(1e-12))
 
 
+class FlipTTA(nn.Module):
+    """Test-time augmentation by mirroring: ``forward`` returns ``log(mean softmax)`` over flipped copies.
+
+    Every combination of the mirrored ``axes`` is evaluated (2 passes for one axis, 8 for three), as
+    nnU-Net mirrors at inference. The output is a valid logit vector, so calibration, conformal sets and
+    ``predict_logits`` treat the wrapped model like any network. Not saved: ``model.pt`` holds the inner
+    network and ``model_info.json`` the ``tta`` mode that :func:`load_trained_model` re-applies.
+
+    Args:
+        model: The network (or :class:`FoldEnsemble`).
+        axes: Tensor axes to mirror (2 = the first spatial axis of ``(N, C, ...)``).
+    """
+
+    def __init__(self, model: nn.Module, axes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack(
+            [torch.softmax(self.model(x.flip(c) if c else x).float(), 1) for c in self.combos]
+        ).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def tta_axes(mode: str, spatial_dims: int) -> tuple[int, ...]:
+    """Tensor axes mirrored by ``train.tta``: ``flip`` = the left-right (last) axis, ``flip_all`` = all."""
+    if mode == "none":
+        return ()
+    if mode == "flip":
+        return (spatial_dims + 1,)
+    if mode == "flip_all":
+        return tuple(range(2, spatial_dims + 2))
+    raise ValueError(f"train.tta={mode!r}; expected 'none', 'flip' or 'flip_all'")
+
+
+def with_tta(model: nn.Module, mode: str, spatial_dims: int) -> nn.Module:
+    """``model`` wrapped in :class:`FlipTTA` for ``mode`` (unchanged for ``none``)."""
+    axes = tta_axes(mode, spatial_dims)
+    return FlipTTA(model, axes) if axes else model
+
+
+def without_tta(model: nn.Module) -> nn.Module:
+    """The network inside a :class:`FlipTTA` (for Grad-CAM, which needs one forward pass per input)."""
+    return model.model if isinstance(model, FlipTTA) else model
+
+
 OOF_FILE = "oof_predictions.npz"
 WARM_START_FILE = "warm_start.pt"
 
@@ -774,7 +822,8 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress):
     for k in range(tc.folds):
         tr, va = subset(pool, np.flatnonzero(fold != k)), subset(pool, np.flatnonzero(fold == k))
         m, r = run_strategy(cfg, tc.strategy, tr, va, work_dir / f"fold{k}", device, dist, progress)
-        oof[fold == k] = torch.softmax(torch.from_numpy(predict_logits(m, va.x, device)), 1).numpy()
+        m_tta = with_tta(m, tc.tta, cfg.preprocess.spatial_dims)
+        oof[fold == k] = torch.softmax(torch.from_numpy(predict_logits(m_tta, va.x, device)), 1).numpy()
         members.append(m)
         history.extend(r["history"])
         per_fold.append(
@@ -833,6 +882,7 @@ def model_info(cfg: Config, num_classes: int) -> dict[str, Any]:
         "class_names": cfg.task.class_names,
         "positive_class": cfg.task.positive_class,
         "task": cfg.task.kind,
+        "tta": cfg.train.tta,
     }
 
 
@@ -857,6 +907,7 @@ def load_trained_model(
     model = FoldEnsemble([one() for _ in range(int(ens["folds"]))]) if ens else one()
     sd = torch.load(finetune_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(sd)
+    model = with_tta(model, info.get("tta", "none"), int(info["spatial_dims"]))
     model.to(device or torch.device("cpu")).eval()
     return model, info
 
