@@ -54,6 +54,7 @@ DEFAULTS: dict[int, dict[str, Any]] = {
             "batch_size": 32,
             "lr": 0.001,
             "backbone_lr_mult": 0.3,
+            "tta": "flip",
         },
         "evaluate": {"calibration": "temperature", "n_bootstrap": 200},
     },
@@ -73,6 +74,7 @@ DEFAULTS: dict[int, dict[str, Any]] = {
             "weight_decay": 0.05,
             "schedule": "onecycle",
             "warmup_epochs": 6,
+            "tta": "flip_all",
         },
         "evaluate": {"calibration": "temperature", "n_bootstrap": 200},
     },
@@ -186,6 +188,9 @@ def make_config(
         },
         "split": {"calibration_from_train": 0.1},
         "augment": {"preview": 8},
+        # the whole official test set is scored: no share of it locked away for promotion decisions
+        # (by default Evaluate leaves the promotion holdout, half the test patients, out of its metrics)
+        "ops": {"promotion": {"holdout_fraction": 0.0}},
         "runtime": {"workspace": str(workspace), "threads": 2},
     }
     cfg = _merge(cfg, DEFAULTS[dims])
@@ -194,7 +199,9 @@ def make_config(
     return cfg
 
 
-def test_scores(pred_csv: Path, kind: str, class_names: list[str]) -> dict[str, float]:
+def test_scores(
+    pred_csv: Path, kind: str, class_names: list[str], expected_cases: int | None = None
+) -> dict[str, float]:
     """MedMNIST-style test AUC / ACC from a run's ``predictions.csv``."""
     from sklearn.metrics import roc_auc_score
 
@@ -207,6 +214,10 @@ def test_scores(pred_csv: Path, kind: str, class_names: list[str]) -> dict[str, 
         auc = roc_auc_score(y, raw[:, 1])
     else:
         auc = roc_auc_score(y, raw, multi_class="ovr", average="macro")
+    if expected_cases is not None and len(y) != expected_cases:
+        raise RuntimeError(
+            f"{pred_csv}: {len(y)} test predictions; expected the whole official test set ({expected_cases})"
+        )
     return {
         "test_auc": float(auc),
         "test_acc": float(np.mean(raw.argmax(1) == y)),
@@ -276,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         loaded = load_config(path)
-        scores = test_scores(plan.evaluate / "predictions.csv", info["kind"], loaded.task.class_names)
+        with np.load(npz) as z:
+            n_test = len(z["test_labels"])
+        scores = test_scores(
+            plan.evaluate / "predictions.csv", info["kind"], loaded.task.class_names, expected_cases=n_test
+        )
         metrics = json.loads((plan.evaluate / "metrics.json").read_text())
         summary = json.loads((plan.finetune / "train_summary.json").read_text())
         auroc = metrics["evaluation"]["test"]["uncalibrated"]["discrimination"]["auroc"]["value"]

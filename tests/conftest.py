@@ -89,7 +89,20 @@ def write_config(root: Path, **overrides) -> Path:
             cfg[section] = values
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_fixed_key(root / str(cfg.get("runtime", {}).get("workspace", "ws")))
     return path
+
+
+def write_fixed_key(workspace: Path) -> None:
+    """A fixed pseudonymisation key in ``workspace/private`` (as ingestion writes it: 0700 folder, 0600
+    file), so hashed splits, and the tiny models trained on them, are the same on every test run."""
+    from pipeline.ingest.deid import KEY_FILE, ensure_private_dir
+
+    private = ensure_private_dir(workspace / "private")
+    key = private / KEY_FILE
+    if not key.exists():
+        key.write_text("medtl-fixed-test-key-" + "0123456789abcdef" * 3 + "\n")
+        key.chmod(0o600)
 
 
 @pytest.fixture
