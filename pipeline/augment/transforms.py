@@ -25,6 +25,7 @@ from monai.transforms import (
     RandAffine,
     RandFlip,
     RandGaussianNoise,
+    Randomizable,
     RandomizableTransform,
     RandScaleIntensity,
     RandShiftIntensity,
@@ -225,6 +226,23 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def _sample_rng(transform: Compose) -> np.random.RandomState:
+    """One ``RandomState`` shared by every random transform of ``transform`` (bound once, MONAI's API).
+
+    Re-seeding it costs about 1 us per sample; ``Compose.set_random_state(seed)`` builds a new
+    ``RandomState`` per transform per sample (seven for ``standard``, about 40% of the augmentation time).
+    The transforms draw from it in their fixed order, so a seed still fixes a sample's augmentation.
+    """
+    rs = getattr(transform, "_medtl_rng", None)
+    if rs is None:
+        rs = np.random.RandomState(0)
+        for t in transform.transforms:
+            if isinstance(t, Randomizable):
+                t.set_random_state(state=rs)  # RandAffine passes it on to its RandAffineGrid
+        transform._medtl_rng = rs
+    return rs
+
+
 def apply(transform: Compose, x: np.ndarray, seed: int) -> np.ndarray:
     """Apply ``transform`` to one sample with its own RNG seeded by ``seed``; returns float32 numpy.
 
@@ -234,7 +252,7 @@ def apply(transform: Compose, x: np.ndarray, seed: int) -> np.ndarray:
     import torch
     from monai.data import get_track_meta, set_track_meta
 
-    transform.set_random_state(seed=seed)
+    _sample_rng(transform).seed(seed)
     previous = get_track_meta()
     set_track_meta(False)
     try:
