@@ -73,7 +73,10 @@ def test_positive_class_must_exist(project: Path) -> None:
 
 
 def test_positive_class_by_label_value(project: Path) -> None:
-    path = _edit(write_config(project), lambda c: c["task"].update(classes={0: "malignant", 1: "benign"}, positive_class="0"))
+    path = _edit(
+        write_config(project),
+        lambda c: c["task"].update(classes={0: "malignant", 1: "benign"}, positive_class="0"),
+    )
     assert load_config(path).task.positive_index == 0
 
 
@@ -93,7 +96,26 @@ def test_stage_hashes_depend_only_on_their_sections(project: Path) -> None:
     for sections in (ingest_sections, ("preprocess", "augment"), ("model", "train"), ("evaluate", "report")):
         assert base.hashed(*sections) == workers.hashed(*sections)
     # the device and the decoder process count do not change results either
-    dev = load_config(write_config(project, train={"epochs": 2, "batch_size": 16, "lr": 0.003, "patience": 5, "device": "cpu"},
-                                   ingest={"processes": 2}))
+    dev = load_config(
+        write_config(
+            project,
+            train={"epochs": 2, "batch_size": 16, "lr": 0.003, "patience": 5, "device": "cpu"},
+            ingest={"processes": 2},
+        )
+    )
     assert dev.hashed("model", "train") == base.hashed("model", "train")
     assert dev.hashed(*ingest_sections) == base.hashed(*ingest_sections)
+
+
+@pytest.mark.parametrize(
+    "example", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_example_configs_validate(example: Path) -> None:
+    """Every example in configs/ is a valid config (only its data paths, which are placeholders, are absent)."""
+    from models import get_spec
+    from pipeline.config import Config
+
+    cfg = Config.model_validate(yaml.safe_load(example.read_text()))
+    spec = get_spec(cfg.model.backbone)
+    assert spec.spatial_dims == cfg.preprocess.spatial_dims
+    assert cfg.model.pretrained == (spec.weights is not None)
