@@ -36,6 +36,13 @@ padding:.5em .9em;border:1px solid #ccd;border-radius:6px;background:#f7f9fc}.kp
 figure{margin:.8em 0}figcaption{max-width:900px}
 """
 
+#: How ``train.tta`` is described in the report and the model card.
+TTA_WORDS = {
+    "none": "",
+    "flip": ", mean over the image and its left-right mirror (test-time augmentation)",
+    "flip_all": ", mean over every mirror combination of the axes (test-time augmentation)",
+}
+
 
 def fmt(v: Any, digits: int = 3) -> str:
     """Format a number or a ``{"value", "ci"}`` dict as ``0.912 [0.871, 0.948]``."""
@@ -591,6 +598,11 @@ def build_document(
                 ],
                 ["weights sha256", w.get("sha256", "n/a")],
                 ["strategy", train.get("strategy")],
+                [
+                    "model scored",
+                    (f"ensemble of {cfg.train.folds} fold models" if cfg.train.folds > 1 else "one network")
+                    + TTA_WORDS[cfg.train.tta],
+                ],
                 ["input", f"{cfg.preprocess.spatial_dims}D, {cfg.preprocess.image_size} px, 1 channel"],
                 [
                     "training cases (per class)",
@@ -1213,7 +1225,9 @@ def model_card(cfg: Config, plan, metrics: dict[str, Any], doc: Doc) -> str:
             else ""
         ),
         f"- **Model:** {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}), "
-        f"strategy {cfg.train.strategy}, input {cfg.preprocess.spatial_dims}D {cfg.preprocess.image_size} px",
+        f"strategy {cfg.train.strategy}, input {cfg.preprocess.spatial_dims}D {cfg.preprocess.image_size} px"
+        + (f", ensemble of {cfg.train.folds} fold models" if cfg.train.folds > 1 else "")
+        + TTA_WORDS[cfg.train.tta],
         f"- **Data provenance:** labels file `{Path(cfg.data.labels_csv).name}`; data snapshot `{plan.snapshot}`; "
         "identifiers pseudonymised at ingestion",
         f"- **Post-hoc calibration:** {cfg.evaluate.calibration}, fitted on the calibration split only",
