@@ -172,3 +172,40 @@ def test_probe_init_and_ema(project) -> None:
     assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(
         summary["best_val_auroc"], abs=1e-9
     )
+
+
+def test_probe_head_does_not_blow_up_nearly_constant_features(rng: np.random.Generator) -> None:
+    """A nearly dead feature (std 1e-5) must not get a huge folded weight (LP-FT starts from this head)."""
+    from pipeline.config import TrainConfig
+    from pipeline.train.strategies import fit_linear_probe
+
+    class Feats(torch.nn.Module):  # the "backbone": its features are the input itself
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward_features(self, x):
+            return x
+
+        def forward_head(self, x, pre_logits=False):
+            return x if pre_logits else self.fc(x)
+
+        def forward(self, x):
+            return self.fc(x)
+
+        def get_classifier(self):
+            return self.fc
+
+    y = rng.integers(0, 2, 200)
+    x = rng.normal(size=(200, 4))
+    x[:, 0] += 1.5 * y
+    x[:, 3] = 1e-5 * rng.normal(size=200)  # nearly dead channel
+    m = Feats()
+    tc = TrainConfig(probe_c=(10.0,))
+    fit_linear_probe(m, x[:150], y[:150], x[150:], y[150:], tc, 2, 1, torch.device("cpu"))
+    w = m.fc.weight.detach().abs()
+    assert w[:, 3].max() < 10 * w[:, 0].max()
+    # the head still reproduces a sensible probe on ordinary features
+    with torch.no_grad():
+        p = torch.softmax(m(torch.from_numpy(x[150:]).float()), 1)[:, 1].numpy()
+    assert np.corrcoef(p, x[150:, 0])[0, 1] > 0.8
