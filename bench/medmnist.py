@@ -210,14 +210,14 @@ def test_scores(
     y = np.array([int(r["label_index"]) for r in rows])
     raw = np.array([[float(r[f"p_raw_{n}"]) for n in class_names] for r in rows])
     cal = np.array([[float(r[f"p_cal_{n}"]) for n in class_names] for r in rows])
-    if raw.shape[1] == 2:
-        auc = roc_auc_score(y, raw[:, 1])
-    else:
-        auc = roc_auc_score(y, raw, multi_class="ovr", average="macro")
     if expected_cases is not None and len(y) != expected_cases:
         raise RuntimeError(
             f"{pred_csv}: {len(y)} test predictions; expected the whole official test set ({expected_cases})"
         )
+    if raw.shape[1] == 2:
+        auc = roc_auc_score(y, raw[:, 1])
+    else:
+        auc = roc_auc_score(y, raw, multi_class="ovr", average="macro")
     return {
         "test_auc": float(auc),
         "test_acc": float(np.mean(raw.argmax(1) == y)),
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['name']}: {n} cases, {dims}D, {info['kind']}, label fraction {args.label_fraction}",
         flush=True,
     )
+    with np.load(npz) as z:
+        n_test = len(z["test_labels"])
     results = []
     for seed in range(args.seeds):
         cfg = make_config(info, dims, work / "data", work / "ws", seed, args.label_fraction, user)
@@ -287,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         loaded = load_config(path)
-        with np.load(npz) as z:
-            n_test = len(z["test_labels"])
         scores = test_scores(
             plan.evaluate / "predictions.csv", info["kind"], loaded.task.class_names, expected_cases=n_test
         )

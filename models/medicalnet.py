@@ -76,6 +76,13 @@ class ResNet3dInterface:
     num_classes: int
     num_features: int
 
+    def _init_interface(self, depth: int, num_classes: int, drop_rate: float) -> None:
+        """Record the facts the interface needs (call after ``ResNet.__init__``)."""
+        self.depth = depth
+        self.drop_rate = float(drop_rate)
+        self.num_classes = num_classes
+        self.num_features = self.fc.in_features  # type: ignore[attr-defined]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map before pooling.
 
@@ -161,11 +168,8 @@ class MedicalNetResNet(ResNet3dInterface, ResNet):
             num_classes=num_classes,
             bias_downsample=False,
         )
-        self.depth = depth
+        self._init_interface(depth, num_classes, drop_rate)
         self.shortcut_type = shortcut
-        self.drop_rate = float(drop_rate)
-        self.num_classes = num_classes
-        self.num_features = self.fc.in_features
         # MedicalNet: layer3/layer4 keep resolution and dilate instead (stride 1, dilation 2 and 4).
         for layer, dilation in ((self.layer3, 2), (self.layer4, 4)):
             for blk in layer:

@@ -62,10 +62,7 @@ class CompactResNet3d(ResNet3dInterface, ResNet):
             num_classes=num_classes,
             bias_downsample=False,
         )
-        self.depth = depth
-        self.drop_rate = float(drop_rate)
-        self.num_classes = num_classes
-        self.num_features = self.fc.in_features
+        self._init_interface(depth, num_classes, drop_rate)
 
 
 def _compact_spec(depth: int) -> BackboneSpec:
@@ -88,17 +85,15 @@ def _compact_spec(depth: int) -> BackboneSpec:
             "Random initialisation (no pretrained weights): the from-scratch 3D baseline for small volumes "
             "(about 16-96 voxels a side). Any input size works; the spec's input_size is a typical one."
         ),
+        extra=(("depth", depth),),
     )
 
 
-def _make_factory(depth: int):
-    def factory(
-        spec: BackboneSpec, num_classes: int, in_chans: int, weights: ResolvedWeights | None
-    ) -> nn.Module:
-        return CompactResNet3d(depth, num_classes=num_classes, in_chans=in_chans)
-
-    return factory
+def _factory(
+    spec: BackboneSpec, num_classes: int, in_chans: int, weights: ResolvedWeights | None
+) -> nn.Module:
+    return CompactResNet3d(dict(spec.extra)["depth"], num_classes=num_classes, in_chans=in_chans)
 
 
 for _depth in COMPACT_DEPTHS:
-    register_backbone(_compact_spec(_depth))(_make_factory(_depth))
+    register_backbone(_compact_spec(_depth))(_factory)

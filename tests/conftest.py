@@ -97,12 +97,11 @@ def write_fixed_key(workspace: Path) -> None:
     """A fixed pseudonymisation key in ``workspace/private`` (as ingestion writes it: 0700 folder, 0600
     file), so hashed splits, and the tiny models trained on them, are the same on every test run."""
     from pipeline.ingest.deid import KEY_FILE, ensure_private_dir
+    from pipeline.io import write_text
 
-    private = ensure_private_dir(workspace / "private")
-    key = private / KEY_FILE
+    key = ensure_private_dir(workspace / "private") / KEY_FILE
     if not key.exists():
-        key.write_text("medtl-fixed-test-key-" + "0123456789abcdef" * 3 + "\n")
-        key.chmod(0o600)
+        write_text(key, "medtl-fixed-test-key-" + "0123456789abcdef" * 3 + "\n", mode=0o600)
 
 
 @pytest.fixture

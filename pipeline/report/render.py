@@ -44,6 +44,11 @@ TTA_WORDS = {
 }
 
 
+def ensemble_words(cfg: Config) -> str:
+    """``"ensemble of K fold models"`` for a k-fold run, else ``""``."""
+    return f"ensemble of {cfg.train.folds} fold models" if cfg.train.folds > 1 else ""
+
+
 def fmt(v: Any, digits: int = 3) -> str:
     """Format a number or a ``{"value", "ci"}`` dict as ``0.912 [0.871, 0.948]``."""
     if isinstance(v, dict) and "value" in v:
@@ -598,11 +603,7 @@ def build_document(
                 ],
                 ["weights sha256", w.get("sha256", "n/a")],
                 ["strategy", train.get("strategy")],
-                [
-                    "model scored",
-                    (f"ensemble of {cfg.train.folds} fold models" if cfg.train.folds > 1 else "one network")
-                    + TTA_WORDS[cfg.train.tta],
-                ],
+                ["model scored", (ensemble_words(cfg) or "one network") + TTA_WORDS[cfg.train.tta]],
                 ["input", f"{cfg.preprocess.spatial_dims}D, {cfg.preprocess.image_size} px, 1 channel"],
                 [
                     "training cases (per class)",
@@ -1226,7 +1227,7 @@ def model_card(cfg: Config, plan, metrics: dict[str, Any], doc: Doc) -> str:
         ),
         f"- **Model:** {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}), "
         f"strategy {cfg.train.strategy}, input {cfg.preprocess.spatial_dims}D {cfg.preprocess.image_size} px"
-        + (f", ensemble of {cfg.train.folds} fold models" if cfg.train.folds > 1 else "")
+        + (f", {ens}" if (ens := ensemble_words(cfg)) else "")
         + TTA_WORDS[cfg.train.tta],
         f"- **Data provenance:** labels file `{Path(cfg.data.labels_csv).name}`; data snapshot `{plan.snapshot}`; "
         "identifiers pseudonymised at ingestion",

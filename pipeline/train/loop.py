@@ -707,8 +707,13 @@ class FoldEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([torch.softmax(m(x).float(), 1) for m in self.members]).mean(0)
-        return torch.log(probs.clamp_min(1e-12))
+        return log_mean_probability([m(x) for m in self.members])
+
+
+def log_mean_probability(logits: list[torch.Tensor]) -> torch.Tensor:
+    """``log(mean_k softmax(logits_k))``: logits whose softmax is the mean probability of the inputs."""
+    probs = torch.stack([torch.softmax(z.float(), 1) for z in logits]).mean(0)
+    return torch.log(probs.clamp_min(1e-12))
 
 
 class FlipTTA(nn.Module):
@@ -730,10 +735,7 @@ class FlipTTA(nn.Module):
         self.combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack(
-            [torch.softmax(self.model(x.flip(c) if c else x).float(), 1) for c in self.combos]
-        ).mean(0)
-        return torch.log(probs.clamp_min(1e-12))
+        return log_mean_probability([self.model(x.flip(c) if c else x) for c in self.combos])
 
 
 def tta_axes(mode: str, spatial_dims: int) -> tuple[int, ...]:
