@@ -33,7 +33,7 @@ from torch import nn
 from models.registry import register_backbone
 from models.spec import BackboneSpec, WeightSource
 from models.weights import ResolvedWeights, read_checkpoint
-from pipeline.errors import WeightsError
+from models.errors import WeightsError
 
 __all__ = [
     "MedicalNetResNet",

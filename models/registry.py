@@ -25,8 +25,8 @@ from typing import Protocol
 from torch import nn
 
 from models.spec import BackboneSpec
+from models.errors import WeightsError
 from models.weights import ResolvedWeights, resolve_weights
-from pipeline.errors import WeightsError
 
 __all__ = [
     "BackboneFactory",
@@ -83,7 +83,15 @@ def register_prefix(prefix: str, resolver: Callable[[str], tuple[BackboneSpec, B
     _PREFIXES[prefix] = resolver
 
 
+def _builtins() -> None:
+    """Register the built-in backbones before any lookup (``import models.registry`` alone does not)."""
+    from models import register_builtin_backbones
+
+    register_builtin_backbones()
+
+
 def _lookup(name: str) -> tuple[BackboneSpec, BackboneFactory]:
+    _builtins()
     if not isinstance(name, str):
         raise ValueError(f"backbone name {name!r} is a {type(name).__name__}; expected a string")
     if name in _REGISTRY:
@@ -113,6 +121,7 @@ def list_backbones(pattern: str | None = None, spatial_dims: int | None = None) 
         pattern: Optional shell-style wildcard filter (e.g. ``"medicalnet_*"``).
         spatial_dims: Keep only 2D or 3D backbones.
     """
+    _builtins()
     names = sorted(_REGISTRY)
     if pattern is not None:
         names = fnmatch.filter(names, pattern)

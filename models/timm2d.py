@@ -35,7 +35,7 @@ from torch import nn
 from models.registry import BackboneFactory, register_backbone, register_prefix
 from models.spec import BackboneSpec, WeightSource
 from models.weights import ResolvedWeights, read_checkpoint
-from pipeline.errors import WeightsError
+from models.errors import WeightsError
 
 __all__ = ["load_timm_state_dict", "unwrap_state_dict", "timm_spec"]
 

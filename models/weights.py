@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from models.spec import WeightSource
-from pipeline.errors import WeightsError
+from models.errors import WeightsError
 
 __all__ = [
     "ResolvedWeights",

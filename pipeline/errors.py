@@ -6,13 +6,15 @@ so an operator can fix the input without reading code.
 
 from __future__ import annotations
 
+from models.errors import MedtlError, WeightsError
 
-class MedtlError(Exception):
-    """Base class of every error medtl raises on purpose."""
+__all__ = ["MedtlError", "ConfigError", "IngestError", "WeightsError"]
 
 
 class ConfigError(MedtlError):
     """A configuration file or value is invalid."""
+
+    default_code = "config"
 
 
 class IngestError(MedtlError):
@@ -24,11 +26,8 @@ class IngestError(MedtlError):
             tabulate reasons in the ingestion report.
     """
 
+    default_code = "unreadable"
+
     def __init__(self, reason: str, code: str = "unreadable") -> None:
-        super().__init__(reason)
+        super().__init__(reason, code)
         self.reason = reason
-        self.code = code
-
-
-class WeightsError(MedtlError):
-    """Pretrained weights are missing, corrupt (sha256 mismatch) or do not fit the network."""
