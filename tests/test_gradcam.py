@@ -1,4 +1,8 @@
-"""Grad-CAM localises a known signal: a bright square in noise, learnt by a small CNN in a few steps."""
+"""Grad-CAM localises a known signal: a bright square in noise, learnt by a small CNN in a few steps.
+
+The maps come from ``monai.visualize.GradCAM``; ``_reference_grad_cam`` keeps the earlier hand-written
+implementation (forward hook + tensor gradient hook) as the reference the MONAI path must agree with.
+"""
 
 from __future__ import annotations
 
@@ -41,9 +45,9 @@ def _cnn(dims: int) -> nn.Module:
     )
 
 
-def _train(dims: int, steps: int, batch: int) -> nn.Module:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
+def _train(dims: int, steps: int, batch: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     model = _cnn(dims)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(steps):
@@ -145,3 +149,98 @@ def test_model_is_left_unchanged_and_cases_are_selected_by_confidence() -> None:
     p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.95, 0.05], [0.7, 0.3]])
     cases = select_cases(y, p, ["a", "b", "c", "d", "e"], ["n", "p"], 1)
     assert [(c.case_id, c.correct) for c in cases] == [("a", True), ("d", False)]
+
+
+def _reference_grad_cam(model: nn.Module, x: torch.Tensor, target, layer: nn.Module) -> np.ndarray:
+    """The earlier hand-written Grad-CAM (kept as the reference): per-case min-max scaled maps."""
+    model.eval()
+    x = x.detach().float()
+    store: dict[str, torch.Tensor] = {}
+
+    def fwd(_m, _i, out):
+        store["act"] = out
+        out.register_hook(lambda g: store.__setitem__("grad", g))
+
+    handle = layer.register_forward_hook(fwd)
+    try:
+        with torch.enable_grad():
+            logits = model(x.requires_grad_(True))
+            cls = torch.as_tensor(list(target))
+            model.zero_grad(set_to_none=True)
+            logits.gather(1, cls.view(-1, 1)).sum().backward()
+    finally:
+        handle.remove()
+    act, grad = store["act"].detach(), store["grad"].detach()
+    weights = grad.mean(dim=tuple(range(2, act.dim())), keepdim=True)
+    cam = torch.relu((weights * act).sum(1, keepdim=True)).float()
+    mode = "bilinear" if cam.dim() == 4 else "trilinear"
+    cam = torch.nn.functional.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)[:, 0]
+    flat = cam.reshape(cam.shape[0], -1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    scale = torch.where(hi - lo > 0, hi - lo, torch.ones_like(hi))
+    cam = (cam - lo.view(-1, *([1] * (cam.dim() - 1)))) / scale.view(-1, *([1] * (cam.dim() - 1)))
+    model.zero_grad(set_to_none=True)
+    return cam.numpy()
+
+
+def _hottest(cams: np.ndarray) -> list[tuple[int, ...]]:
+    return [tuple(int(i) for i in np.unravel_index(np.argmax(c), c.shape)) for c in cams]
+
+
+class _Ensemble(nn.Module):
+    """Shaped like ``FoldEnsemble``: ``members`` and log of the mean softmax."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), 1) for m in self.members]).mean(0)
+        return torch.log(probs)
+
+
+def test_monai_maps_match_the_reference_implementation() -> None:
+    model = _train(2, steps=60, batch=32)
+    x, y, _ = _square_batch(np.random.default_rng(5), 12)
+    target = [int(t) for t in (1 - y).tolist()]  # mixed targets in one batch, some against the prediction
+    ref = _reference_grad_cam(model, x, target, find_target_layer(model, x))
+    cams = grad_cam(model, x, target=target)
+    assert cams.shape == ref.shape and cams.min() >= 0 and cams.max() <= 1
+    assert _hottest(cams) == _hottest(ref)
+    np.testing.assert_allclose(cams, ref, atol=1e-4)
+    model3 = _fixed_3d()
+    x3, _, _ = _square_batch(np.random.default_rng(7), 4, dims=3)
+    ref3 = _reference_grad_cam(model3, x3, [1] * 4, find_target_layer(model3, x3))
+    assert _hottest(grad_cam(model3, x3, target=[1] * 4)) == _hottest(ref3)
+
+
+def test_map_is_not_flipped_and_the_model_keeps_no_hook() -> None:
+    model = _fixed_3d()
+    x, y, boxes = _square_batch(np.random.default_rng(11), 6, dims=3)
+    pos = np.flatnonzero(y.numpy() == 1)
+    cams = grad_cam(model, x[pos], target=[1] * len(pos))
+    # MONAI's default normaliser maps max to 0: the cube would be the coldest place, not the hottest.
+    inside = _peak_inside(cams, [boxes[i] for i in pos], 3)
+    assert inside.all()
+    assert all(
+        not m._forward_hooks and not m._backward_hooks and not getattr(m, "_forward_pre_hooks", {})
+        for m in model.modules()
+    )
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fold_ensemble_averages_every_member() -> None:
+    members = [_train(2, steps=40, batch=32, seed=s) for s in (1, 2)]
+    ens = _Ensemble(members).eval()
+    x, _, _ = _square_batch(np.random.default_rng(9), 6)
+    with torch.no_grad():
+        pred = ens(x).argmax(1).tolist()
+    refs = [_reference_grad_cam(m, x, pred, find_target_layer(m, x)) for m in members]
+    assert not np.allclose(refs[0], refs[1], atol=1e-3), "the members should differ"
+    mean = np.mean(refs, axis=0)
+    expect = (mean - mean.min(axis=(1, 2), keepdims=True)) / np.ptp(mean, axis=(1, 2), keepdims=True)
+    cams = grad_cam(ens, x)  # target: the ensemble's predicted class
+    assert _hottest(cams) == _hottest(expect)
+    np.testing.assert_allclose(cams, expect, atol=1e-4)
+    with pytest.raises(ValueError, match="ensemble"):
+        grad_cam(ens, x, layer=members[0][0])

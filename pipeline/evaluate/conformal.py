@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator
 
+from pipeline.evaluate.metrics import wilson_ci
+
 __all__ = ["SplitConformal", "coverage_report", "min_calibration_size"]
 
 _METHODS = ("lac", "aps")
@@ -167,7 +169,9 @@ def coverage_report(sets: np.ndarray, y: np.ndarray, class_names: list[str] | No
         class_names: Optional K names for the per-class keys.
 
     Returns:
-        ``{"coverage", "mean_set_size", "empty_fraction", "set_size_histogram", "per_class": {...}}``.
+        ``{"coverage", "coverage_ci", "mean_set_size", "empty_fraction", "set_size_histogram",
+        "per_class": {name: {"n", "coverage", "coverage_ci", "mean_set_size"}}}``; ``coverage_ci`` is the
+        95% Wilson interval of the covered share (``None`` for a class with no case).
     """
     sets = np.asarray(sets, dtype=bool)
     y = np.asarray(y, dtype=np.int64)
@@ -181,10 +185,12 @@ def coverage_report(sets: np.ndarray, y: np.ndarray, class_names: list[str] | No
         per_class[names[j]] = {
             "n": int(m.sum()),
             "coverage": float(covered[m].mean()) if m.any() else None,
+            "coverage_ci": list(wilson_ci(int(covered[m].sum()), int(m.sum()))) if m.any() else None,
             "mean_set_size": float(size[m].mean()) if m.any() else None,
         }
     return {
         "coverage": float(covered.mean()),
+        "coverage_ci": list(wilson_ci(int(covered.sum()), len(y))) if len(y) else None,
         "mean_set_size": float(size.mean()),
         "empty_fraction": float(np.mean(size == 0)),
         "set_size_histogram": np.bincount(size, minlength=k + 1).tolist(),
