@@ -152,6 +152,7 @@ def test_coverage_report_counts() -> None:
     assert rep["per_class"]["a"] == {
         "n": 3,
         "coverage": pytest.approx(1 / 3),
+        "coverage_ci": pytest.approx([0.0615, 0.7923], abs=1e-4),  # Wilson 95% interval of 1/3
         "mean_set_size": pytest.approx(2 / 3),
     }
 
