@@ -1,0 +1,82 @@
+"""The whole run configuration (:class:`Config`): its sections, per-stage hashing and the public view."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from pipeline.config.operations import OpsConfig, RuntimeConfig
+from pipeline.config.sections import (
+    AugmentConfig,
+    DataConfig,
+    DeidConfig,
+    IngestConfig,
+    ModelConfig,
+    PreprocessConfig,
+    SplitConfig,
+    TaskConfig,
+    _Section,
+)
+from pipeline.config.training import EvaluateConfig, ReportConfig, TrainConfig
+
+
+class Config(_Section):
+    """A whole medtl run configuration (see ``configs/*.yaml``)."""
+
+    name: str = Field("medtl-run", min_length=1)
+    task: TaskConfig
+    data: DataConfig
+    split: SplitConfig = SplitConfig()
+    ingest: IngestConfig = IngestConfig()
+    deid: DeidConfig = DeidConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    ops: OpsConfig = OpsConfig()
+
+    source_path: Path | None = Field(None, exclude=True)
+
+    def hashed(self, *sections: str, extra: dict[str, Any] | None = None) -> str:
+        """Return a 12-hex-digit hash of the named sections (plus ``extra``), excluding unhashed fields."""
+        payload: dict[str, Any] = {}
+        for name in sections:
+            value = getattr(self, name)
+            dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            for field in _UNHASHED.get(name, ()):
+                dumped.pop(field, None)
+            payload[name] = dumped
+        if extra:
+            payload["extra"] = extra
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as written into reports: no paths at all (folder and file names may contain names).
+
+        The data source and labels file are named only by placeholders; the private run record and the
+        operator's own config file say where they are.
+        """
+        out = self.model_dump(mode="json", exclude={"runtime", "ops", "source_path"})
+        out["data"]["source"] = "<data.source>"
+        out["data"]["labels_csv"] = "<data.labels_csv>"
+        if out["model"].get("weights"):
+            out["model"]["weights"] = Path(out["model"]["weights"]).name
+        return out
+
+
+# Fields that never change results, per section. The data paths are not hashed either: the data snapshot
+# (file list, sizes, mtimes, labels CSV digest) stands for the data.
+_UNHASHED: dict[str, tuple[str, ...]] = {
+    "ingest": ("processes",),
+    "train": ("device", "amp"),
+    "data": ("source", "labels_csv"),
+    "model": ("weights",),
+}
