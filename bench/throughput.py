@@ -8,7 +8,7 @@ for one epoch over the same preprocessed training images, alternately ``--reps``
 other processes hits both alike:
 
 - bare: tensors already in memory as one float32 tensor, a random permutation, forward/backward/step;
-- medtl: :func:`pipeline.train.loop.train_epochs` (float16 cache -> per-sample MONAI augmentation with the
+- medtl: :func:`pipeline.train.epochs.train_epochs` (float16 cache -> per-sample MONAI augmentation with the
   pipeline's seeds -> DataLoader -> AdamW + schedule, checkpoint excluded from the timed part).
 
 Reported: images/s of each (median over reps), their ratio, and the share of the medtl step time spent
@@ -80,7 +80,7 @@ def bare_epoch(cfg, train, seed: int) -> float:
     """Images/s of one epoch of a plain loop on in-memory tensors."""
     import torch
 
-    from pipeline.train.loop import build_model
+    from pipeline.train.network import build_model
     from pipeline.train.strategies import make_optimizer, setup_trainable
 
     model = build_model(cfg, 2, seed=seed)
@@ -104,10 +104,11 @@ def bare_epoch(cfg, train, seed: int) -> float:
 
 
 def pipeline_epoch(cfg, train, val, work: Path) -> tuple[float, float]:
-    """Images/s and data-wait share of one epoch of :func:`pipeline.train.loop.train_epochs`."""
+    """Images/s and data-wait share of one epoch of :func:`pipeline.train.epochs.train_epochs`."""
     import torch
 
-    from pipeline.train.loop import build_model, train_epochs
+    from pipeline.train.epochs import train_epochs
+    from pipeline.train.network import build_model
 
     model = build_model(cfg, 2, seed=cfg.train.seed)
     out = train_epochs(cfg, model, "finetune", train, val, work, torch.device("cpu"))

@@ -1,11 +1,10 @@
-"""Evaluate task: calibration, metrics with CIs, the report (pipeline.evaluate.stage)."""
+"""Evaluate task: calibration, metrics with CIs (pipeline.evaluate.stage), then the report (pipeline.report)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.evaluate.stage import run_evaluate
 from pipeline.workspace import StagePlan
 from tasks.base import StageTask
 from tasks.finetune import FineTune
@@ -20,4 +19,13 @@ class Evaluate(StageTask):
         return [FineTune(config=self.config), *members] if members else FineTune(config=self.config)
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
-        run_evaluate(cfg, plan, tmp)
+        import logging
+
+        from pipeline.evaluate.stage import run_evaluate
+        from pipeline.report.render import write_reports
+
+        ev = run_evaluate(cfg, plan, tmp)
+        write_reports(cfg, plan, ev.metrics, ev.preds, ev.calibrated, tmp, explanations=ev.explanations)
+        logging.getLogger(__name__).info(
+            "Evaluate: report written (%s)", ", ".join(sorted(p.name for p in tmp.iterdir()))
+        )

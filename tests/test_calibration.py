@@ -1,4 +1,4 @@
-"""Tests of the post-hoc calibrators in pipeline.evaluate.calibration."""
+"""Tests of the post-hoc calibrators in pipeline.trained.calibration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from scipy.special import softmax
 from sklearn.base import clone
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
-from pipeline.evaluate.calibration import (
+from pipeline.trained.calibration import (
     CALIBRATOR_NAMES,
     AutoCalibrator,
     IsotonicCalibration,

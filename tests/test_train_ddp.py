@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.train.loop import load_trained_model
 from pipeline.train.worker import launch_distributed, torchrun_command
+from pipeline.trained.artefact import TrainedModel
 from tests.test_train_helpers import make_augment_dir, write_train_config
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def test_two_gloo_processes_train_and_write_one_model(tmp_path: Path) -> None:
     summary = launch_distributed(cfg, aug, out, work, timeout=300)
     assert summary["processes"] == 2
     assert summary["epochs_run"] == 2
-    model, info = load_trained_model(out)
+    model = TrainedModel.load(out).network
     x = torch.randn(3, 1, 16, 16)
     assert model(x).shape == (3, 2)
     # rank 0 alone wrote the outputs; the summary on disk is the one returned

@@ -12,7 +12,10 @@ import torch
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.train.data import SplitData, balanced_order, epoch_order, patient_folds
-from pipeline.train.loop import DistInfo, FoldEnsemble, _batches, _scheduler, load_trained_model, run_finetune
+from pipeline.train.epochs import DistInfo, _batches, _scheduler
+from pipeline.train.loop import run_finetune
+from pipeline.trained.artefact import TrainedModel
+from pipeline.trained.nets import FoldEnsemble
 from tests.test_train_helpers import make_augment_dir, write_train_config
 
 
@@ -94,7 +97,8 @@ def test_kfold_ensemble_is_loaded_by_the_evaluate_loader(tmp_path: Path) -> None
     summary = run_finetune(cfg, aug, tmp_path / "out", tmp_path / "work", progress=False)
     assert summary["folds"]["k"] == 3 and len(summary["folds"]["per_fold"]) == 3
     assert 0.0 <= summary["folds"]["out_of_fold_auroc"] <= 1.0
-    model, info = load_trained_model(tmp_path / "out")
+    trained = TrainedModel.load(tmp_path / "out")
+    model, info = trained.network, trained.info
     assert isinstance(model, FoldEnsemble) and info["ensemble"]["folds"] == 3
     x = torch.randn(5, 1, 16, 16)
     with torch.no_grad():
@@ -177,7 +181,7 @@ def test_small_sets_repeat_draws_with_fresh_augmentation(tmp_path: Path) -> None
 
 
 def test_flip_tta_averages_every_mirror_combination_and_is_reloaded(tmp_path: Path) -> None:
-    from pipeline.train.loop import FlipTTA, tta_axes, with_tta, without_tta
+    from pipeline.trained.nets import FlipTTA, tta_axes, with_tta, without_tta
 
     assert tta_axes("flip", 2) == (3,) and tta_axes("flip_all", 3) == (2, 3, 4) and tta_axes("none", 3) == ()
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 4, 2))
@@ -196,7 +200,8 @@ def test_flip_tta_averages_every_mirror_combination_and_is_reloaded(tmp_path: Pa
     aug = make_augment_dir(tmp_path, n=32)
     cfg = load_config(write_train_config(tmp_path, strategy="linear_probe", tta="flip"))
     run_finetune(cfg, aug, tmp_path / "out", tmp_path / "work", progress=False)
-    model, info = load_trained_model(tmp_path / "out")
+    trained = TrainedModel.load(tmp_path / "out")
+    model, info = trained.network, trained.info
     assert info["tta"] == "flip" and isinstance(model, FlipTTA) and model.combos == [(), (3,)]
     sd = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     assert not any(k.startswith("model.") for k in sd)

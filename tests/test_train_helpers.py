@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ def make_augment_dir(
     seed: int = 0,
     val_share: float = 0.3,
 ) -> Path:
-    """Write ``tensors/<case>.npy`` ``(1, *[size]*dims)`` float16 and ``index.csv`` like the Augment stage.
+    """Write ``tensors/<case>.npy`` ``(1, *[size]*dims)`` float16, ``index.csv`` and ``transform_spec.json``
+    like the Augment stage.
 
     Class ``c`` carries a bright blob whose intensity grows with ``c`` (learnable, not trivial: noise).
     """
@@ -41,6 +43,16 @@ def make_augment_dir(
     w.writeheader()
     w.writerows(rows)
     (out / "index.csv").write_text(buf.getvalue())
+    spec = {
+        "spatial_dims": dims,
+        "image_size": size,
+        "intensity": "minmax",
+        "window": None,
+        "mean": 0.5,
+        "std": 0.5,
+        "clip_percentiles": [0.5, 99.5],
+    }
+    (out / "transform_spec.json").write_text(json.dumps({"deterministic": spec}))
     return out
 
 

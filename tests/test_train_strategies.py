@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config import load_config
-from pipeline.train.loop import load_trained_model, predict_logits, run_finetune, val_score
+from pipeline.train.loop import run_finetune
 from pipeline.train.strategies import (
     CHEAPEST_FIRST,
     pick_candidate,
@@ -19,6 +19,9 @@ from pipeline.train.strategies import (
     reestimate_bn,
     setup_trainable,
 )
+from pipeline.train.validation import val_score
+from pipeline.trained.artefact import TrainedModel
+from pipeline.trained.scorer import predict_logits
 from tests.test_train_helpers import make_augment_dir, write_train_config
 
 
@@ -55,7 +58,7 @@ def test_linear_probe_model_pt_gives_the_probe_scores(project) -> None:
     initial = {k: v.clone() for k, v in _fresh_state(cfg).items()}
     summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
     assert summary["strategy"] == "linear_probe" and summary["probe"]["C"] in cfg.train.probe_c
-    model, _ = load_trained_model(root / "out")
+    model = TrainedModel.load(root / "out").network
     val = _val(aug)
     probs = torch.softmax(torch.from_numpy(predict_logits(model, val.x, torch.device("cpu"))), 1).numpy()
     assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(
@@ -68,7 +71,7 @@ def test_linear_probe_model_pt_gives_the_probe_scores(project) -> None:
 
 
 def _fresh_state(cfg) -> dict[str, torch.Tensor]:
-    from pipeline.train.loop import build_model
+    from pipeline.train.network import build_model
 
     return build_model(cfg, 2, seed=cfg.train.seed).state_dict()
 
@@ -78,11 +81,11 @@ def test_partial_trains_only_the_last_groups(project) -> None:
 
     root, aug = project
     cfg = load_config(write_train_config(root, strategy="partial", trainable_groups=2, epochs=1))
-    from pipeline.train.loop import build_model
+    from pipeline.train.network import build_model
 
     ref = build_model(cfg, 2, seed=0)
     run_finetune(cfg, aug, root / "out", root / "work", progress=False)
-    model, _ = load_trained_model(root / "out")
+    model = TrainedModel.load(root / "out").network
     groups_ref, groups_new = param_groups(ref), param_groups(model)
     for i, (a, b) in enumerate(zip(groups_ref, groups_new, strict=True)):
         same = all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
@@ -98,7 +101,7 @@ def test_gradual_unfreezes_on_schedule(project) -> None:
 
     root, aug = project
     cfg = load_config(write_train_config(root, strategy="gradual", unfreeze_milestones=[1, 2]))
-    from pipeline.train.loop import build_model
+    from pipeline.train.network import build_model
 
     model = build_model(cfg, 2, seed=0)
     schedule = setup_trainable(model, "gradual", cfg.train)
@@ -166,7 +169,7 @@ def test_probe_init_and_ema(project) -> None:
     summary = run_finetune(cfg, aug, root / "out", root / "work", progress=False)
     assert summary["probe_init"]["C"] in cfg.train.probe_c and summary["ema_decay"] == 0.5
     # the saved weights are the EMA weights that were validated
-    model, _ = load_trained_model(root / "out")
+    model = TrainedModel.load(root / "out").network
     val = _val(aug)
     probs = torch.softmax(torch.from_numpy(predict_logits(model, val.x, torch.device("cpu"))), 1).numpy()
     assert val_score(val.y, probs, cfg.task.positive_index) == pytest.approx(

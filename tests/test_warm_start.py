@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import MedtlError
-from pipeline.train.loop import WARM_START_FILE, warm_start_into
+from pipeline.train.network import WARM_START_FILE, warm_start_into
 from pipeline.workspace import plan_stages
 from tasks.cli import run_pipeline
 from tests.conftest import make_dataset, write_config

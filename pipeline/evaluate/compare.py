@@ -103,28 +103,25 @@ def load_previous(
         case, y, p = _read_predictions_csv(path / "predictions.csv", n_classes)
         return PreviousScores("evaluate", path.name, case, y, p)
     if (path / "model.pt").is_file() and (path / "model_info.json").is_file():
-        import torch
-
-        from pipeline.train.loop import load_trained_model, predict_logits
+        from pipeline.trained.artefact import TrainedModel
+        from pipeline.trained.scorer import Scorer
 
         if test_x is None or test_case is None or test_y is None:
             raise ConfigError(
                 f"evaluate.compare_with: {path} is a FineTune folder; this run has no test tensors to score"
             )
-        dev = device or torch.device("cpu")
         try:
-            model, info = load_trained_model(path, dev)
-            logits = predict_logits(model, test_x, dev)
+            scorer = Scorer(TrainedModel.load(path), device or "cpu")
+            probs = scorer.probabilities(test_x, calibrated=False)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(
                 f"evaluate.compare_with: the model in {path} cannot score this run's test tensors "
                 f"(shape {tuple(test_x.shape[1:])}): {err}"
             ) from err
-        if logits.shape[1] != n_classes:
+        if probs.shape[1] != n_classes:
             raise ConfigError(
-                f"evaluate.compare_with: the model in {path} has {logits.shape[1]} outputs; this task has {n_classes} classes"
+                f"evaluate.compare_with: the model in {path} has {probs.shape[1]} outputs; this task has {n_classes} classes"
             )
-        probs = torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), 1).numpy()
         return PreviousScores("finetune", path.name, np.asarray(test_case), np.asarray(test_y), probs)
     raise ConfigError(
         f"evaluate.compare_with: {path} is not an Evaluate folder (predictions.csv), a predictions.csv file or a "

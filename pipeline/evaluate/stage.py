@@ -14,17 +14,20 @@ import csv
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from scipy.special import softmax
 
 from pipeline.augment.stage import read_index
 from pipeline.config import Config
 from pipeline.io import write_json, write_text
 from pipeline.train.data import load_split
-from pipeline.train.loop import load_oof, load_trained_model, predict_logits, select_device, without_tta
+from pipeline.train.loop import load_oof
+from pipeline.trained.artefact import TrainedModel, save_calibrator
+from pipeline.trained.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +44,14 @@ def collect_predictions(
         cfg: The run config.
         augment_dir: The Augment stage folder (cached tensors).
         finetune_dir: The FineTune stage folder (``model.pt``).
-        keep: If given, receives ``model``, ``device`` and ``test_x`` (test tensors, (N, C, H, W) or
-            (N, C, D, H, W)) for explanations and model comparison.
+        keep: If given, receives ``scorer`` (:class:`pipeline.trained.scorer.Scorer`) and ``test_x`` (test
+            tensors, (N, C, H, W) or (N, C, D, H, W)) for explanations and model comparison.
     """
     from pipeline.evaluate.summary import SplitPredictions
 
-    device = select_device(cfg.train.device)
-    model, _ = load_trained_model(finetune_dir, device)
+    scorer = Scorer(TrainedModel.load(finetune_dir), cfg.train.device)
     if keep is not None:
-        keep.update(model=without_tta(model), device=device)  # Grad-CAM: one forward pass per input
+        keep["scorer"] = scorer
     oof = load_oof(finetune_dir)
     rows = read_index(augment_dir)
     group_cols = [c for c in SUBGROUP_COLUMNS if any(r.get(c) for r in rows)]
@@ -59,7 +61,7 @@ def collect_predictions(
         data = load_split(augment_dir, rows, split)
         if len(data) == 0:
             continue
-        logits = predict_logits(model, data.x, device)
+        logits = scorer.logits(data.x)
         if split == "val" and oof is not None:
             # A k-fold ensemble trained on the validation cases: use each case's out-of-fold prediction
             # (the fold model that did not see it), so thresholds chosen on val are not in-sample.
@@ -133,19 +135,31 @@ def exclude_promotion_holdout(
     return info
 
 
-def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
-    """Evaluate the FineTune stage's model and write the report into ``out_dir``.
+@dataclass(frozen=True)
+class Evaluation:
+    """What the report is built from: the metrics, the predictions and the explanation figures."""
+
+    metrics: dict[str, Any]
+    preds: dict[str, Any]
+    raw: dict[str, np.ndarray]
+    calibrated: dict[str, np.ndarray]
+    explanations: list[tuple[bytes, str]]
+
+
+def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
+    """Evaluate the FineTune stage's model; write ``metrics.json``, ``predictions.csv``, ``calibrator.json``.
+
+    The report is written by the caller from the returned :class:`Evaluation`
+    (:func:`pipeline.report.render.write_reports`): evaluate never imports report.
 
     Args:
         cfg: The run config.
         plan: The :class:`pipeline.workspace.StagePlan` of the run.
         out_dir: Folder receiving the outputs (published atomically by the caller).
-
-    Returns:
-        The metrics dict (also ``metrics.json``).
     """
+    import torch
+
     from pipeline.evaluate.summary import EvalOptions, TaskInfo, evaluate_run
-    from pipeline.report.render import write_reports
 
     torch.manual_seed(cfg.train.seed)
     kept: dict[str, Any] = {}
@@ -181,9 +195,25 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> dict[str, Any]:
     explanations = explain(cfg, preds, result.calibrated, kept)
     _write_predictions(out_dir / "predictions.csv", preds, result.calibrated, cfg.task.class_names)
     write_json(out_dir / "metrics.json", metrics)
-    write_reports(cfg, plan, metrics, preds, result.calibrated, out_dir, explanations=explanations)
-    log.info("Evaluate: report written (%s)", ", ".join(sorted(p.name for p in out_dir.iterdir())))
-    return metrics
+    _save_calibrator(cfg, out_dir, result.calibrator, kept["scorer"].model, preds)
+    raw = {s: softmax(sp.logits, axis=1) for s, sp in preds.items()}
+    return Evaluation(metrics, preds, raw, result.calibrated, explanations)
+
+
+def _save_calibrator(cfg: Config, out_dir: Path, calibrator, model: TrainedModel, preds: dict[str, Any]) -> None:
+    """``calibrator.json``: the calibrator fitted here and the LAC conformal threshold, bound to the model."""
+    from pipeline.evaluate.conformal import SplitConformal
+
+    cal = preds.get("calibration")
+    n = 0 if cal is None else len(cal.y)
+    conformal = None
+    alpha = cfg.evaluate.conformal_alpha
+    if cal is not None and alpha is not None and n:
+        cp = SplitConformal(alpha, "lac").fit(softmax(cal.logits, axis=1), np.asarray(cal.y, dtype=np.int64))
+        conformal = {"method": "lac", "alpha": alpha, "qhat": cp.qhat_, "n_calibration": n}
+    save_calibrator(
+        out_dir, calibrator, model.files, {"split": "calibration", "n_cases": n}, conformal=conformal
+    )
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +238,7 @@ def _write_predictions(
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for split, sp in preds.items():
-        raw = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
+        raw = softmax(sp.logits, axis=1)
         cal = calibrated.get(split, raw)
         for i in range(len(sp.y)):
             w.writerow(
@@ -236,7 +266,7 @@ def add_val_operating_points(
 
     sp = preds["val"]
     y_pos = np.asarray(sp.y) == task.positive_index
-    raw = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
+    raw = softmax(sp.logits, axis=1)
     test = metrics.get("evaluation", {}).get("test", {})
     for variant, probs in (("uncalibrated", raw), ("calibrated", calibrated.get("val"))):
         ops = (test.get(variant) or {}).get("operating_points") or {}
@@ -268,9 +298,9 @@ def compare_with_previous(cfg: Config, preds: dict[str, Any], kept: dict[str, An
         test_x=kept.get("test_x"),
         test_case=sp.case,
         test_y=sp.y,
-        device=kept.get("device"),
+        device=kept["scorer"].device if "scorer" in kept else None,
     )
-    raw = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
+    raw = softmax(sp.logits, axis=1)
     return compare_models(
         np.asarray(sp.y),
         np.asarray(sp.case),
@@ -298,17 +328,19 @@ def explain(
     from pipeline.evaluate.gradcam import explanation_figure, grad_cam, select_cases
     from pipeline.report.plots import to_png
 
+    import torch
+
     sp = preds["test"]
-    probs = calibrated.get("test", torch.softmax(torch.from_numpy(sp.logits), 1).numpy())
+    probs = calibrated.get("test", softmax(sp.logits, axis=1))
     cases = select_cases(np.asarray(sp.y), probs, list(sp.case), cfg.task.class_names, n)
     if not cases:
         return []
     try:
         idx = [c.index for c in cases]
-        x = torch.from_numpy(np.asarray(kept["test_x"][idx], dtype=np.float32)).to(kept["device"])
+        scorer = kept["scorer"]
+        x = torch.from_numpy(np.asarray(kept["test_x"][idx], dtype=np.float32)).to(scorer.device)
         pred = [cfg.task.class_names.index(c.pred_name) for c in cases]
-        model = kept["model"]
-        cams = grad_cam(model, x, target=pred)
+        cams = grad_cam(scorer.explanation_network(), x, target=pred)
         fig = explanation_figure(x.cpu().numpy(), cams, cases)
     except (RuntimeError, ValueError) as err:
         log.warning("Evaluate: Grad-CAM failed (%s); the report has no explanation figure", err)
@@ -363,13 +395,15 @@ def study_config(cfg: Config, label_fraction: float, strategy: str) -> Config:
 
 
 def study_digest(cfg: Config, plan, label_fraction: float, strategy: str) -> str:
-    """Digest of a study model: as the FineTune digest (model and train sections, augment folder)."""
-    from pipeline.workspace import STAGE_VERSIONS
+    """Digest of a study model: the FineTune recipe (:func:`pipeline.workspace.finetune_digest`) for its config.
+
+    Same augment folder and pretrained weights as the run (none for ``scratch``), never a warm start.
+    """
+    from pipeline.workspace import finetune_digest
 
     scfg = study_config(cfg, label_fraction, strategy)
-    return scfg.hashed(
-        "model", "train", extra={"augment": Path(plan.augment).name, "v": STAGE_VERSIONS["finetune"]}
-    )
+    weights = getattr(plan, "weights_sha256", "none")
+    return finetune_digest(scfg, Path(plan.augment).name, weights, warm_start=None)
 
 
 def study_reuses_main_model(cfg: Config, plan, label_fraction: float, strategy: str) -> bool:
@@ -410,13 +444,12 @@ def run_study_member(
         if (model_dir / "train_summary.json").is_file()
         else {}
     )
-    device = select_device(cfg.train.device)
-    model, _ = load_trained_model(model_dir, device)
+    scorer = Scorer(TrainedModel.load(model_dir), cfg.train.device)
     rows = read_index(Path(plan.augment))
     test = load_split(Path(plan.augment), rows, "test")
     if len(test) == 0:
         raise ValueError(f"study: the test split of {plan.augment} is empty")
-    logits = predict_logits(model, test.x, device).astype(np.float64)
+    logits = scorer.logits(test.x)
     split_preds = {
         "test": SplitPredictions(
             logits=logits, y=test.y, patient=np.array(test.patients), case=np.array(test.case_ids)
@@ -425,7 +458,7 @@ def run_study_member(
     # The same test cases as the main report: the locked promotion holdout is left out here too.
     exclude_promotion_holdout(cfg, Path(plan.workspace), split_preds, {})
     sp = split_preds["test"]
-    probs = torch.softmax(torch.from_numpy(sp.logits), 1).numpy()
+    probs = softmax(sp.logits, axis=1)
     _write_predictions(out_dir / "predictions.csv", {"test": sp}, {}, cfg.task.class_names)
     bs = Bootstrap(
         len(sp.y),

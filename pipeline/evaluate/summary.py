@@ -28,7 +28,7 @@ import numpy as np
 from scipy.special import softmax
 
 from pipeline.evaluate.bootstrap import Bootstrap
-from pipeline.evaluate.calibration import (
+from pipeline.trained.calibration import (
     CALIBRATOR_NAMES,
     calibration_warnings,
     check_logits_labels,

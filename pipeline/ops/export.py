@@ -1,7 +1,8 @@
 """Export a registered model for deployment: TorchScript (traced) or ONNX, each checked against PyTorch.
 
-The exported network maps inputs ``(N, 1, H, W)`` (2D) or ``(N, 1, D, H, W)`` (3D), preprocessed as in
-``preprocessing.json`` beside it, to logits ``(N, K)``; the calibrator's parameters are in the same sidecar.
+The exported network (fold ensemble and TTA included) maps inputs ``(N, C, H, W)`` (2D) or
+``(N, C, D, H, W)`` (3D), preprocessed as recorded in the sidecar JSON beside it, to logits ``(N, K)``; the
+sidecar also holds the saved calibrator (the one Evaluate fitted) and the sha256 of the exported file.
 After writing, the file is loaded back (``torch.jit.load`` / ``onnxruntime``) and its outputs on seeded
 random inputs must match the PyTorch model within ``atol`` (default 1e-4), else the export is an error.
 """
@@ -29,16 +30,14 @@ def export_model(
     Raises:
         MedtlError: Unknown format, missing package, or outputs differing by more than ``atol``.
     """
-    from pipeline.ops.predict import bundle_dir
-    from pipeline.train.loop import load_trained_model
+    from pipeline.trained.artefact import TrainedModel, file_sha256
 
     if fmt not in FORMATS:
-        raise MedtlError(f"export --format {fmt!r}: expected one of {FORMATS}")
+        raise MedtlError(f"export --format {fmt!r}: expected one of {FORMATS}", code="bad_argument")
     ws = Path(workspace)
-    net, info = load_trained_model(ws / "finetune" / model["finetune"], torch.device("cpu"))
-    net.eval()
-    side = int(info["image_size"])
-    shape = (1, side, side) if info["spatial_dims"] == 2 else (1, side, side, side)
+    trained = TrainedModel.load(ws / "finetune" / model["finetune"], ws / "evaluate" / model["evaluate"])
+    net, info = trained.network.eval(), trained.info
+    shape = trained.input_shape
     g = torch.Generator().manual_seed(seed)
     example = torch.randn((2, *shape), generator=g)
     check = torch.randn((5, *shape), generator=g)
@@ -83,13 +82,13 @@ def export_model(
     if not diff <= atol:
         path.unlink(missing_ok=True)
         raise MedtlError(
-            f"export {fmt}: outputs differ from PyTorch by {diff:.3g} > atol {atol:g}; file removed"
+            f"export {fmt}: outputs differ from PyTorch by {diff:.3g} > atol {atol:g}; file removed",
+            code="export_mismatch",
         )
-    bdir = bundle_dir(ws, model["id"])
-    spec = json.loads((ws / "augment" / model["augment"] / "transform_spec.json").read_text())
-    calibrator = (
-        json.loads((bdir / "calibrator.json").read_text()) if (bdir / "calibrator.json").is_file() else None
-    )
+    spec = trained.preprocessing or json.loads(
+        (ws / "augment" / model["augment"] / "transform_spec.json").read_text()
+    )["deterministic"]
+    layout = "(N, {}, H, W)" if trained.spatial_dims == 2 else "(N, {}, D, H, W)"
     summary = {
         "model_id": model["id"],
         "format": fmt,
@@ -98,11 +97,13 @@ def export_model(
         "atol": atol,
         "checked_with": runtime,
         "n_check_inputs": int(check.shape[0]),
-        "input_layout": "(N, 1, H, W)" if info["spatial_dims"] == 2 else "(N, 1, D, H, W)",
+        "sha256": file_sha256(path),
+        "input_layout": layout.format(shape[0]),
         "output": "logits (N, K)",
         "model_info": info,
-        "preprocessing": spec["deterministic"],
-        "calibrator": calibrator,
+        "model_files_sha256": trained.files,
+        "preprocessing": spec,
+        "calibrator": trained.calibrator_info,
         "code_version": model.get("code_version"),
         "data_snapshot": model.get("data_snapshot"),
     }

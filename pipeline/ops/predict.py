@@ -3,8 +3,9 @@
 Every registered model gets a small *bundle* in ``<workspace>/ops/models/<id>/``:
 
 * ``calibration.npz``: the model's logits ``(N, K)`` and labels ``(N,)`` on the calibration split it was
-  decided on (no identifiers), from which the calibrator and the conformal quantile are refitted exactly
-  (temperature / Platt / vector / isotonic are deterministic given the data);
+  decided on (no identifiers), kept for audit; the calibrator and the conformal threshold used for scoring
+  are the ones its Evaluate stage fitted and saved (``evaluate/<digest>/calibrator.json``, loaded with the
+  verified model by :class:`pipeline.trained.artefact.TrainedModel`), never refitted;
 * ``reference.json``: what the training data looked like (kinds, modalities, manufacturers, spacing range,
   intensity percentile range, number of slices) for out-of-distribution flags.
 
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import softmax
 
 from pipeline.config import Config
 from pipeline.errors import IngestError, MedtlError
@@ -112,50 +112,64 @@ def write_bundle(
 
 
 class ModelScorer:
-    """A registered model ready to score: network, preprocessing spec, calibrator and conformal quantile.
+    """A registered model ready to score: the verified trained model with the calibrator and conformal
+    threshold its Evaluate stage fitted (nothing is refitted here), its preprocessing spec and the
+    training data's reference profile.
 
     Args:
         workspace: The workspace.
         model: The registry row of the model.
-        cfg: The config (calibration method, conformal alpha, device, seed).
+        cfg: The config (device).
     """
 
     def __init__(self, workspace: Path, model: dict[str, Any], cfg: Config) -> None:
-        from pipeline.evaluate.calibration import make_calibrator
-        from pipeline.evaluate.conformal import SplitConformal
-        from pipeline.train.loop import load_trained_model, select_device
+        from pipeline.trained.artefact import TrainedModel
+        from pipeline.trained.scorer import Scorer
 
         self.workspace = Path(workspace)
         self.model = model
         bdir = bundle_dir(self.workspace, model["id"])
-        if not (bdir / "calibration.npz").is_file():
+        if not (bdir / "reference.json").is_file():
             raise MedtlError(
-                f"model {model['id']}: bundle {bdir} is missing; it is written when the model is registered"
+                f"model {model['id']}: bundle {bdir} is missing; it is written when the model is registered",
+                code="bundle_missing",
             )
-        self.device = select_device(cfg.train.device)
-        self.net, self.info = load_trained_model(self.workspace / "finetune" / model["finetune"], self.device)
-        spec = json.loads((self.workspace / "augment" / model["augment"] / "transform_spec.json").read_text())
-        self.spec = spec["deterministic"]
+        trained = TrainedModel.load(
+            self.workspace / "finetune" / model["finetune"], self.workspace / "evaluate" / model["evaluate"]
+        )
+        self.scorer = Scorer(trained, cfg.train.device)
+        self.device = self.scorer.device
+        self.info = trained.info
+        self.spec = trained.preprocessing or json.loads(
+            (self.workspace / "augment" / model["augment"] / "transform_spec.json").read_text()
+        )["deterministic"]
         self.reference = json.loads((bdir / "reference.json").read_text())
-        self.calibrator_info = json.loads((bdir / "calibrator.json").read_text())
-        with np.load(bdir / "calibration.npz") as d:
-            z, y = d["logits"], d["y"]
-        method = self.calibrator_info.get("method", "none")
-        self.calibrator = make_calibrator(method).fit(z, y) if (method != "none" and len(y)) else None
-        self.alpha = cfg.evaluate.conformal_alpha
-        self.conformal = SplitConformal(self.alpha, "lac").fit(softmax(z, axis=1), y) if len(y) else None
+        doc = trained.calibrator_info or {}
+        self.calibrator = trained.calibrator
+        self.calibrator_info = {"method": doc.get("method", "none"), "fitted_on": doc.get("fitted_on")}
+        conf = doc.get("conformal")
+        self.alpha = conf["alpha"] if conf else cfg.evaluate.conformal_alpha
+        self.conformal = _lac_from_saved(conf, len(trained.class_names)) if conf else None
 
     def score(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Raw and calibrated probabilities ``(N, K)`` and LAC conformal sets ``(N, K)`` for inputs ``x``."""
-        from pipeline.train.loop import predict_logits
-
-        logits = predict_logits(self.net, x, self.device).astype(np.float64)
-        raw = softmax(logits, axis=1)
-        cal = self.calibrator.predict_proba(logits) if self.calibrator is not None else raw
+        s = self.scorer.score(x)
         sets = (
-            self.conformal.predict_sets(raw) if self.conformal is not None else np.ones_like(raw, dtype=bool)
+            self.conformal.predict_sets(s.raw) if self.conformal is not None else np.ones_like(s.raw, dtype=bool)
         )
-        return {"logits": logits, "raw": raw, "calibrated": cal, "sets": sets}
+        return {"logits": s.logits, "raw": s.raw, "calibrated": s.calibrated, "sets": sets}
+
+
+def _lac_from_saved(conf: dict[str, Any], n_classes: int):
+    """The LAC conformal predictor with the threshold Evaluate fitted (``calibrator.json``)."""
+    from pipeline.evaluate.conformal import SplitConformal
+
+    cp = SplitConformal(conf["alpha"], "lac")
+    q = conf.get("qhat")
+    cp.qhat_ = float("inf") if q is None else float(q)
+    cp.n_calibration_ = int(conf.get("n_calibration", 0))
+    cp.n_classes_ = n_classes
+    return cp
 
 
 def ood_flags(meta: dict[str, Any], kind: str, array: np.ndarray, ref: dict[str, Any]) -> list[str]:
@@ -193,7 +207,8 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
     Returns:
         The summary (also the ``summary`` block of ``predictions.json``), including drift figures.
     """
-    from pipeline.augment.preprocess import PreprocessSpec, preprocess
+    from pipeline.augment.preprocess import preprocess
+    from pipeline.trained.artefact import preprocess_spec
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
     from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
 
@@ -204,10 +219,7 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
     private = ensure_private_dir(ws / "private")
     key = load_or_create_key(private, cfg.deid.key_env)
     scorer = ModelScorer(ws, model, cfg)
-    d = dict(scorer.spec)
-    d["window"] = tuple(d["window"]) if d.get("window") else None
-    d["clip_percentiles"] = tuple(d.get("clip_percentiles", (0.5, 99.5)))
-    spec = PreprocessSpec(**d)
+    spec = preprocess_spec(scorer.spec)
     items, rejected = scan_sources(input_dir, kinds=tuple(cfg.data.kinds))
     options = LoadOptions(tilt=cfg.ingest.tilt, uneven_spacing=cfg.ingest.uneven_spacing)
     cases, xs, private_map, problems = [], [], [], []

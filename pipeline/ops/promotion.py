@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import softmax
 
 from pipeline.config import Config, PromotionPolicy
 from pipeline.evaluate.bootstrap import Bootstrap, auroc_stat, percentile_ci
@@ -49,7 +48,7 @@ class Scored:
         y: Split -> labels ``(N,)``.
         patients: Split -> patient pseudonyms ``(N,)``.
         cases: Split -> case ids ``(N,)``.
-        calibrator: Method name and parameters of the calibrator fitted on the calibration split.
+        calibrator: Method, parameters and source of the model's saved calibrator (fitted by its Evaluate).
     """
 
     raw: dict[str, np.ndarray]
@@ -198,30 +197,16 @@ def first_model_check(
 
 
 # ------------------------------------------------------------------------------------------ scoring glue
-def _fit_calibrator(method: str, logits: np.ndarray | None, y: np.ndarray | None, seed: int):
-    from pipeline.evaluate.calibration import make_calibrator
-
-    if logits is None or len(logits) == 0 or method == "none":
-        return None, {"method": "none"}
-    params = {"random_state": int(seed)} if method == "auto" else {}
-    cal = make_calibrator(method, **params).fit(logits, y)
-    from pipeline.evaluate.summary import _calibrator_params
-
-    return cal, {"method": getattr(cal, "chosen_", method), "parameters": _calibrator_params(cal)}
-
-
 def model_inputs(spec_dict: dict[str, Any], rows: list[dict[str, str]], workspace: Path) -> np.ndarray:
     """Preprocess manifest rows from the workspace's volume cache with a model's recorded spec.
 
     Returns:
-        float32 ``(N, 1, *spatial)`` network inputs (see :mod:`pipeline.augment.preprocess` for the order).
+        float32 ``(N, C, *spatial)`` network inputs (see :mod:`pipeline.augment.preprocess` for the order).
     """
-    from pipeline.augment.preprocess import PreprocessSpec, preprocess
+    from pipeline.augment.preprocess import preprocess
+    from pipeline.trained.artefact import preprocess_spec
 
-    d = dict(spec_dict)
-    d["window"] = tuple(d["window"]) if d.get("window") else None
-    d["clip_percentiles"] = tuple(d.get("clip_percentiles", (0.5, 99.5)))
-    spec = PreprocessSpec(**d)
+    spec = preprocess_spec(spec_dict)
     cache = workspace / "cache" / "volumes"
     xs = []
     for r in rows:
@@ -241,54 +226,58 @@ def score_model(
     current_ingest: Path,
     splits: tuple[str, ...] = ("calibration", "test"),
 ) -> Scored:
-    """Score a registered model on the current calibration and test cases and calibrate it.
+    """Score a registered model on the current calibration and test cases with its own saved calibrator.
+
+    The calibrator is the one the model's Evaluate stage fitted on its calibration split
+    (``calibrator.json``, bound to the model's sha256); it is not refitted on tonight's data.
 
     Args:
-        cfg: The current config (calibration method, seed, device).
+        cfg: The current config (device).
         workspace: The workspace.
-        model_stages: The model's stage folder names (``finetune`` and ``augment`` are used).
+        model_stages: The model's stage folder names (``finetune``, ``evaluate`` and ``augment`` are used).
         current_augment: The current Augment folder (its tensors are reused when preprocessing matches).
         current_ingest: The current Ingest folder (manifest rows, for cached volumes otherwise).
-        splits: Splits to score; ``calibration`` fits the calibrator.
+        splits: Splits to score.
     """
-    import torch
-
     from pipeline.augment.stage import read_index
     from pipeline.ingest.stage import read_manifest
     from pipeline.train.data import load_split
-    from pipeline.train.loop import load_trained_model, predict_logits, select_device
+    from pipeline.trained.artefact import TrainedModel
+    from pipeline.trained.scorer import Scorer
 
-    device = select_device(cfg.train.device)
-    model, _ = load_trained_model(workspace / "finetune" / model_stages["finetune"], device)
-    own = json.loads((workspace / "augment" / model_stages["augment"] / "transform_spec.json").read_text())[
-        "deterministic"
-    ]
+    trained = TrainedModel.load(
+        workspace / "finetune" / model_stages["finetune"], workspace / "evaluate" / model_stages["evaluate"]
+    )
+    scorer = Scorer(trained, cfg.train.device)
+    own = trained.preprocessing or json.loads(
+        (workspace / "augment" / model_stages["augment"] / "transform_spec.json").read_text()
+    )["deterministic"]
     cur = json.loads((current_augment / "transform_spec.json").read_text())["deterministic"]
     rows = read_index(current_augment)
     manifest = {r["case_id"]: r for r in read_manifest(current_ingest)} if own != cur else {}
-    out: dict[str, dict[str, np.ndarray]] = {k: {} for k in ("raw", "logits", "y", "patients", "cases")}
+    out: dict[str, dict[str, np.ndarray]] = {
+        k: {} for k in ("raw", "calibrated", "logits", "y", "patients", "cases")
+    }
     for split in splits:
         data = load_split(current_augment, rows, split)
         if len(data) == 0:
             continue
         x = data.x if own == cur else model_inputs(own, [manifest[c] for c in data.case_ids], workspace)
-        with torch.no_grad():
-            logits = predict_logits(model, x, device).astype(np.float64)
-        out["logits"][split] = logits
-        out["raw"][split] = softmax(logits, axis=1)
+        sc = scorer.score(x)
+        out["logits"][split], out["raw"][split], out["calibrated"][split] = sc.logits, sc.raw, sc.calibrated
         out["y"][split] = data.y
         out["patients"][split] = np.array(data.patients)
         out["cases"][split] = np.array(data.case_ids)
-    cal, info = _fit_calibrator(
-        cfg.evaluate.calibration,
-        out["logits"].get("calibration"),
-        out["y"].get("calibration"),
-        cfg.train.seed,
-    )
-    calibrated = {
-        s: (cal.predict_proba(z) if cal is not None else out["raw"][s]) for s, z in out["logits"].items()
+    doc = trained.calibrator_info or {}
+    info = {
+        "method": doc.get("method", "none"),
+        "parameters": (doc.get("state") or {}).get("fitted"),
+        "fitted_on": doc.get("fitted_on"),
+        "source": f"evaluate/{model_stages['evaluate']}/calibrator.json",
     }
-    return Scored(out["raw"], calibrated, out["logits"], out["y"], out["patients"], out["cases"], info)
+    return Scored(
+        out["raw"], out["calibrated"], out["logits"], out["y"], out["patients"], out["cases"], info
+    )
 
 
 def decide(

@@ -208,7 +208,7 @@ def fit_linear_probe(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.train.loop import val_score
+    from pipeline.train.validation import val_score
 
     head = model.get_classifier()
     if not isinstance(head, nn.Linear) or head.out_features != num_classes:

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from pipeline.train.loop import run_finetune, select_device
+    from pipeline.train.loop import run_finetune
+    from pipeline.trained.device import select_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(levelname)s %(message)s")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -43,6 +43,8 @@ __all__ = [
     "TemperatureScaling",
     "VectorScaling",
     "calibration_warnings",
+    "calibrator_from_state",
+    "calibrator_state",
     "check_logits_labels",
     "make_calibrator",
     "nll_from_logprobs",
@@ -470,3 +472,79 @@ def calibration_warnings(method: str, n_cal: int, n_classes: int, alpha: float |
                 f"(1/alpha - 1), got {n_cal}: every prediction set will contain all classes"
             )
     return out
+
+
+# ------------------------------------------------------------------------------ saving a fitted calibrator
+_NAMES = {cls: name for name, cls in _REGISTRY.items()}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return {"__array__": v.astype(np.float64).tolist()}
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _unplain(v: Any) -> Any:
+    return np.asarray(v["__array__"], dtype=np.float64) if isinstance(v, dict) and "__array__" in v else v
+
+
+def calibrator_state(cal: _BaseCalibrator) -> dict[str, Any]:
+    """A fitted calibrator as plain JSON data (no pickle): method, parameters and fitted attributes.
+
+    :func:`calibrator_from_state` rebuilds a calibrator whose ``predict_proba`` is identical, so the
+    calibrator fitted in Evaluate is the one predict, promotion and export use (never refitted).
+    Isotonic maps are stored as their thresholds (``X_thresholds_``, ``y_thresholds_``): refitting
+    scikit-learn's ``IsotonicRegression`` on its own thresholds reproduces the same piecewise-linear map.
+    """
+    if not hasattr(cal, "n_classes_"):
+        raise ValueError(f"{type(cal).__name__} is not fitted: nothing to save")
+    fitted: dict[str, Any] = {}
+    for k, v in vars(cal).items():
+        if not k.endswith("_") or k.startswith("_"):
+            continue
+        if k == "isotonic_":
+            fitted[k] = [
+                {"x": _plain(np.asarray(i.X_thresholds_)), "y": _plain(np.asarray(i.y_thresholds_))} for i in v
+            ]
+        elif k == "calibrator_":
+            fitted[k] = calibrator_state(v)
+        else:
+            fitted[k] = {kk: _plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else _plain(v)
+    params = {k: _plain(v) for k, v in cal.get_params().items()}
+    return {"method": _NAMES[type(cal)], "params": params, "fitted": fitted}
+
+
+def calibrator_from_state(state: dict[str, Any]) -> _BaseCalibrator:
+    """Rebuild a fitted calibrator saved by :func:`calibrator_state`.
+
+    Raises:
+        ValueError: Unknown method or missing fitted attributes (names the field).
+    """
+    method = state.get("method")
+    params = dict(state.get("params") or {})
+    if "log_t_bounds" in params:
+        params["log_t_bounds"] = tuple(params["log_t_bounds"])
+    if "candidates" in params:
+        params["candidates"] = tuple(params["candidates"])
+    cal = make_calibrator(method, **params)
+    fitted = state.get("fitted") or {}
+    if "n_classes_" not in fitted:
+        raise ValueError(f"calibrator state for {method!r}: 'fitted.n_classes_' is missing; expected a fitted calibrator")
+    for k, v in fitted.items():
+        if k == "isotonic_":
+            maps = []
+            for m in v:
+                iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
+                maps.append(iso.fit(_unplain(m["x"]), _unplain(m["y"])))
+            setattr(cal, k, maps)
+        elif k == "calibrator_":
+            setattr(cal, k, calibrator_from_state(v))
+        elif isinstance(v, dict) and "__array__" not in v:
+            setattr(cal, k, {kk: _unplain(vv) for kk, vv in v.items()})
+        else:
+            setattr(cal, k, _unplain(v))
+    return cal
