@@ -5,8 +5,9 @@ The earlier model is named by its Evaluate folder (its ``predictions.csv`` is re
 which needs the same preprocessing). Cases are matched by pseudonymous ``case_id`` (the same workspace key
 gives the same pseudonyms); cases whose label differs between the two files are left out and counted.
 
-Both models are scored by their uncalibrated softmax probability: AUROC is unchanged by temperature or
-Platt scaling, and the earlier run's calibrator is not needed. Binary tasks compare the positive class;
+Both models are scored by their uncalibrated softmax probability, on the same footing: a binary AUROC is
+unchanged by temperature or Platt scaling (with more than two classes they can change one-vs-rest AUROCs,
+so neither model's calibrator is applied). Binary tasks compare the positive class;
 multi-class and ordinal tasks compare every class one-vs-rest. Two paired analyses are reported: the
 DeLong test (:func:`pipeline.evaluate.delong.delong_roc_test`) and the paired (cluster) bootstrap of the
 AUROC difference (:func:`pipeline.evaluate.metrics.paired_auroc_difference`). Keys are documented in

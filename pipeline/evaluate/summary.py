@@ -28,11 +28,11 @@ import numpy as np
 from scipy.special import softmax
 
 from pipeline.evaluate.bootstrap import Bootstrap
+from pipeline.evaluate.calibrate import fit_calibrator
 from pipeline.trained.calibration import (
     CALIBRATOR_NAMES,
     calibration_warnings,
     check_logits_labels,
-    make_calibrator,
 )
 from pipeline.evaluate.conformal import SplitConformal, coverage_report, min_calibration_size
 from pipeline.evaluate.metrics import calibration_block, discrimination_block, roc_points
@@ -199,16 +199,6 @@ def _split_size(sp: SplitPredictions, class_names: list[str]) -> dict:
     }
 
 
-def _calibrator_params(cal: Any) -> dict:
-    out: dict[str, Any] = {}
-    for key in ("temperature_", "coef_", "intercept_", "chosen_", "scores_", "n_splits_"):
-        if hasattr(cal, key):
-            out[key.rstrip("_")] = _jsonable(getattr(cal, key))
-    if hasattr(cal, "calibrator_"):
-        out["chosen_parameters"] = _calibrator_params(cal.calibrator_)
-    return out
-
-
 def _variant_block(
     probs: np.ndarray, y: np.ndarray, task: TaskInfo, bs: Bootstrap, options: EvalOptions, full: bool = True
 ) -> dict:
@@ -299,14 +289,17 @@ def evaluate_run(
         cal_info["applied"] = "none"
         cal_info["reason"] = "calibration disabled in options"
     else:
-        params = (
-            {"random_state": int(ss.generate_state(1)[0] % (2**31))} if options.calibration == "auto" else {}
+        calibrator, fitted = fit_calibrator(
+            options.calibration,
+            cal_split.logits,
+            cal_split.y,
+            int(ss.generate_state(1)[0] % (2**31)),
         )
-        calibrator = make_calibrator(options.calibration, **params).fit(cal_split.logits, cal_split.y)
-        cal_info["applied"] = getattr(calibrator, "chosen_", options.calibration)
-        cal_info["parameters"] = _calibrator_params(calibrator)
-    # Warn about the method actually applied (for "auto", the one it chose).
-    cal_info["warnings"] = calibration_warnings(cal_info["applied"], n_cal, k, options.conformal_alpha)
+        cal_info.update(fitted)
+    # Warn about the method actually applied (for "auto", the one it chose), and why one was declined.
+    cal_info["warnings"] = cal_info.get("warnings", []) + calibration_warnings(
+        cal_info["applied"], n_cal, k, options.conformal_alpha
+    )
     warnings.extend(cal_info["warnings"])
 
     raw = {name: softmax(np.asarray(sp.logits, dtype=np.float64), axis=1) for name, sp in splits.items()}

@@ -170,8 +170,9 @@ class TemperatureScaling(_BaseCalibrator):
     """Temperature scaling (Guo et al. 2017): ``softmax(logits / T)`` with one scalar ``T > 0``.
 
     ``T`` is fitted by minimising the NLL over ``log T`` with L-BFGS-B (analytic gradient), bounded to
-    ``[log_t_bounds]``. Temperature scaling never changes the arg-max or the ranking of cases for a
-    given class column, so accuracy and AUROC are unchanged.
+    ``[log_t_bounds]``. Temperature scaling never changes a case's arg-max (accuracy is unchanged). For a
+    binary model it is monotone in ``z1 - z0``, so the binary AUROC is unchanged too; with more than two
+    classes the ranking of cases in one class's column can change, and so can one-vs-rest AUROCs.
 
     Args:
         log_t_bounds: Bounds on ``log T``.
