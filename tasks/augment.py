@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.augment.stage import run_augment
 from pipeline.config import Config
 from pipeline.workspace import StagePlan
 from tasks.base import StageTask
@@ -18,4 +17,6 @@ class Augment(StageTask):
         return Ingest(config=self.config)
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
+        from pipeline.augment.stage import run_augment  # MONAI and torch: only when the stage runs
+
         run_augment(cfg, plan.ingest, tmp, plan.workspace)

@@ -17,9 +17,11 @@ import luigi
 from pipeline.config import Config, load_config
 from pipeline.errors import MedtlError
 from pipeline.io import atomic_dir
-from pipeline.workspace import StagePlan, plan_stages
+from pipeline.workspace import StagePlan, data_snapshot, gather_plan_inputs, plan_stages, record_plan_choices
 
 _CACHE: dict[tuple[str, int], tuple[Config, StagePlan]] = {}
+_CONFIGS: dict[tuple[str, int], Config] = {}
+_SNAPSHOTS: dict[tuple[str, int], str] = {}
 #: MedtlErrors raised by tasks in this process, for the CLI's one-line error message.
 FAILURES: list[tuple[str, MedtlError]] = []
 
@@ -27,15 +29,51 @@ FAILURES: list[tuple[str, MedtlError]] = []
 def clear_plan_cache() -> None:
     """Forget cached plans, so the next planning sees the data (and registry) as they are now."""
     _CACHE.clear()
+    _CONFIGS.clear()
+    _SNAPSHOTS.clear()
+
+
+def _key(path: str) -> tuple[str, int]:
+    return os.path.abspath(path), os.stat(path).st_mtime_ns
+
+
+def config_of(path: str) -> Config:
+    """The validated config (loaded once per file version)."""
+    key = _key(path)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = load_config(path)
+    return _CONFIGS[key]
+
+
+def config_and_snapshot(path: str) -> tuple[Config, str]:
+    """The config and the data snapshot only: stat calls and the config hash, no model registry (no torch).
+
+    Enough to name tonight's run record, so a night with nothing new decides so without planning.
+    """
+    key = _key(path)
+    if key in _CACHE:
+        cfg, plan = _CACHE[key]
+        return cfg, plan.snapshot
+    cfg = config_of(path)
+    if key not in _SNAPSHOTS:
+        _SNAPSHOTS[key] = data_snapshot(Path(cfg.data.source), Path(cfg.data.labels_csv))
+    return cfg, _SNAPSHOTS[key]
 
 
 def config_and_plan(path: str) -> tuple[Config, StagePlan]:
-    """Load (once per file version) the config and its stage plan."""
-    mtime = os.stat(path).st_mtime_ns
-    key = (os.path.abspath(path), mtime)
+    """Load (once per file version) the config and its stage plan.
+
+    Planning itself is pure (:func:`pipeline.workspace.plan_stages`); its side effects happen here, in the
+    caller: a new workspace's key is created, and the plan's choices (warm-start source, weight digests)
+    are recorded. ``medtl run`` gets here under the workspace lock (:func:`tasks.run.nightly_build`).
+    """
+    key = _key(path)
     if key not in _CACHE:
-        cfg = load_config(path)
-        _CACHE[key] = (cfg, plan_stages(cfg))
+        cfg = config_of(path)
+        inputs = gather_plan_inputs(cfg, create=True)
+        plan = plan_stages(cfg, inputs)
+        record_plan_choices(plan, inputs)
+        _CACHE[key] = (cfg, plan)
     return _CACHE[key]
 
 

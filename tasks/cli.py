@@ -29,12 +29,12 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
                  scheduler_port: int | None = None) -> int:
     """Run the whole chain for ``config``; return a process exit code (0 success)."""
     from pipeline.errors import MedtlError
-    from tasks.base import FAILURES, clear_plan_cache, config_and_plan, install_log_filter
+    from tasks.base import FAILURES, clear_plan_cache, config_of, install_log_filter
 
     install_log_filter()
     clear_plan_cache()  # plan from tonight's data, not from an earlier call in this process
     try:
-        cfg, plan = config_and_plan(str(config))
+        cfg = config_of(str(config))
     except MedtlError as err:
         print(f"medtl: {err}", file=sys.stderr)
         return 2
@@ -44,14 +44,19 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
         kwargs.update(scheduler_host=host, scheduler_port=scheduler_port or cfg.runtime.scheduler_port)
     else:
         kwargs["local_scheduler"] = True
+    from pipeline.ops.lock import LockHeld
     from tasks.run import nightly_build
 
     FAILURES.clear()
     try:
         result, summary = nightly_build(config, kwargs)
-    except MedtlError as err:  # e.g. the workspace lock is held by another run
+    except LockHeld as err:  # another run holds the workspace
         print(f"medtl: {err}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: try again later
+    except MedtlError as err:  # planning refused (e.g. no pretrained weights found)
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    ws = Path(cfg.runtime.workspace)
     print(result.summary_text, file=sys.stderr)
     for warning in summary.get("notify_warnings", []):
         print(f"medtl: warning: {warning}", file=sys.stderr)
@@ -63,11 +68,13 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
         print(f"medtl: the run did not finish ({result.status.name}); see the messages above", file=sys.stderr)
         return 1
     if summary.get("status") == "noop":
-        print(f"Nothing to do: tonight's record {plan.workspace / summary['record']} exists")
+        print(f"Nothing to do: tonight's record {ws / summary['record']} exists")
     elif not summary.get("trained", True):
-        print(f"No training tonight (retraining policy); record {plan.workspace / summary['record']}")
+        print(f"No training tonight (retraining policy); record {ws / summary['record']}")
     else:
-        print(f"Report: {plan.evaluate / 'report.html'}")
+        from tasks.base import config_and_plan
+
+        print(f"Report: {config_and_plan(str(config))[1].evaluate / 'report.html'}")
     return 0
 
 

@@ -11,10 +11,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from models.errors import WeightsError
+from models.locate import sha256_file
 from pipeline.config import Config
 from pipeline.io import write_json
-from pipeline.train.loop import WARM_START_FILE, run_finetune
-from pipeline.train.worker import launch_distributed
 from pipeline.workspace import StagePlan
 from tasks.augment import Augment
 from tasks.base import StageTask
@@ -28,6 +28,11 @@ class FineTune(StageTask):
         return Augment(config=self.config)
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
+        # torch is imported only when a model is trained, never on a night that decides nothing changed.
+        from pipeline.train.loop import WARM_START_FILE, run_finetune
+        from pipeline.train.worker import launch_distributed
+
+        check_weights_unchanged(plan)
         work = plan.finetune.with_name(plan.finetune.name + ".work")
         warm = getattr(plan, "warm_start", None)
         if warm is not None:  # ops.retrain.warm_start: champion
@@ -43,3 +48,25 @@ class FineTune(StageTask):
         super().run()
         work = self.plan.finetune.with_name(self.plan.finetune.name + ".work")
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_weights_unchanged(plan: StagePlan) -> None:
+    """The weight file about to be read for training still has the content the folder is named by.
+
+    Planning remembers digests per (path, size, mtime); here, when the file is read for use, it is hashed
+    again, so a file rewritten with the same size and mtime is caught instead of training silently under
+    the wrong folder name.
+
+    Raises:
+        WeightsError: The content changed since the run was planned (code ``weights_changed``).
+    """
+    if plan.weights_path is None:
+        return
+    now = sha256_file(plan.weights_path)
+    if now != plan.weights_sha256:
+        raise WeightsError(
+            f"model.weights: the pretrained weight file changed since this run was planned (sha256 "
+            f"{plan.weights_sha256[:12]}... planned, {now[:12]}... now); expected it unchanged during a "
+            "run; run again to plan with the new file",
+            code="weights_changed",
+        )

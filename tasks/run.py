@@ -7,7 +7,10 @@ dynamic dependency when tonight trains, records drift figures, and writes the ni
 is the task's output, so a rerun on the same night with the same data and config runs nothing and writes
 nothing; the next night (same data) only writes a new record.
 
-:func:`nightly_build` is what ``medtl run`` calls: it takes the workspace lock, keeps the run history and
+:func:`nightly_build` is what ``medtl run`` calls: it takes the workspace lock first (a second run on the
+same workspace refuses at once, before any planning), decides a no-op night from stat calls and the config
+hash alone (tonight's record exists: no model registry, torch, MONAI or matplotlib is imported), otherwise
+plans the stages (key, weight digests, warm-start choice recorded under the lock), keeps the run history and
 the Luigi task events in the registry (Luigi's own SQLAlchemy task history is not used), reruns the chain
 with exponential back-off after transient (non-medtl) failures, and calls the notification hook.
 """
@@ -26,7 +29,7 @@ from typing import Any
 import luigi
 
 from pipeline.io import write_json
-from tasks.base import config_and_plan
+from tasks.base import config_and_plan, config_and_snapshot
 from tasks.ingest import Ingest
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,9 @@ class RunPipeline(luigi.Task):
         return Ingest(config=self.config)
 
     def output(self) -> luigi.LocalTarget:
-        from pipeline.ops.nightly import record_name
-
-        cfg, plan = config_and_plan(self.config)
-        return luigi.LocalTarget(
-            str(plan.workspace / "runs" / record_name(cfg, plan.snapshot, self._night()))
-        )
+        # Stat calls and the config hash only: deciding that tonight is done plans nothing.
+        cfg, snapshot = config_and_snapshot(self.config)
+        return luigi.LocalTarget(str(record_path(cfg, snapshot, self._night())))
 
     def run(self):
         from pipeline.ops.nightly import monitor, retrain_decision
@@ -123,6 +123,13 @@ class RunPipeline(luigi.Task):
             Path(self.output().path).with_suffix(".html"), record, reg.drift("nightly", limit=14)
         )
         write_json(self.output().path, record)
+
+
+def record_path(cfg: Any, snapshot: str, night: str) -> Path:
+    """``<workspace>/runs/<night>_<snapshot>_<config hash>.json``: the night's record."""
+    from pipeline.ops.nightly import record_name
+
+    return Path(cfg.runtime.workspace) / "runs" / record_name(cfg, snapshot, night)
 
 
 def _decision_summary(decision: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -203,25 +210,32 @@ def nightly_build(
     from pipeline.ops.lock import RunLock
     from pipeline.ops.notify import notify
     from pipeline.ops.registry import Registry
+    from tasks.base import config_of
 
     config = str(Path(config).resolve())
-    cfg, plan = config_and_plan(config)
+    cfg = config_of(config)
+    ws = Path(cfg.runtime.workspace)
     luigi_kwargs = {**luigi_kwargs, "detailed_summary": True}
     task = RunPipeline(config=config, night=night or today())
-    summary: dict[str, Any] = {"name": cfg.name, "data_snapshot": plan.snapshot, "night": task._night()}
-    with RunLock(plan.workspace, purpose=f"medtl run {cfg.name}") as lock:
+    summary: dict[str, Any] = {"name": cfg.name, "night": task._night()}
+    # The lock first: a second run on this workspace refuses before planning anything.
+    with RunLock(ws, purpose=f"medtl run {cfg.name}") as lock:
         if lock.recovered:
             summary["recovered_lock"] = {k: lock.recovered.get(k) for k in ("pid", "host", "since")}
-        interrupted = Registry(plan.workspace).close_interrupted_runs()
+        interrupted = Registry(ws).close_interrupted_runs()
         if interrupted:
             log.warning("Run history: %d earlier run(s) had been killed before finishing", interrupted)
             summary["interrupted_runs"] = interrupted
+        _, snapshot = config_and_snapshot(config)
+        summary["data_snapshot"] = snapshot
         if task.complete():
-            # Nothing to do tonight: write nothing at all (the run history is not touched either).
+            # Nothing to do tonight: write nothing at all (the run history is not touched either), and plan
+            # nothing (no model registry, no torch).
             result = luigi.build([task], **luigi_kwargs)
             summary["status"] = "noop"
-            summary["record"] = os.path.relpath(task.output().path, plan.workspace)
+            summary["record"] = os.path.relpath(task.output().path, ws)
         else:
+            _, plan = config_and_plan(config)  # under the lock: creates the key, records the plan's choices
             result = _build_recorded(task, cfg, plan, luigi_kwargs, summary, sleep)
     summary["notify_warnings"] = notify(cfg.ops.notify, summary)
     return result, summary

@@ -50,9 +50,13 @@ def config_hash(cfg: Config) -> str:
     )
 
 
-def train_hash(cfg: Config) -> str:
-    """Hash of the sections that define how a model is trained (not the data)."""
-    return cfg.hashed(*TRAIN_SECTIONS)
+def train_hash(cfg: Config, weights_sha256: str = "none") -> str:
+    """Hash of what defines how a model is trained (not the data): the sections and the weights' content.
+
+    ``weights_sha256`` is the plan's (:attr:`pipeline.workspace.StagePlan.weights_sha256`): a different
+    pretrained file for the same backbone is a changed training configuration.
+    """
+    return cfg.hashed(*TRAIN_SECTIONS, extra={"weights": weights_sha256})
 
 
 def record_name(cfg: Config, snapshot: str, night: str) -> str:
@@ -99,7 +103,7 @@ def retrain_decision(
     now = now or dt.datetime.now(dt.timezone.utc)
     age = (now - dt.datetime.fromisoformat(champ["created"])).total_seconds() / 86400.0
     reasons, train = [], False
-    if champ["train_hash"] != train_hash(cfg):
+    if champ["train_hash"] != train_hash(cfg, getattr(plan, "weights_sha256", "none")):
         train = True
         reasons.append("training configuration changed since the champion")
     if new_cases >= max(policy.min_new_cases, 1):
@@ -145,7 +149,7 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
         stages=stages,
         data_snapshot=plan.snapshot,
         config_hash=config_hash(cfg),
-        train_hash=train_hash(cfg),
+        train_hash=train_hash(cfg, getattr(plan, "weights_sha256", "none")),
         backbone=cfg.model.backbone,
         metrics=metrics.get("headline", {}),
         n_cases=len(manifest),
