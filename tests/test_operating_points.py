@@ -118,3 +118,16 @@ def test_parse_rule() -> None:
             parse_rule(bad)
     with pytest.raises(ValueError, match="one class"):
         choose_threshold(np.array([0.1, 0.2]), np.array([True, True]), "youden")
+
+
+def test_youden_tie_goes_to_the_higher_sensitivity() -> None:
+    from pipeline.evaluate.operating_points import choose_threshold
+
+    # scores:    0.9  0.8  0.7  0.6  0.5  0.4
+    # positive:   1    0    1    0    1    0
+    # J at t=0.9: 1/3-0 = 1/3; t=0.7: 2/3-1/3 = 1/3; t=0.5: 3/3-2/3 = 1/3  -> three-way tie
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    y = np.array([1, 0, 1, 0, 1, 0], dtype=bool)
+    op = choose_threshold(scores, y, "youden")
+    assert op["threshold"] == pytest.approx(0.5)
+    assert op["val_sensitivity"] == pytest.approx(1.0) and op["val_specificity"] == pytest.approx(1 / 3)

@@ -77,7 +77,9 @@ def choose_threshold(scores: np.ndarray, y_pos: np.ndarray, rule: str) -> dict:
     fpr, tpr, thr = roc_curve(y_pos, np.asarray(scores, dtype=np.float64), drop_intermediate=False)
     spec = 1.0 - fpr
     if kind == "youden":
-        i = int(np.argmax(tpr - fpr))
+        # Among thresholds with the largest J, the one with the higher sensitivity (tpr ascends with i).
+        j = tpr - fpr
+        i = int(np.flatnonzero(j >= j.max() - 1e-12)[-1])
     elif kind == "sensitivity":
         i = int(np.flatnonzero(tpr >= target - 1e-12)[0])  # thresholds descend, tpr ascends
     else:
