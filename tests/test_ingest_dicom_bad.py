@@ -188,3 +188,66 @@ def test_load_item_on_vanished_file_is_ingest_error(tmp_path):
     with pytest.raises(IngestError) as e:
         load_item(items[0])
     assert e.value.code == "truncated" and str(files[1]) in e.value.reason
+
+
+def _mangled_frame(tmp_path: Path, name: str, how: str) -> Path:
+    """pydicom's compressed test file ``name`` re-encapsulated with its first frame cut in half or garbled."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1)))))
+    if how == "half":
+        frame = frame[: len(frame) // 2]
+    else:
+        for k in range(len(frame) // 3, len(frame) - 4):
+            frame[k] = (k * 37) % 256
+    if len(frame) % 2:
+        frame += b"\0"
+    ds.PixelData = encapsulate([bytes(frame)])
+    out = tmp_path / f"{how}_{name}"
+    ds.save_as(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, how",
+    [
+        ("JPEG2000.dcm", "half"),  # decoder: "failed to decode image"
+        ("MR_small_RLE.dcm", "half"),  # decoder message says "length ... expected": still not a cut file
+        ("MR_small_RLE.dcm", "garbage"),  # pylibjpeg-rle panics (pyo3 PanicException, a BaseException)
+    ],
+)
+def test_corrupt_compressed_frame_is_decode_failed(tmp_path, name, how):
+    """A complete file whose compressed frame is corrupt is ``decode_failed`` (the file is not cut), and
+    even a decoder plugin's panic stays a per-file IngestError."""
+    path = _mangled_frame(tmp_path, name, how)
+    items, rejected = scan_sources(path)
+    assert not rejected and len(items) == 1
+    with pytest.raises(IngestError) as e:
+        load_item(items[0])
+    assert e.value.code == "decode_failed", e.value.reason
+
+
+def test_decode_code_comes_from_the_file_not_the_message(tmp_path, monkeypatch):
+    """The code is set from the file's structure: a decoder message full of 'length expected end' on a
+    complete file is decode_failed, a bland message on a cut file is truncated."""
+    full = _write_series(tmp_path / "full", 1)[0]
+    cut = _write_series(tmp_path / "cut", 1)[0]
+    items_full, _ = scan_sources(full)
+    items_cut, _ = scan_sources(cut)
+    cut.write_bytes(cut.read_bytes()[:-3000])  # cut after the scan, as a file changing under a run
+
+    message = {"text": ""}
+
+    def boom(self):
+        raise RuntimeError(message["text"])
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(boom))
+    message["text"] = "unexpected end of stream: length 12 but expected 40"
+    with pytest.raises(IngestError) as e:
+        load_item(items_full[0])
+    assert e.value.code == "decode_failed"
+    message["text"] = "decoder said no"
+    with pytest.raises(IngestError) as e:
+        load_item(items_cut[0])
+    assert e.value.code == "truncated"

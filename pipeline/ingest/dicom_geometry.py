@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import IngestError
-from pipeline.ingest.dicom import Slice
+from pipeline.ingest.dicom_pixels import Slice
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 POS_TOL = 0.01  # mm: positions closer than this are "the same slice position"
