@@ -8,8 +8,12 @@
 from __future__ import annotations
 
 import csv
+import html as html_mod
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,10 @@ from pipeline.evaluate.metrics import auroc_with_ci, wilson_ci
 from pipeline.evaluate.stage import add_val_operating_points, summarise_study
 from pipeline.evaluate.summary import EvalOptions, SplitPredictions, TaskInfo, evaluate_run
 from pipeline.report import render
+from pipeline.report.document import Doc
 from pipeline.report.plots import to_png
+from pipeline.report.sections.conformal import conformal_section
+from pipeline.report.sections.study import comparison_section, study_section
 from pipeline.workspace import StagePlan
 
 BINARY = {"0": "malignant", "1": "benign"}
@@ -36,7 +43,7 @@ def _split(
     y = rng.integers(0, k, n)
     z = rng.normal(size=(n, k))
     z[np.arange(n), y] += strength
-    z *= 2.5  # over-confident, so calibration has something to fix
+    z *= 4.0  # over-confident, so calibration clearly helps (and passes a cross-validated guard)
     per = 2 if two_per_patient else 1
     patient = np.array([f"P{name[0]}{i // per:04d}" for i in range(n)])
     case = np.array([f"C{name[0]}{i:05d}" for i in range(n)])
@@ -199,8 +206,6 @@ def binary_report(tmp_path_factory) -> Path:
 
 
 def _text(html: str) -> str:
-    import html as html_mod
-
     return html_mod.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html.split("<body>", 1)[1])))
 
 
@@ -300,31 +305,52 @@ def test_html_has_no_external_reference(binary_report: Path) -> None:
     assert not re.search(r"(?i)@import|url\((?!data:)", html)
 
 
-def test_pdf_carries_the_same_content(binary_report: Path, monkeypatch) -> None:
-    drawn: list[str] = []
-    orig = render._PdfFlow._line
+def pdf_text(path: Path, layout: bool = False) -> str:
+    """The text of a PDF as ``pdftotext`` extracts it (reading order; ``-layout`` keeps table rows on lines).
 
-    def spy(self, text, *a, **k):
-        drawn.append(text)
-        return orig(self, text, *a, **k)
+    Fails (does not skip) when pdftotext is missing: ``.ci/run`` installs poppler-utils.
+    """
+    exe = shutil.which("pdftotext")
+    assert exe, "pdftotext is required for this test: apt-get install poppler-utils (.ci/run does it)"
+    args = [exe, "-enc", "UTF-8"] + (["-layout"] if layout else []) + [str(path), "-"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
-    monkeypatch.setattr(render._PdfFlow, "_line", spy)
-    doc = render.Doc()
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def _in_order(text: str, needles: list[str]) -> None:
+    pos = 0
+    for n in needles:
+        i = text.find(n, pos)
+        assert i >= 0, f"{n!r} not found after position {pos} (or out of order)"
+        pos = i + len(n)
+
+
+def test_pdf_carries_the_same_content(binary_report: Path) -> None:
+    doc = Doc()
     doc.h("Heading")
     doc.p("A long paragraph " * 30)
     doc.warn("Careful: something to say")
     doc.table(["a very long header"] * 14, [[f"0.{i}12 [0.{i}01, 0.{i}99]" for i in range(14)]] * 3)
-    doc.fig("x", _png(), "caption")
+    doc.fig("x", _png(), "caption of the figure")
+    doc.p("Closing words & <angle brackets>")
     doc.pdf(binary_report / "small.pdf", "T", "sub")
-    words = " ".join(drawn).split()
-    for block_text in ("Heading", "A long paragraph " * 30, "Careful: something to say", "caption"):
-        for w in block_text.split():
-            assert w in words
+    text = _flat(pdf_text(binary_report / "small.pdf"))
+    _in_order(
+        text,
+        ["T", "sub", "Heading", ("A long paragraph " * 30).strip(), "Careful: something to say"]
+        + ["caption of the figure", "Closing words & <angle brackets>"],
+    )
+    words = text.split()
     for i in range(14):  # wrapped cells still carry every piece, once per row
         for piece in (f"0.{i}12", f"[0.{i}01,", f"0.{i}99]"):
             assert words.count(piece) == 3, piece
-    pdf = (binary_report / "report.pdf").read_bytes()
-    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") >= 5
+    rows = [_flat(ln).strip() for ln in pdf_text(binary_report / "small.pdf", layout=True).splitlines()]
+    assert sum(ln.startswith("0.012 0.112 0.212") for ln in rows) == 3  # each row is read left to right
 
 
 def _png() -> bytes:
@@ -335,23 +361,128 @@ def _png() -> bytes:
     return to_png(fig)
 
 
-def test_pdf_text_of_the_real_report_covers_the_html(binary_report: Path, monkeypatch, tmp_path) -> None:
-    drawn: list[str] = []
-    orig = render._PdfFlow._line
-    monkeypatch.setattr(
-        render._PdfFlow, "_line", lambda self, t, *a, **k: (drawn.append(t), orig(self, t, *a, **k))[1]
-    )
-    html_doc = render.Doc()
+def test_real_report_pdf_reads_in_order(binary_report: Path) -> None:
+    pdf = binary_report / "report.pdf"
+    assert pdf.read_bytes().startswith(b"%PDF")
+    text = _flat(pdf_text(pdf))
+    html_text = _text((binary_report / "report.html").read_text())
+    headings = re.findall(r"<h2>([^<]+)</h2>", (binary_report / "report.html").read_text())
+    assert len(headings) == 13
+    _in_order(text, ["Synthetic committee report"] + [html_mod.unescape(h) for h in headings])
+    sentences = [
+        "No patient appears in two splits.",
+        "Every figure is given before and after post-hoc calibration (temperature)",
+        "Split-conformal sets fitted on the 120 calibration cases",
+        "Internal validation only: the test split (300 cases) comes from the same source as the training data;",
+    ]
+    _in_order(text, sentences)
+    assert all(s in html_text for s in sentences)
+    # a table read row by row: the test split of the data table
+    layout = [_flat(ln).strip() for ln in pdf_text(pdf, layout=True).splitlines()]
+    assert "test 300 300 150 150" in layout
+    assert re.search(r"Page \d+|page \d+", text)
+    pages = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True).stdout
+    assert int(re.search(r"Pages:\s+(\d+)", pages).group(1)) >= 5
+
+
+def test_pdf_text_of_the_real_report_covers_the_html(binary_report: Path, tmp_path) -> None:
+    doc = Doc()
     metrics = json.loads((binary_report / "metrics.json").read_text())
-    # Re-render only the metrics-driven sections into a fresh Doc and compare word sets with its HTML.
-    render._conformal_section(html_doc, metrics)
-    render._comparison_section(html_doc, metrics)
-    render._study_section(html_doc, metrics)
-    html_doc.pdf(tmp_path / "r.pdf", "t", "s")
-    pdf_chars = "".join(drawn).replace(" ", "")
-    html_chars = _text(html_doc.html("t", "s")).replace(" ", "").replace("&#9888;", "")
-    for token in re.findall(r"[A-Za-z_]{4,}|\d\.\d{3}", html_chars):
+    # Re-render only the metrics-driven sections into a fresh Doc and compare its HTML and PDF words.
+    conformal_section(doc, metrics)
+    comparison_section(doc, metrics)
+    study_section(doc, metrics)
+    doc.pdf(tmp_path / "r.pdf", "t", "s")
+    pdf_chars = pdf_text(tmp_path / "r.pdf").replace(" ", "").replace("\n", "")
+    tokens = re.findall(r"[A-Za-z_]{4,}|\d\.\d{3}", _text(doc.html("t", "s")))
+    assert len(tokens) > 300
+    for token in tokens:
         assert token in pdf_chars, token
+
+
+def test_html_is_autoescaped_and_strict() -> None:
+    doc = Doc()
+    doc.h("<script>alert(1)</script>")
+    doc.table(["a'b"], [["<b>x</b> & y"]])
+    doc.fig("n'ame", _png(), "<i>cap</i>")
+    html = doc.html("T <x>", "s & t")
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<td>&lt;b&gt;x&lt;/b&gt; &amp; y</td>" in html and "<th>a&#39;b</th>" in html
+    assert "id='fig-n&#39;ame'" in html and "&lt;i&gt;cap&lt;/i&gt;" in html
+    assert "<title>T &lt;x&gt;</title>" in html and "s &amp; t" in html
+    import jinja2
+
+    from pipeline.report.html import environment
+
+    with pytest.raises(jinja2.UndefinedError):
+        environment().from_string("{{ missing }}").render()
+    assert "<b>" in doc.markdown()  # the model card is Markdown: no HTML escaping
+
+
+def test_coverage_intervals_come_from_evaluate(binary_report: Path) -> None:
+    metrics = json.loads((binary_report / "metrics.json").read_text())
+    for d in metrics["conformal"]["methods"].values():
+        for c in d["test"]["per_class"].values():
+            lo, hi = wilson_ci(round(c["coverage"] * c["n"]), c["n"])
+            assert c["coverage_ci"] == pytest.approx([lo, hi])
+    # the report shows what metrics hold, even an interval it could not have computed itself
+    fake = {
+        "alpha": 0.1,
+        "target_coverage": 0.9,
+        "n_calibration": 50,
+        "fitted_on": "x",
+        "methods": {
+            "lac": {
+                "qhat": 0.5,
+                "test": {
+                    "per_class": {
+                        "a": {"n": 10, "coverage": 0.8, "coverage_ci": [0.11, 0.22], "mean_set_size": 1.0}
+                    }
+                },
+            }
+        },
+    }
+    doc = Doc()
+    conformal_section(doc, {"conformal": fake})
+    assert "lac a 10 0.800 [0.110, 0.220] 1.000 under-covered: CI below 0.90" in _text(doc.html("t", "s"))
+
+
+def test_report_imports_neither_torch_nor_evaluate() -> None:
+    code = (
+        "import sys, pipeline.report.render, pipeline.report.nightly\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('pipeline.evaluate')]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1] / "pipeline" / "report"
+    for f in root.rglob("*.py"):
+        src = f.read_text()
+        assert not re.search(r"^\s*(import torch|from torch)", src, re.M), f
+        assert "pipeline.evaluate" not in src.replace("``pipeline.evaluate", ""), f
+    assert max(len(f.read_text().splitlines()) for f in root.rglob("*.py")) <= 600
+
+
+def test_raw_probabilities_default_to_the_softmax_of_the_logits(tmp_path) -> None:
+    from scipy.special import softmax
+
+    from pipeline.report.sections.inputs import ReportInputs
+
+    logits = np.array([[0.0, 1.0], [2.0, -1.0]])
+    sp = SplitPredictions(
+        logits=logits, y=np.array([1, 0]), patient=np.array(["a", "b"]), case=np.array(["c", "d"]), groups={}
+    )
+    plan = _write_plan(tmp_path, ["a", "b"])
+    cfg = Config.model_validate(
+        {
+            "name": "x",
+            "task": {"kind": "binary", "classes": BINARY, "positive_class": "malignant"},
+            "data": {"source": str(tmp_path), "labels_csv": str(tmp_path / "l.csv")},
+        }
+    )
+    run = ReportInputs.gather(cfg, plan, {}, {"test": sp}, {}, raw={"val": np.full((2, 2), 0.5)})
+    np.testing.assert_allclose(run.raw_probs("test"), softmax(logits, axis=1))
+    np.testing.assert_allclose(run.raw_probs("val"), 0.5)
+    assert run.ingest["cases"] == 1180 and run.train["backbone"] == "efficientnet_lite0"
 
 
 def test_model_card(binary_report: Path) -> None:

@@ -1,0 +1,47 @@
+"""Assemble the report document: every section, in the order a clinical committee reads them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.report.document import Doc
+from pipeline.report.sections.checklist import checklist_section
+from pipeline.report.sections.conformal import conformal_section
+from pipeline.report.sections.inputs import ReportInputs
+from pipeline.report.sections.operating_points import operating_points_section
+from pipeline.report.sections.overview import data_section, model_section, summary_section
+from pipeline.report.sections.performance import explanations_section, performance_section
+from pipeline.report.sections.study import comparison_section, study_section
+from pipeline.report.sections.subgroups import patient_section, subgroup_section
+
+__all__ = ["build_document"]
+
+
+def build_document(
+    cfg: Config,
+    plan,
+    metrics: dict[str, Any],
+    preds: dict[str, Any],
+    calibrated: dict[str, np.ndarray],
+    explanations: list[tuple[bytes, str]] | None = None,
+    raw: dict[str, np.ndarray] | None = None,
+) -> Doc:
+    """Every section of the report (arguments as :func:`pipeline.report.render.write_reports`)."""
+    run = ReportInputs.gather(cfg, plan, metrics, preds, calibrated, explanations, raw)
+    doc = Doc()
+    summary_section(doc, run)
+    data_section(doc, run)
+    model_section(doc, run)
+    performance_section(doc, run)
+    operating_points_section(doc, metrics, run.prim, run.names, run.pos)
+    conformal_section(doc, metrics)
+    subgroup_section(doc, metrics)
+    patient_section(doc, metrics)
+    explanations_section(doc, run)
+    study_section(doc, metrics)
+    comparison_section(doc, metrics)
+    checklist_section(doc, run)
+    return doc
