@@ -136,3 +136,18 @@ def test_bad_paths_name_the_problem(tmp_path) -> None:
     _write_prev(tmp_path / "e", case, y, _logits(y, 1.0, rng))
     with pytest.raises(ConfigError, match="3 classes"):
         load_previous(tmp_path / "e", 3)
+
+
+def test_verdict_follows_the_primary_interval(tmp_path) -> None:
+    from pipeline.evaluate.compare import verdict
+
+    assert verdict([0.01, 0.2]) == "better" and verdict([-0.3, -0.02]) == "worse"
+    assert verdict([-0.1, 0.1]) == "no evidence of a difference" and verdict(None) == "no evidence of a difference"
+    rng, y, case = _data(600)
+    now, prev = _logits(y, 2.0, rng), _logits(y, 0.7, rng)
+    _write_prev(tmp_path / "e", case, y, prev)
+    out = compare_models(y, case, case, _softmax(now), load_previous(tmp_path / "e", 2), NAMES, 0, n_bootstrap=300)
+    assert out["primary"] == "delong" and out["verdict"] == "better"  # one case per patient: DeLong
+    patient = np.array([f"p{i // 2}" for i in range(600)])
+    out = compare_models(y, case, patient, _softmax(prev), load_previous(tmp_path / "e", 2), NAMES, 0, n_bootstrap=300)
+    assert out["primary"] == "paired_bootstrap" and out["verdict"] == "no evidence of a difference"

@@ -98,3 +98,14 @@ def test_holdout_is_stable_and_keyed() -> None:
     m2 = holdout_mask(np.concatenate([pats, ["Pnew1", "Pnew2"]]), b"k" * 32, 0.5)
     assert np.array_equal(m1, m2[:400]) and 0.4 < m1.mean() < 0.6
     assert not np.array_equal(m1, holdout_mask(pats, b"j" * 32, 0.5))
+
+
+def test_clustered_patients_use_the_cluster_bootstrap_not_delong() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(120) < 0.4).astype(int)
+    champ, chall = _scores(rng, y, 2.0), _scores(rng, y, 2.0)
+    single = compare(y, champ, chall, np.arange(120).astype(str), PromotionPolicy(n_bootstrap=200), 1)
+    assert single["method"] == "delong" and "method_note" not in single
+    patients = np.array([f"p{i // 3}" for i in range(120)])  # three cases per patient
+    res = compare(y, champ, chall, patients, PromotionPolicy(n_bootstrap=200), 1)
+    assert res["method"] == "bootstrap" and "cluster" in res["method_note"] and res["p_value"] is None

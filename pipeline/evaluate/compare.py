@@ -30,7 +30,7 @@ from pipeline.evaluate.bootstrap import Bootstrap
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
 from pipeline.evaluate.metrics import paired_auroc_difference, value_ci
 
-__all__ = ["PreviousScores", "compare_models", "load_previous"]
+__all__ = ["PreviousScores", "compare_models", "load_previous", "paired_auroc_comparison", "verdict"]
 
 
 @dataclass(frozen=True)
@@ -130,20 +130,40 @@ def load_previous(
     )
 
 
-def _one(
-    y_pos: np.ndarray, s_now: np.ndarray, s_prev: np.ndarray, bs: Bootstrap, level: float
+def verdict(ci: Any, better: str = "better", worse: str = "worse") -> str:
+    """The verdict a paired difference's CI supports: ``better`` (above 0), ``worse`` (below 0) or
+    ``no evidence of a difference`` (it contains 0, or is undefined)."""
+    try:
+        lo, hi = float(ci[0]), float(ci[1])
+    except (TypeError, ValueError, IndexError):
+        return "no evidence of a difference"
+    if lo > 0:
+        return better
+    if hi < 0:
+        return worse
+    return "no evidence of a difference"
+
+
+def paired_auroc_comparison(
+    y_pos: np.ndarray, s_a: np.ndarray, s_b: np.ndarray, bs: Bootstrap, level: float
 ) -> dict[str, Any]:
+    """AUROC of ``a`` minus ``b`` on the same cases: DeLong and the paired (cluster) bootstrap, and the
+    verdict from the primary one (the cluster bootstrap when patients have several cases, else DeLong)."""
     if y_pos.all() or not y_pos.any():
         return {"error": "one class only among the matched cases: AUROC undefined"}
-    a1, lo1, hi1 = delong_ci(y_pos, s_now, level)
-    a2, lo2, hi2 = delong_ci(y_pos, s_prev, level)
-    test = delong_roc_test(y_pos, s_now, s_prev, level).to_dict()
-    boot = paired_auroc_difference(y_pos, s_now, s_prev, bs)
+    a1, lo1, hi1 = delong_ci(y_pos, s_a, level)
+    a2, lo2, hi2 = delong_ci(y_pos, s_b, level)
+    test = delong_roc_test(y_pos, s_a, s_b, level).to_dict()
+    boot = paired_auroc_difference(y_pos, s_a, s_b, bs)
+    primary = "paired_bootstrap" if bs.clustered else "delong"
+    ci = (boot if primary == "paired_bootstrap" else test).get("ci")
     return {
         "auroc_current": value_ci(a1, (lo1, hi1), "delong"),
         "auroc_previous": value_ci(a2, (lo2, hi2), "delong"),
         "delong": test,
         "paired_bootstrap": boot,
+        "primary": primary,
+        "verdict": verdict(ci),
     }
 
 
@@ -210,7 +230,7 @@ def compare_models(
     cols = [positive_index] if positive_index is not None else list(range(len(class_names)))
     out["classes"] = {}
     for k in cols:
-        out["classes"][class_names[k]] = _one(yy == k, pn[:, k], pp[:, k], bs, level)
+        out["classes"][class_names[k]] = paired_auroc_comparison(yy == k, pn[:, k], pp[:, k], bs, level)
     if positive_index is not None:
         out.update(out["classes"][class_names[positive_index]])
     out["cases_matched_fraction"] = len(matched) / max(len(case), 1)

@@ -119,7 +119,11 @@ def compare(
     y = np.asarray(y, dtype=np.int64)
     out: dict[str, Any] = {"n_cases": int(len(y)), "n_patients": int(len(np.unique(patients)))}
     binary = champion.shape[1] == 2
-    method = policy.method if binary else "bootstrap"
+    clustered = len(np.unique(patients)) < len(y)
+    # DeLong assumes independent cases: with several cases per patient the patient-cluster bootstrap is used.
+    method = policy.method if (binary and not clustered) else "bootstrap"
+    if clustered and policy.method == "delong":
+        out["method_note"] = "patients with several cases: patient-cluster bootstrap instead of DeLong"
     out["auroc_champion"] = _auroc_point(champion, y, positive_index)
     out["auroc_challenger"] = _auroc_point(challenger, y, positive_index)
     out["auroc_difference"] = out["auroc_challenger"] - out["auroc_champion"]
