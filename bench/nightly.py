@@ -12,8 +12,9 @@ processes (imports included):
   (header reads and volume decodes counted in ``ingest_report.json["incremental"]``), compared with the
   first run. ``ops.retrain.min_new_cases`` is above 1%, so the night ingests and monitors, as configured.
 
-If a no-op night takes longer than the 10 s target, ``python -X importtime`` and cProfile of that rerun
-are summarised (``--profile`` forces it).
+A no-op night is decided from stat calls and the config hash alone: the bench checks (``python -X
+importtime``) that it imports none of torch, MONAI, matplotlib or timm. If it takes longer than the 2 s
+target, ``python -X importtime`` and cProfile of that rerun are summarised (``--profile`` forces it).
 
 Usage: ``python bench/nightly.py [--cases 1000] [--repeats 3] [--keep DIR] [--json FILE] [--profile]``.
 """
@@ -39,7 +40,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the project's packages, also when medtl is not pip-installed
-TARGET_NOOP_S = 10.0
+TARGET_NOOP_S = 2.0
+HEAVY = ("torch", "monai", "matplotlib", "timm")
 
 
 def _dicom(path: Path, img: np.ndarray, patient_id: str) -> None:
@@ -154,6 +156,13 @@ def ingest_counts(ws: Path) -> list[dict]:
     return out
 
 
+def heavy_imports(config: Path) -> list[str]:
+    """Which of :data:`HEAVY` a no-op ``medtl run`` imports (it should import none)."""
+    _, res = medtl(["run", str(config)], ("-X", "importtime"))
+    names = {m.group(1).split(".")[0] for m in re.finditer(r"import time:.*\|\s*(\S+)$", res.stderr, re.M)}
+    return [h for h in HEAVY if h in names]
+
+
 def import_profile(config: Path, top: int = 12) -> list[tuple[str, float]]:
     """Cumulative import time (s) of the slowest top-level packages in a no-op ``medtl run``."""
     _, res = medtl(["run", str(config)], ("-X", "importtime"))
@@ -214,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     same = [_run(config, "same-night rerun") for _ in range(args.repeats)]
     res["same_night_noop_s"] = same
     res["same_night_wrote_nothing"] = files_state(ws) == before
-    print(f"same night, no new data: {', '.join(f'{s:.2f}' for s in same)} s", flush=True)
+    res["same_night_heavy_imports"] = heavy_imports(config)
+    print(
+        f"same night, no new data: {', '.join(f'{s:.2f}' for s in same)} s; heavy imports: "
+        f"{res['same_night_heavy_imports'] or 'none'}",
+        flush=True,
+    )
 
     nxt = []
     for _ in range(args.repeats):
@@ -255,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"| no-op night (same / next night), wall s | | {min(same):.2f} / {min(nxt):.2f} | "
-        f"target < {TARGET_NOOP_S:.0f} s |"
+        f"target <= {TARGET_NOOP_S:.0f} s (same night) |"
     )
 
-    if args.profile or max(min(same), min(nxt)) > TARGET_NOOP_S:
+    if args.profile or min(same) > TARGET_NOOP_S:
         res["import_profile_s"] = import_profile(config)
         res["cprofile_cumulative_s"] = cprofile(config)
         print("\nslowest top-level imports of a no-op run (s):")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.evaluate.stage import run_study_member, study_dir, study_reuses_main_model
 from pipeline.io import atomic_dir
 from tasks.augment import Augment
 from tasks.base import config_and_plan
@@ -29,10 +28,14 @@ class StudyMember(luigi.Task):
     retry_count = 0
 
     def _folder(self) -> Path:
+        from pipeline.evaluate.stage import study_dir
+
         cfg, plan = config_and_plan(self.config)
         return study_dir(cfg, plan, self.label_fraction, self.strategy)
 
     def requires(self) -> luigi.Task:
+        from pipeline.evaluate.stage import study_reuses_main_model
+
         cfg, plan = config_and_plan(self.config)
         if study_reuses_main_model(cfg, plan, self.label_fraction, self.strategy):
             return FineTune(config=self.config)
@@ -42,6 +45,8 @@ class StudyMember(luigi.Task):
         return luigi.LocalTarget(str(self._folder()))
 
     def run(self) -> None:
+        from pipeline.evaluate.stage import run_study_member  # torch: only when a study model is built
+
         cfg, plan = config_and_plan(self.config)
         folder = self._folder()
         work = folder.with_name(folder.name + ".work")

@@ -119,3 +119,21 @@ def test_shipped_example_configs_validate(example: Path) -> None:
     spec = get_spec(cfg.model.backbone)
     assert spec.spatial_dims == cfg.preprocess.spatial_dims
     assert cfg.model.pretrained == (spec.weights is not None)
+
+
+def test_config_package_exports_every_name_and_keeps_files_small() -> None:
+    """pipeline/config/ is split along its jobs; ``from pipeline.config import X`` keeps working."""
+    import pipeline.config as package
+
+    expected = {
+        "Config", "load_config", "SPLITS", "ID_TYPES", "TaskConfig", "DataConfig", "SplitConfig",
+        "IngestConfig", "DeidConfig", "PreprocessConfig", "AugmentConfig", "ModelConfig", "TrainConfig",
+        "EvaluateConfig", "ReportConfig", "RuntimeConfig", "RetrainPolicy", "PromotionPolicy",
+        "NotifyConfig", "RetentionPolicy", "OpsConfig",
+    }
+    assert expected <= set(package.__all__)
+    for name in package.__all__:
+        assert getattr(package, name) is not None
+    for path in Path(package.__file__).parent.glob("*.py"):
+        n = len(path.read_text().splitlines())
+        assert n < 450, f"{path.name}: {n} lines"

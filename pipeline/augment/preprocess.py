@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from monai.transforms import Resize, SpatialPad
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import IngestError
@@ -111,6 +109,11 @@ def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec) -> np
     Raises:
         IngestError: A 3D volume was given to a 2D task (more than one slice), or the shape is unusable.
     """
+    # torch and MONAI load here, not at import: the spec (make_spec, PreprocessSpec) is needed by code that
+    # never resizes an image (planning, reading a trained model's facts).
+    import torch
+    from monai.transforms import Resize, SpatialPad
+
     vol = to_single_channel(array, axis4)
     if spec.spatial_dims == 2:
         if vol.shape[2] != 1:

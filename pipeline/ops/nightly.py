@@ -22,8 +22,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import Config
 from pipeline.ops.registry import Registry
 
@@ -229,6 +227,8 @@ def monitor(
     Returns:
         ``{"n_cases", "prevalence", "new_cases", "new_prevalence", "input": {...}, "champion_on_new": {...}}``.
     """
+    import numpy as np  # not at module level: a no-op night imports this module only to name its record
+
     from pipeline.ingest.stage import read_manifest
     from pipeline.ops.predict import intensity_percentiles
     from pipeline.ops.promotion import brier, model_inputs
@@ -275,6 +275,8 @@ def monitor(
 def _prev(labels: list[int], names: list[str]) -> dict[str, float]:
     if not labels:
         return {}
+    import numpy as np
+
     a = np.asarray(labels)
     return {n: float(np.mean(a == k)) for k, n in enumerate(names)}
 
