@@ -9,6 +9,8 @@ import csv
 import gzip
 import io
 import re
+import shutil
+import subprocess
 import zipfile
 import zlib
 from pathlib import Path
@@ -101,6 +103,22 @@ def _make(root: Path, n: int = 48) -> Path:
     return write_config(root, ingest={"mask_regions": [[0, 0, 6, 3]]})
 
 
+class _Lower(bytes):
+    """A lower-cased text view, matched case-insensitively."""
+
+
+def _pdf_text(data: bytes) -> _Lower:
+    """The PDF's text as a reader sees it (``pdftotext -layout``, reading order), lower-cased: PDF text is
+    stored as font glyph codes, so its raw bytes would not show a planted value. Fails (does not skip)
+    without pdftotext: ``.ci/run`` installs poppler-utils."""
+    exe = shutil.which("pdftotext")
+    assert exe, "pdftotext is required for this test: apt-get install poppler-utils (.ci/run does it)"
+    cmd = [exe, "-layout", "-enc", "UTF-8", "-", "-"]
+    proc = subprocess.run(cmd, input=data, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    return _Lower(proc.stdout.lower())
+
+
 def _expanded(path: Path, data: bytes) -> list[bytes]:
     """The raw bytes plus every decompressed view of them that a reader could see."""
     views = [data]
@@ -111,11 +129,7 @@ def _expanded(path: Path, data: bytes) -> list[bytes]:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             views.extend(zf.read(m) for m in zf.namelist())
     if name.endswith(".pdf"):
-        for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
-            try:
-                views.append(zlib.decompress(m.group(1)))
-            except zlib.error:
-                pass
+        views.append(_pdf_text(data))
     if name.endswith(".png") and data[:8] == b"\x89PNG\r\n\x1a\n":
         pos, idat = 8, b""
         while pos < len(data):
@@ -146,7 +160,9 @@ def _scan(folder: Path, needles: list[bytes]) -> tuple[int, int, list[str]]:
         files += 1
         for view in _expanded(p, p.read_bytes()):
             n_bytes += len(view)
-            hits += [f"{n!r} in {p.relative_to(folder)}" for n in needles if n in view]
+            low = isinstance(view, _Lower)
+            hits += [f"{n!r} in {p.relative_to(folder)}" for n in needles
+                     if (n.lower() if low else n) in view]
         # file and folder names count as output too
         hits += [
             f"{n!r} in the name {p.relative_to(folder)}"
