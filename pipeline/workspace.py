@@ -133,12 +133,19 @@ def backbone_preprocessing(cfg: Config) -> dict:
 
 # ------------------------------------------------------------------------------------ pretrained weights
 WEIGHTS_MEMO = Path("cache") / "weights_sha256.json"
+#: Entries kept in the memo (the most recently used); a workspace sees a handful of weight files.
+WEIGHTS_MEMO_SIZE = 64
 
 
 def weights_memo_key(path: str) -> str:
-    """Memo key of a weight file: absolute path, size and mtime (ns); a swapped file gets a new key."""
+    """Memo key of a weight file: a hash of its absolute path, size and mtime (ns).
+
+    A swapped file (new mtime or size) gets a new key. The path itself is not stored in the workspace
+    (folder names may carry names); its hash is enough to find the entry again.
+    """
     st = os.stat(path)
-    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    stamp = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(stamp.encode("utf-8")).hexdigest()[:32]
 
 
 def load_weights_memo(workspace: Path) -> dict[str, str]:
@@ -171,9 +178,9 @@ def pretrained_weights(cfg: Config, memo: dict[str, str]) -> tuple[str, str | No
         )
     path, _ = locate_weights(spec.weights, cfg.model.weights)
     key = weights_memo_key(path)
-    if key not in memo:
-        memo[key] = sha256_file(path)
-    return memo[key], path
+    digest = memo.pop(key, None) or sha256_file(path)
+    memo[key] = digest  # (re)inserted last: the memo keeps the most recently used entries
+    return digest, path
 
 
 # ------------------------------------------------------------------------------------ planning inputs
@@ -275,16 +282,9 @@ def record_plan_choices(plan: StagePlan, inputs: PlanInputs) -> None:
         if key not in table:
             table[key] = choice
             write_json(path, table)
-    if dict(inputs.weights_memo) != load_weights_memo(ws):
-        # Keep only entries whose file still has that size and mtime, so the memo does not grow forever.
-        live = {}
-        for k, v in inputs.weights_memo.items():
-            try:
-                if weights_memo_key(k.rsplit("|", 2)[0]) == k:
-                    live[k] = v
-            except OSError:
-                continue
-        write_json(ws / WEIGHTS_MEMO, live)
+    memo = dict(list(inputs.weights_memo.items())[-WEIGHTS_MEMO_SIZE:])
+    if set(memo.items()) != set(load_weights_memo(ws).items()):
+        write_json(ws / WEIGHTS_MEMO, memo)
 
 
 # ------------------------------------------------------------------------------------ digests and the plan
@@ -292,7 +292,7 @@ def finetune_digest(cfg: Config, augment_digest: str, weights_sha256: str, warm_
     """The one recipe of a FineTune folder's digest (the run's model and every scarce-label study model).
 
     Args:
-        cfg: The config training uses (a study model's :func:`pipeline.evaluate.stage.study_config`).
+        cfg: The config training uses (a study model's :func:`pipeline.evaluate.study.study_config`).
         augment_digest: Name of the Augment folder the model trains on.
         weights_sha256: sha256 of the pretrained weight file loaded, ``"none"`` from scratch: swapping
             the file retrains, the same content at another path does not (the path is not hashed).

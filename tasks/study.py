@@ -2,7 +2,7 @@
 
 Optional and off by default (``evaluate.study_label_fractions`` / ``evaluate.study_strategies``): it trains
 extra models. The Evaluate task requires every member when the lists are set and reports the
-label-efficiency curve and the strategy table (see :func:`pipeline.evaluate.stage.run_study_member`).
+label-efficiency curve and the strategy table (see :func:`pipeline.evaluate.study.run_study_member`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tasks.finetune import FineTune
 
 
 class StudyMember(luigi.Task):
-    """Train (unless it is the run's own model) and score one study model on the test split."""
+    """Train (unless it is the run's own model) and score one study model on the validation split."""
 
     config = luigi.Parameter(description="Path to the run's YAML config")
     label_fraction = luigi.FloatParameter(description="Share of the training labels, in (0, 1]")
@@ -28,13 +28,13 @@ class StudyMember(luigi.Task):
     retry_count = 0
 
     def _folder(self) -> Path:
-        from pipeline.evaluate.stage import study_dir
+        from pipeline.evaluate.study import study_dir
 
         cfg, plan = config_and_plan(self.config)
         return study_dir(cfg, plan, self.label_fraction, self.strategy)
 
     def requires(self) -> luigi.Task:
-        from pipeline.evaluate.stage import study_reuses_main_model
+        from pipeline.evaluate.study import study_reuses_main_model
 
         cfg, plan = config_and_plan(self.config)
         if study_reuses_main_model(cfg, plan, self.label_fraction, self.strategy):
@@ -45,7 +45,7 @@ class StudyMember(luigi.Task):
         return luigi.LocalTarget(str(self._folder()))
 
     def run(self) -> None:
-        from pipeline.evaluate.stage import run_study_member  # torch: only when a study model is built
+        from pipeline.evaluate.study import run_study_member  # torch: only when a study model is built
 
         cfg, plan = config_and_plan(self.config)
         folder = self._folder()

@@ -131,7 +131,7 @@ def test_finetune_checks_the_weights_when_it_reads_them(data: Path) -> None:
 
 
 def test_study_digest_is_the_finetune_recipe(data: Path) -> None:
-    from pipeline.evaluate.stage import study_config, study_digest
+    from pipeline.evaluate.study import study_config, study_digest
 
     cfg = load_config(write_config(data))
     plan = _plan(write_config(data))

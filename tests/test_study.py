@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.evaluate.bootstrap import Bootstrap
-from pipeline.evaluate.metrics import auroc_with_ci
-from pipeline.evaluate.stage import study_config, study_dir, study_reuses_main_model, summarise_study
+from pipeline.evaluate.study import study_config, study_dir, study_reuses_main_model, summarise_study
 from pipeline.workspace import plan_stages
 from tasks.cli import run_pipeline
 from tasks.evaluate import Evaluate
@@ -77,13 +75,17 @@ def test_study_configs_and_folders(study_run: Path) -> None:
     assert len(trained) == 3  # the reused member has no copy of the model
     for d in dirs:
         res = json.loads((d / "study_result.json").read_text())
-        auc = res["test_auroc"]
+        auc = res["val_auroc"]
+        assert res["selection_split"] == "val" and "test_auroc" not in res  # members never touch test
         assert auc["ci"][0] <= auc["value"] <= auc["ci"][1]
-        assert (d / "predictions.csv").read_text().count("\n") == 1 + len(_test_rows(plan))
+        assert (d / "val_predictions.csv").read_text().count("\n") == 1 + len(_rows(plan, "val"))
+        assert not (d / "predictions.csv").exists()
 
 
-def _test_rows(plan) -> list[str]:
-    return [ln for ln in (plan.evaluate / "predictions.csv").read_text().splitlines()[1:] if ",test," in ln]
+def _rows(plan, split: str) -> list[str]:
+    return [
+        ln for ln in (plan.evaluate / "predictions.csv").read_text().splitlines()[1:] if f",{split}," in ln
+    ]
 
 
 def test_study_in_metrics_and_report(study_run: Path) -> None:
@@ -93,8 +95,17 @@ def test_study_in_metrics_and_report(study_run: Path) -> None:
     assert len(st["runs"]) == 4 and all("error" not in r for r in st["runs"])
     assert [t["label_fraction"] for t in st["transfer"]] == FRACTIONS
     for t in st["transfer"]:
-        assert t["negative_transfer"] == (t["auroc_pretrained"] <= t["auroc_scratch"])
-        assert t["delong"]["difference"] == pytest.approx(t["difference"], abs=1e-4)
+        assert t["selected_on"] == "val" and t["best_pretrained"] == "finetune"
+        lo, hi = t["difference_ci"]
+        expected = (
+            "pretrained better" if lo > 0 else "pretrained worse (negative transfer)" if hi < 0 else None
+        )
+        assert t["verdict"] == (expected or "no evidence of a difference")
+        assert t["negative_transfer"] == (hi < 0)
+        assert t["comparison"]["delong"]["difference"] == pytest.approx(t["difference"], abs=1e-9)
+        assert t["difference"] == pytest.approx(
+            t["auroc_pretrained"]["value"] - t["auroc_scratch"]["value"], abs=1e-9
+        )
     main = next(r for r in st["runs"] if r["reused_main_model"])
     own = metrics["evaluation"]["test"]["uncalibrated"]["discrimination"]["auroc"]["value"]
     assert main["test_auroc"]["value"] == pytest.approx(own, abs=1e-6)
@@ -103,36 +114,85 @@ def test_study_in_metrics_and_report(study_run: Path) -> None:
     assert "private" not in json.dumps(st)  # no absolute workspace paths leak into metrics
 
 
-def test_negative_transfer_is_flagged_when_scratch_wins() -> None:
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 400).astype(bool)
+def _study_cfg():
     from pipeline.config import Config
 
-    c = Config.model_validate(
+    return Config.model_validate(
         {
             "task": {"kind": "binary", "classes": {"0": "a", "1": "b"}, "positive_class": "b"},
             "data": {"source": ".", "labels_csv": "x.csv"},
-            "evaluate": {"study_label_fractions": [0.1, 1.0], "study_strategies": ["finetune", "scratch"]},
+            "evaluate": {
+                "n_bootstrap": 300,
+                "study_label_fractions": [0.1, 1.0],
+                "study_strategies": ["linear_probe", "finetune", "scratch"],
+            },
         }
     )
-    runs = []
-    for strat, frac, s in (
-        ("finetune", 0.1, 0.2),
-        ("scratch", 0.1, 1.5),
-        ("finetune", 1.0, 2.0),
-        ("scratch", 1.0, 0.5),
-    ):
-        score = s * y + rng.normal(size=len(y))
-        runs.append(
-            {
-                "strategy": strat,
-                "label_fraction": frac,
-                "test_auroc": auroc_with_ci(score, y, Bootstrap(len(y), 200, seed=1)),
-            }
-        )
-    st = summarise_study(runs, c)
+
+
+def _test_preds(y: np.ndarray, strength: float, seed: int, patients: np.ndarray):
+    from pipeline.evaluate.summary import SplitPredictions
+
+    rng = np.random.default_rng(seed)
+    score = strength * y + rng.normal(size=len(y))
+    return SplitPredictions(
+        logits=np.stack([np.zeros(len(y)), score], 1),
+        y=y,
+        patient=patients,
+        case=np.array([f"c{i}" for i in range(len(y))]),
+    )
+
+
+def test_selection_uses_validation_and_verdicts_follow_the_paired_ci() -> None:
+    """The pretrained strategy is chosen by validation AUROC even when another would score higher on
+    test; negative transfer needs the paired CI below zero; a tiny difference gives no verdict."""
+    cfg = _study_cfg()
+    y = np.random.default_rng(0).integers(0, 2, 400)
+    pats = np.array([f"p{i}" for i in range(400)])
+
+    def run(strategy, frac, val):
+        return {
+            "strategy": strategy,
+            "label_fraction": frac,
+            "val_auroc": {"value": val, "ci": [val - 0.1, val + 0.1]},
+        }
+
+    runs = [
+        run("linear_probe", 0.1, 0.70),
+        run("finetune", 0.1, 0.80),
+        run("scratch", 0.1, 0.75),
+        run("linear_probe", 1.0, 0.90),
+        run("finetune", 1.0, 0.85),
+        run("scratch", 1.0, 0.80),
+    ]
+    # 0.1: finetune (best on val) is much worse than scratch on test -> negative transfer
+    # 1.0: linear_probe (best on val) equals scratch on test -> no evidence of a difference
+    tested = {
+        ("finetune", 0.1): _test_preds(y, 0.3, 1, pats),
+        ("scratch", 0.1): _test_preds(y, 2.0, 2, pats),
+        ("linear_probe", 1.0): _test_preds(y, 1.5, 3, pats),
+        ("scratch", 1.0): _test_preds(y, 1.5, 3, pats),
+    }
+    st = summarise_study(runs, cfg, tested)
+    t01, t10 = st["transfer"]
+    assert t01["best_pretrained"] == "finetune" and t10["best_pretrained"] == "linear_probe"
+    assert t01["verdict"] == "pretrained worse (negative transfer)" and t01["negative_transfer"]
+    assert t01["comparison"]["primary"] == "delong" and t01["difference_ci"][1] < 0
+    assert t10["verdict"] == "no evidence of a difference" and not t10["negative_transfer"]
     assert st["negative_transfer_at"] == [0.1]
-    assert [t["best_pretrained"] for t in st["transfer"]] == ["finetune", "finetune"]
+    # only the selected and scratch models carry test figures
+    by = {(r["strategy"], r["label_fraction"]): r for r in st["runs"]}
+    assert by[("linear_probe", 0.1)]["test_auroc"] is None and by[("finetune", 1.0)]["test_auroc"] is None
+    assert by[("finetune", 0.1)]["test_auroc"]["value"] < by[("scratch", 0.1)]["test_auroc"]["value"]
+    # with several cases per patient the verdict comes from the patient-cluster bootstrap
+    pats2 = np.array([f"p{i // 2}" for i in range(400)])
+    tested2 = {
+        k: _test_preds(y, s, seed, pats2)
+        for k, (s, seed) in zip(tested, [(0.3, 1), (2.0, 2), (1.5, 3), (1.5, 3)])
+    }
+    st2 = summarise_study(runs, cfg, tested2)
+    assert st2["transfer"][0]["comparison"]["primary"] == "paired_bootstrap"
+    assert st2["transfer"][0]["negative_transfer"]
 
 
 def test_compare_with_an_earlier_finetune_folder(study_run: Path) -> None:
@@ -169,7 +229,11 @@ def test_compare_with_an_earlier_finetune_folder(study_run: Path) -> None:
     assert c["n_matched"] == n_test and c["n_label_mismatch"] == 0
     own = metrics["evaluation"]["test"]["uncalibrated"]["discrimination"]["auroc"]["value"]
     assert c["auroc_current"]["value"] == pytest.approx(own, abs=1e-9)
-    scratch_auc = json.loads((scratch_study / "study_result.json").read_text())["test_auroc"]["value"]
+    first_metrics = json.loads((first.evaluate / "metrics.json").read_text())
+    scratch_run = next(
+        r for r in first_metrics["study"]["runs"] if (r["strategy"], r["label_fraction"]) == ("scratch", 1.0)
+    )
+    scratch_auc = scratch_run["test_auroc"]["value"]
     assert c["auroc_previous"]["value"] == pytest.approx(scratch_auc, abs=1e-6)
     assert c["delong"]["difference"] == pytest.approx(own - scratch_auc, abs=1e-6)
     lo, hi = c["paired_bootstrap"]["ci"]

@@ -192,6 +192,24 @@ def auroc_stat(scores: np.ndarray, y_pos: np.ndarray) -> Statistic:
     return stat
 
 
+def macro_auroc_stat(probs: np.ndarray, y: np.ndarray) -> Statistic:
+    """Weighted macro one-vs-rest AUROC of every count row (probabilities (N, K), labels (N,))."""
+    stats = [auroc_stat(probs[:, k], y == k) for k in range(probs.shape[1])]
+
+    def stat(w: np.ndarray) -> np.ndarray:
+        return np.mean(np.stack([s(w) for s in stats], axis=0), axis=0)
+
+    return stat
+
+
+def score_auroc_stat(probs: np.ndarray, y: np.ndarray, positive_index: int | None) -> Statistic:
+    """The AUROC a model is judged by: the positive class's (two columns), else the macro one-vs-rest."""
+    if probs.shape[1] == 2:
+        pos = 1 if positive_index is None else positive_index
+        return auroc_stat(probs[:, pos], y == pos)
+    return macro_auroc_stat(probs, y)
+
+
 def weighted_auroc(scores: np.ndarray, y_pos: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUROC for each row of a weight matrix (B, N); see ``auroc_stat``."""
     return auroc_stat(scores, y_pos)(np.atleast_2d(np.asarray(weights, dtype=np.float64)))

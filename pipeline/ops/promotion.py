@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, PromotionPolicy
-from pipeline.evaluate.bootstrap import Bootstrap, auroc_stat, percentile_ci
+from pipeline.evaluate.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
 from pipeline.ingest.splits import holdout_mask, usable_holdout
 
@@ -77,22 +77,6 @@ def _auroc_point(probs: np.ndarray, y: np.ndarray, positive_index: int | None) -
     )
 
 
-def _macro_stat(probs: np.ndarray, y: np.ndarray):
-    stats = [auroc_stat(probs[:, k], y == k) for k in range(probs.shape[1])]
-
-    def stat(w: np.ndarray) -> np.ndarray:
-        return np.mean(np.stack([s(w) for s in stats], axis=0), axis=0)
-
-    return stat
-
-
-def _score_stat(probs: np.ndarray, y: np.ndarray, positive_index: int | None):
-    if probs.shape[1] == 2:
-        pos = 1 if positive_index is None else positive_index
-        return auroc_stat(probs[:, pos], y == pos)
-    return _macro_stat(probs, y)
-
-
 def compare(
     y: np.ndarray,
     champion: np.ndarray,
@@ -136,7 +120,7 @@ def compare(
         bs = Bootstrap(
             len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level
         )
-        a, b = _score_stat(challenger, y, positive_index), _score_stat(champion, y, positive_index)
+        a, b = score_auroc_stat(challenger, y, positive_index), score_auroc_stat(champion, y, positive_index)
         samples = bs.run({"diff": lambda w: a(w) - b(w)})["diff"]
         out["difference_ci"] = list(percentile_ci(samples, policy.ci_level))
         out["p_value"] = None
@@ -187,7 +171,7 @@ def first_model_check(
         bs = Bootstrap(
             len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level
         )
-        lo, hi = percentile_ci(bs.run({"a": _score_stat(probs, y, positive_index)})["a"], policy.ci_level)
+        lo, hi = percentile_ci(bs.run({"a": score_auroc_stat(probs, y, positive_index)})["a"], policy.ci_level)
         out["method"] = "bootstrap"
     out.update(auroc_challenger=float(auc), auroc_ci=[float(lo), float(hi)], brier_challenger=brier(probs, y))
     ok = bool(np.isfinite(lo) and lo > policy.min_auroc)
