@@ -25,7 +25,9 @@ class Evaluate(StageTask):
         from pipeline.report.render import write_reports
 
         ev = run_evaluate(cfg, plan, tmp)
-        write_reports(cfg, plan, ev.metrics, ev.preds, ev.calibrated, tmp, explanations=ev.explanations)
+        write_reports(
+            cfg, plan, ev.metrics, ev.preds, ev.calibrated, tmp, explanations=ev.explanations, raw=ev.raw
+        )
         logging.getLogger(__name__).info(
             "Evaluate: report written (%s)", ", ".join(sorted(p.name for p in tmp.iterdir()))
         )
