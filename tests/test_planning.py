@@ -103,7 +103,8 @@ def test_weights_are_hashed_once_per_path_size_mtime(data: Path, monkeypatch: py
     config = write_config(data, model={"weights": "w.pth"})
     first = _plan(config)
     assert calls == ["w.pth"]
-    assert (data / "ws" / WEIGHTS_MEMO).is_file()
+    memo = (data / "ws" / WEIGHTS_MEMO).read_text()
+    assert first.weights_sha256 in memo and str(data) not in memo  # digests, not paths
     for _ in range(3):  # remembered in the workspace: later plans (other processes too) do not hash again
         assert _plan(config).finetune == first.finetune
     assert calls == ["w.pth"]
