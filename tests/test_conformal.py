@@ -170,3 +170,27 @@ def test_input_validation() -> None:
     fitted = SplitConformal().fit(p, np.array([1, 0]))
     with pytest.raises(ValueError, match="expected 2 columns"):
         fitted.predict_sets(np.full((1, 3), 1 / 3))
+
+
+def test_mondrian_sets_cover_a_rare_class() -> None:
+    """At 10% prevalence a marginal LAC set under-covers the positive class; Mondrian sets cover each class."""
+    from pipeline.evaluate.conformal import SplitConformal
+
+    rng = np.random.default_rng(0)
+    cov_marg, cov_mond = [], []
+    for rep in range(150):
+        n_cal, n_test = 400, 2000
+        y = (rng.random(n_cal + n_test) < 0.1).astype(np.int64)
+        s = 1.0 * y + rng.normal(0, 1, len(y))  # a weak score: the positive class is hard
+        p1 = 1 / (1 + np.exp(-(s - 2.0)))
+        probs = np.column_stack([1 - p1, p1])
+        cal, test = slice(0, n_cal), slice(n_cal, None)
+        for mondrian, out in ((False, cov_marg), (True, cov_mond)):
+            cp = SplitConformal(0.1, "lac", class_conditional=mondrian).fit(probs[cal], y[cal])
+            sets = cp.predict_sets(probs[test])
+            pos = y[test] == 1
+            out.append(sets[pos, 1].mean())
+    assert np.mean(cov_marg) < 0.85  # marginal sets under-cover the rare class
+    assert np.mean(cov_mond) >= 0.9 - 0.01  # class-conditional guarantee, averaged over draws
+    cp = SplitConformal(0.1, "lac", class_conditional=True).fit(probs[cal], y[cal])
+    assert cp.class_qhat_.shape == (2,) and cp.qhat_ == cp.class_qhat_.max()

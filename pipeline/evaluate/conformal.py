@@ -81,20 +81,32 @@ class SplitConformal(BaseEstimator):
         method: "lac" or "aps".
         randomized: Randomised APS (ignored for LAC).
         random_state: Seed for randomised APS.
+        class_conditional: Mondrian (class-conditional) sets (Vovk 2005): one quantile per class, from the
+            calibration cases of that class, so that ``P(y in set | y = k) >= 1 - alpha`` for every class k,
+            not only on average (a rare positive class is otherwise under-covered).
 
     Attributes:
-        qhat_: Conformal quantile of the calibration scores (``inf`` when too few calibration cases).
+        qhat_: Conformal quantile of the calibration scores (``inf`` when too few calibration cases); for
+            Mondrian sets the largest of ``class_qhat_``.
+        class_qhat_: Mondrian only: quantile per class (K,) (``inf`` for a class with fewer than
+            ``1/alpha - 1`` calibration cases: that class is then in every set).
         n_calibration_: Number of calibration cases.
         n_classes_: Number of classes K.
     """
 
     def __init__(
-        self, alpha: float = 0.1, method: str = "lac", randomized: bool = False, random_state: int = 0
+        self,
+        alpha: float = 0.1,
+        method: str = "lac",
+        randomized: bool = False,
+        random_state: int = 0,
+        class_conditional: bool = False,
     ) -> None:
         self.alpha = alpha
         self.method = method
         self.randomized = randomized
         self.random_state = random_state
+        self.class_conditional = class_conditional
 
     def _scores(self, p: np.ndarray, y: np.ndarray, u: np.ndarray | None) -> np.ndarray:
         rows = np.arange(len(y))
@@ -124,8 +136,10 @@ class SplitConformal(BaseEstimator):
         u = rng.random(len(y_arr)) if (self.method == "aps" and self.randomized) else None
         scores = self._scores(p, y_arr.astype(np.int64), u)
         n = len(scores)
-        rank = math.ceil((n + 1) * (1.0 - self.alpha))
-        self.qhat_ = float(np.sort(scores)[rank - 1]) if rank <= n else float("inf")
+        self.qhat_ = _quantile(scores, self.alpha)
+        if self.class_conditional:
+            self.class_qhat_ = np.array([_quantile(scores[y_arr == k], self.alpha) for k in range(p.shape[1])])
+            self.qhat_ = float(self.class_qhat_.max())
         self.n_calibration_ = n
         self.n_classes_ = p.shape[1]
         self.calibration_scores_ = scores
@@ -146,18 +160,27 @@ class SplitConformal(BaseEstimator):
         if not hasattr(self, "qhat_"):
             raise RuntimeError("SplitConformal is not fitted yet: call fit(probs, y) first")
         p = _check_probs(probs, "probs", self.n_classes_)
-        if math.isinf(self.qhat_):
+        # (K,) per-class thresholds for Mondrian sets, else one scalar
+        q = self.class_qhat_[None, :] if self.class_conditional else self.qhat_
+        if np.all(np.isinf(q)):
             return np.ones(p.shape, dtype=bool)
         if self.method == "lac":
-            return (1.0 - p) <= self.qhat_
+            return (1.0 - p) <= q
         before = _mass_before(p)
         if self.randomized:
             g = rng if rng is not None else self.rng_
             u = g.random(p.shape[0])[:, None]
-            return before + u * p <= self.qhat_
-        sets = before + p <= self.qhat_
+            return before + u * p <= q
+        sets = before + p <= q
         sets[np.arange(p.shape[0]), p.argmax(axis=1)] = True
         return sets
+
+
+def _quantile(scores: np.ndarray, alpha: float) -> float:
+    """The conformal quantile: the ceil((n + 1)(1 - alpha))-th smallest score (``inf`` if n is too small)."""
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1.0 - alpha))
+    return float(np.sort(scores)[rank - 1]) if rank <= n else float("inf")
 
 
 def coverage_report(sets: np.ndarray, y: np.ndarray, class_names: list[str] | None = None) -> dict:

@@ -203,7 +203,8 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
 
 
 def _save_calibrator(cfg: Config, out_dir: Path, calibrator, model: TrainedModel, preds: dict[str, Any]) -> None:
-    """``calibrator.json``: the calibrator fitted here and the LAC conformal threshold, bound to the model."""
+    """``calibrator.json``: the calibrator fitted here and the LAC conformal thresholds (marginal and per
+    class), bound to the model's sha256. ``None`` stands for an infinite threshold (too few cases)."""
     from pipeline.evaluate.conformal import SplitConformal
 
     cal = preds.get("calibration")
@@ -211,11 +212,23 @@ def _save_calibrator(cfg: Config, out_dir: Path, calibrator, model: TrainedModel
     conformal = None
     alpha = cfg.evaluate.conformal_alpha
     if cal is not None and alpha is not None and n:
-        cp = SplitConformal(alpha, "lac").fit(softmax(cal.logits, axis=1), np.asarray(cal.y, dtype=np.int64))
-        conformal = {"method": "lac", "alpha": alpha, "qhat": cp.qhat_, "n_calibration": n}
+        probs, y = softmax(cal.logits, axis=1), np.asarray(cal.y, dtype=np.int64)
+        cp = SplitConformal(alpha, "lac").fit(probs, y)
+        mondrian = SplitConformal(alpha, "lac", class_conditional=True).fit(probs, y)
+        conformal = {
+            "method": "lac",
+            "alpha": alpha,
+            "qhat": _finite_or_none(cp.qhat_),
+            "class_qhat": [_finite_or_none(q) for q in mondrian.class_qhat_],
+            "n_calibration": n,
+        }
     save_calibrator(
         out_dir, calibrator, model.files, {"split": "calibration", "n_cases": n}, conformal=conformal
     )
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:

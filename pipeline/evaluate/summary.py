@@ -43,7 +43,8 @@ __all__ = ["SCHEMA_VERSION", "EvalOptions", "EvalResult", "SplitPredictions", "T
 SCHEMA_VERSION = 1
 TASK_KINDS = ("binary", "multiclass", "ordinal")
 SPLIT_NAMES = ("val", "calibration", "test")
-CONFORMAL_METHODS = (("lac", False), ("aps", False), ("aps", True))
+#: (method, randomized, class-conditional) of the conformal sets reported; key ``lac_mondrian`` for the last.
+CONFORMAL_METHODS = (("lac", False, False), ("aps", False, False), ("aps", True, False), ("lac", False, True))
 
 
 @dataclass(frozen=True)
@@ -372,11 +373,15 @@ def evaluate_run(
         conformal["min_calibration_cases"] = min_calibration_size(options.conformal_alpha)
         conformal["target_coverage"] = 1.0 - options.conformal_alpha
         rng_seed = int(ss.generate_state(2)[1] % (2**31))
-        for method, randomized in CONFORMAL_METHODS:
-            key = f"{method}_randomized" if randomized else method
-            cp = SplitConformal(options.conformal_alpha, method, randomized, random_state=rng_seed)
+        for method, randomized, mondrian in CONFORMAL_METHODS:
+            key = f"{method}_randomized" if randomized else f"{method}_mondrian" if mondrian else method
+            cp = SplitConformal(
+                options.conformal_alpha, method, randomized, random_state=rng_seed, class_conditional=mondrian
+            )
             cp.fit(raw["calibration"], np.asarray(cal_split.y, dtype=np.int64))
-            res: dict[str, Any] = {"qhat": cp.qhat_, "randomized": randomized}
+            res: dict[str, Any] = {"qhat": cp.qhat_, "randomized": randomized, "class_conditional": mondrian}
+            if mondrian:
+                res["class_qhat"] = dict(zip(task.class_names, cp.class_qhat_.tolist(), strict=True))
             for name in ("test", "val"):
                 if name in splits:
                     sets = cp.predict_sets(raw[name])

@@ -161,12 +161,21 @@ class ModelScorer:
 
 
 def _lac_from_saved(conf: dict[str, Any], n_classes: int):
-    """The LAC conformal predictor with the threshold Evaluate fitted (``calibrator.json``)."""
+    """The LAC conformal predictor with the thresholds Evaluate fitted (``calibrator.json``).
+
+    Class-conditional (Mondrian) sets when every class had enough calibration cases for a finite
+    threshold: each class is then covered at ``1 - alpha``; else the marginal set.
+    """
     from pipeline.evaluate.conformal import SplitConformal
 
-    cp = SplitConformal(conf["alpha"], "lac")
+    per_class = conf.get("class_qhat")
+    mondrian = bool(per_class) and len(per_class) == n_classes and all(q is not None for q in per_class)
+    cp = SplitConformal(conf["alpha"], "lac", class_conditional=mondrian)
     q = conf.get("qhat")
     cp.qhat_ = float("inf") if q is None else float(q)
+    if mondrian:
+        cp.class_qhat_ = np.array(per_class, dtype=np.float64)
+        cp.qhat_ = float(cp.class_qhat_.max())
     cp.n_calibration_ = int(conf.get("n_calibration", 0))
     cp.n_classes_ = n_classes
     return cp
@@ -265,6 +274,13 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
         scored=len(cases),
         problems=problems,
         conformal_alpha=scorer.alpha,
+        conformal_sets=(
+            "none"
+            if scorer.conformal is None
+            else "class-conditional (Mondrian) LAC"
+            if scorer.conformal.class_conditional
+            else "marginal LAC"
+        ),
         calibrator=scorer.calibrator_info.get("method"),
         created=stamp,
     )
