@@ -11,29 +11,31 @@ opaque file token, and the token's path is in ``private/``.
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import io
-import json
 import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import Config
 from pipeline.errors import IngestError
+from pipeline.ingest.decode_jobs import (
+    CACHE_VERSION,
+    DecodeJob,
+    apply_mask_regions,
+    fingerprint,
+    mask_for,
+    run_jobs,
+)
 from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
 from pipeline.ingest.index import SourceIndex
 from pipeline.ingest.labels import LabelRow, normalise_ref, read_labels
 from pipeline.ingest.sources import LoadOptions, scan_sources
 from pipeline.ingest.splits import assign_splits
-from pipeline.io import write_bytes, write_json, write_text
+from pipeline.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -55,119 +57,15 @@ MANIFEST_COLUMNS = [
     "flags",
     "volume",
 ]
-CACHE_VERSION = 2
-
-
-@dataclass(frozen=True)
-class _Job:
-    item: Any  # SourceItem
-    cache_file: str
-    options: Any  # LoadOptions
-    mask_regions: tuple = ()
-
-
-def _cached_meta(cache_file: Path) -> dict[str, Any] | None:
-    meta_file = cache_file.with_suffix(".json")
-    if cache_file.exists() and meta_file.exists():
-        try:
-            return json.loads(meta_file.read_text())
-        except (OSError, ValueError):
-            return None
-    return None
-
-
-def apply_mask_regions(array: np.ndarray, regions: tuple | list) -> np.ndarray:
-    """Blank rectangular pixel regions (e.g. burned-in text) of a 2D image.
-
-    Args:
-        array: Image in axis order ``(i, j, ...)`` = (column x, row y, ...), as :class:`Volume` holds it.
-        regions: ``[x0, y0, x1, y1]`` boxes in pixel coordinates (x = column, y = row, end exclusive),
-            clipped to the image.
-
-    Returns:
-        A copy with every box set to the image's minimum value.
-    """
-    out = np.array(array, copy=True)
-    fill = out.min() if out.size else 0
-    for x0, y0, x1, y1 in regions:
-        out[max(0, x0) : max(0, x1), max(0, y0) : max(0, y1), ...] = fill
-    return out
-
-
-def _needs_mask(meta: dict[str, Any], shape: tuple[int, ...]) -> bool:
-    flags = meta.get("flags") or []
-    is_2d = len(shape) >= 3 and shape[2] == 1 or len(shape) == 2
-    return is_2d and ("needs_pixel_review" in flags or "burned_in_annotation" in flags)
-
-
-def _mask_for(item: Any, cfg: Config) -> tuple:
-    """The configured mask regions when ``item`` is a single 2D image (applied at decode if flagged)."""
-    regions = tuple(tuple(int(v) for v in r) for r in getattr(cfg.ingest, "mask_regions", ()) or ())
-    shape = list(item.header.get("shape_guess") or [])
-    return regions if len(shape) >= 3 and shape[2] == 1 else ()
-
-
-def _safe_decode(job: _Job) -> dict[str, Any]:
-    """:func:`_decode_to_cache`, with any unexpected reader failure turned into an IngestError.
-
-    A malformed file must never end the run with a traceback; the error type and message are kept so the
-    failure can be reported (code ``decode_failed``).
-    """
-    try:
-        return _decode_to_cache(job)
-    except IngestError:
-        raise
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as err:  # noqa: BLE001 - a bad file, or a reader bug: reported, run goes on
-        where = job.item.files[0] if len(job.item.files) == 1 else f"series starting {job.item.files[0]}"
-        raise IngestError(
-            f"{where}: decoding failed with {type(err).__name__}: {err}; expected a readable "
-            f"{job.item.kind} input (please report this file's structure if it is valid)",
-            "decode_failed",
-        ) from err
-
-
-def _decode_worker(job: _Job) -> Any:
-    """Process-pool entry: IngestError comes back as a tuple, since pickling would drop its code."""
-    try:
-        return _safe_decode(job)
-    except IngestError as err:
-        return ("IngestError", err.reason, err.code)
-
-
-def _decode_to_cache(job: _Job) -> dict[str, Any]:
-    """Decode one item and save its voxels (and public facts) to the cache (runs in a worker process)."""
-    from pipeline.ingest.sources import load_item
-
-    cache_file = Path(job.cache_file)
-    cached = _cached_meta(cache_file)
-    if cached is not None:
-        return cached
-    vol = load_item(job.item, job.options)
-    meta = dict(vol.meta)
-    array = vol.array
-    if job.mask_regions and _needs_mask(meta, array.shape):
-        array = apply_mask_regions(array, job.mask_regions)
-        meta["flags"] = list(meta.get("flags") or []) + ["masked_regions"]
-        meta["masked_regions"] = [list(r) for r in job.mask_regions]
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    write_bytes(cache_file, buf.getvalue())
-    meta["affine"] = vol.affine.tolist()
-    meta["shape"] = list(array.shape)
-    write_json(cache_file.with_suffix(".json"), meta)
-    return json.loads(cache_file.with_suffix(".json").read_text())
-
-
-def _fingerprint(key: bytes, item: Any, options: Any, hashes: list[str | None], mask: tuple = ()) -> str:
-    """Keyed fingerprint of a volume: item key (grouping + relative paths), file contents, options."""
-    if any(h is None for h in hashes):  # not from an index scan: fall back to size + mtime
-        hashes = [f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in item.files]
-    blob = json.dumps(
-        [item.key, hashes, repr(options), [list(m) for m in mask], CACHE_VERSION], separators=(",", ":")
-    )
-    return hmac.new(key, blob.encode(), hashlib.sha256).hexdigest()[:24]
+__all__ = [
+    "CACHE_VERSION",
+    "MANIFEST_COLUMNS",
+    "age_band",
+    "apply_mask_regions",
+    "read_manifest",
+    "run_ingest",
+    "scan_workers",
+]
 
 
 def _file_token(key: bytes, path: str) -> str:
@@ -215,6 +113,45 @@ def _case_refs(item: Any, root: Path, id_type: str) -> list[str]:
     return refs
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Where one Ingest run reads and writes, and its pseudonymisation key (fixed for the run)."""
+
+    cfg: Config
+    out_dir: Path
+    private: Path
+    key: bytes
+    cache_dir: Path
+    root: Path
+
+    def token(self, path: str) -> str:
+        return _file_token(self.key, path)
+
+    def redact(self, reason: str, paths: list[str]) -> str:
+        return _redact(reason, paths, self.key, self.root)
+
+
+@dataclass
+class _Scanned:
+    """What the header scan and the labels CSV gave: items, rejected files, label rows, the index."""
+
+    items: list[Any]
+    rejected: list[Any]
+    labels: dict[str, LabelRow]
+    label_problems: list[Any]
+    index: SourceIndex
+    stats: Any
+    t0: float
+
+
+@dataclass
+class _Ledger:
+    """What the run learns per source file (PRIVATE: paths) and the redacted problems (shared)."""
+
+    files_status: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+
 def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
     """Run the Ingest stage into ``out_dir`` (a temporary folder the caller publishes atomically).
 
@@ -235,6 +172,7 @@ def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
     key = load_or_create_key(private, cfg.deid.key_env)
     cache_dir = workspace / "cache" / "volumes"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg, out_dir, private, key, cache_dir, root)
 
     t0 = time.perf_counter()
     labels, label_problems = read_labels(cfg.data, cfg.task)
@@ -245,21 +183,7 @@ def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
             root, kinds=tuple(cfg.data.kinds), workers=scan_workers(cfg.ingest.processes), index=index
         )
         stats = index.finish()
-        return _ingest_items(
-            cfg,
-            out_dir,
-            private,
-            key,
-            cache_dir,
-            root,
-            items,
-            rejected,
-            labels,
-            label_problems,
-            index,
-            stats,
-            t0,
-        )
+        return _ingest_items(run, _Scanned(items, rejected, labels, label_problems, index, stats, t0))
 
 
 def scan_workers(processes: int) -> int:
@@ -274,60 +198,108 @@ def scan_workers(processes: int) -> int:
     return 1
 
 
-def _ingest_items(
-    cfg: Config,
-    out_dir: Path,
-    private: Path,
-    key: bytes,
-    cache_dir: Path,
-    root: Path,
-    items: list[Any],
-    rejected: list[Any],
-    labels: dict[str, LabelRow],
-    label_problems: list[Any],
-    index: SourceIndex,
-    stats: Any,
-    t0: float,
-) -> dict[str, Any]:
-    t_scan = time.perf_counter() - t0
+def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
+    """Everything after the scan: match labels, decode, build the manifest, split, write the outputs."""
+    cfg = run.cfg
+    t_scan = time.perf_counter() - scan.t0
+    stats = scan.stats
     log.info(
         "Ingest: %d item(s) assembled, %d file(s) rejected while scanning; %d header(s) read, %d file(s) "
         "unchanged, %d vanished",
-        len(items),
-        len(rejected),
+        len(scan.items),
+        len(scan.rejected),
         stats.headers_read,
         stats.unchanged + stats.touched,
         stats.vanished,
     )
+    ledger = _Ledger()
+    _record_rejected(run, scan, ledger)
+    matched = _match_labels(run, scan, ledger)
+    jobs = _plan_jobs(run, scan, matched, ledger)
 
-    files_status: list[dict[str, Any]] = []  # private: per source file
-    problems: list[dict[str, Any]] = []  # shared: redacted
-    for r in rejected:
-        token = _file_token(key, r.path)
-        files_status.append(
+    t1 = time.perf_counter()
+    results, n_decoded = run_jobs([j for _, j in jobs], cfg.ingest.processes)
+    t_decode = time.perf_counter() - t1
+
+    rows, source_map = _collect(run, scan, matched, jobs, results, ledger)
+    _record_vanished(run, scan, source_map, ledger)
+
+    n_inputs = len(scan.items) + len(scan.rejected)
+    if not rows:
+        counts = Counter(p["code"] for p in ledger.problems)
+        raise IngestError(
+            f"Ingest: no case could be ingested from {n_inputs} input(s) under data.source "
+            f"({len(scan.labels)} usable label row(s)). Reasons: "
+            + ", ".join(f"{c} x{n}" for c, n in counts.most_common())
+            + ". See the ingestion summary in the workspace's private/ folder.",
+            code="nothing_ingested",
+        )
+
+    splits = assign_splits(
+        [r["patient_id"] for r in rows], [r.pop("fixed_split") for r in rows], run.key, cfg.split
+    )
+    for r, s in zip(rows, splits, strict=True):
+        r["split"] = s
+    rows.sort(key=lambda r: r["case_id"])
+    _check_splits(rows, cfg)
+
+    group_cols = [f"group_{c}" for c in cfg.data.group_columns]
+    _write_csv(run.out_dir / "manifest.csv", rows, MANIFEST_COLUMNS + group_cols)
+    report = _report(cfg, rows, ledger.problems, n_inputs, len(scan.labels))
+    report["incremental"] = {
+        **stats.public(),
+        "volumes_decoded": n_decoded,
+        "volumes_reused": len(jobs) - n_decoded,
+        "scan_seconds": round(t_scan, 3),
+        "decode_seconds": round(t_decode, 3),
+        "total_seconds": round(time.perf_counter() - scan.t0, 3),
+    }
+    write_json(run.out_dir / "ingest_report.json", report)
+
+    digest = run.out_dir.name.split(".tmp-")[0].lstrip(".")
+    priv = ensure_private_dir(run.private / "ingest" / digest)
+    write_json(priv / "files.json", ledger.files_status, mode=0o600)
+    _write_csv(priv / "source_map.csv", source_map, ["case_id", "files"], mode=0o600)
+    log.info(
+        "Ingest: %d case(s) in the manifest, %d problem(s) reported (details in %s)",
+        len(rows),
+        len(ledger.problems),
+        priv,
+    )
+    return report
+
+
+def _record_rejected(run: _Run, scan: _Scanned, ledger: _Ledger) -> None:
+    """Files the scan rejected: private status with the reason, shared problem with a redacted one."""
+    for r in scan.rejected:
+        token = run.token(r.path)
+        ledger.files_status.append(
             {"path": r.path, "file": token, "status": "rejected", "code": r.code, "reason": r.reason}
         )
-        problems.append({"file": token, "code": r.code, "reason": _redact(r.reason, [r.path], key, root)})
+        ledger.problems.append({"file": token, "code": r.code, "reason": run.redact(r.reason, [r.path])})
 
-    # Match label rows to items.
+
+def _match_labels(run: _Run, scan: _Scanned, ledger: _Ledger) -> dict[int, LabelRow]:
+    """Item index -> its label row; unmatched and duplicate rows and CSV problems go to the ledger."""
+    id_type = run.cfg.data.id_type
     ref_to_item: dict[str, int] = {}
-    for idx, item in enumerate(items):
-        for ref in _case_refs(item, root, cfg.data.id_type):
+    for idx, item in enumerate(scan.items):
+        for ref in _case_refs(item, run.root, id_type):
             ref_to_item.setdefault(ref, idx)
     matched: dict[int, LabelRow] = {}
-    for ref, row in labels.items():
+    for ref, row in scan.labels.items():
         idx = ref_to_item.get(ref)
         if idx is None:
-            problems.append(
+            ledger.problems.append(
                 {
                     "code": "label_without_case",
-                    "reason": f"labels CSV names a case ({cfg.data.id_type}) that is not among the readable "
+                    "reason": f"labels CSV names a case ({id_type}) that is not among the readable "
                     "inputs; row ignored",
                 }
             )
             continue
         if idx in matched:
-            problems.append(
+            ledger.problems.append(
                 {
                     "code": "conflicting_duplicate",
                     "reason": "two label rows name the same input; the first is used",
@@ -335,50 +307,67 @@ def _ingest_items(
             )
             continue
         matched[idx] = row
-    for p in label_problems:
-        problems.append({"code": p.code, "reason": f"labels CSV {p.reason}"})
+    for p in scan.label_problems:
+        ledger.problems.append({"code": p.code, "reason": f"labels CSV {p.reason}"})
+    return matched
 
+
+def _plan_jobs(
+    run: _Run, scan: _Scanned, matched: dict[int, LabelRow], ledger: _Ledger
+) -> list[tuple[int, DecodeJob]]:
+    """One decode job per labelled item (cache file named by its fingerprint); unlabelled items reported."""
+    cfg = run.cfg
     options = LoadOptions(tilt=cfg.ingest.tilt, uneven_spacing=cfg.ingest.uneven_spacing)
-    jobs: list[tuple[int, _Job]] = []
-    for idx, item in enumerate(items):
-        token = _file_token(key, item.files[0])
+    jobs: list[tuple[int, DecodeJob]] = []
+    for idx, item in enumerate(scan.items):
         if idx not in matched:
-            problems.append(
+            ledger.problems.append(
                 {
-                    "file": token,
+                    "file": run.token(item.files[0]),
                     "code": "no_label",
                     "reason": f"{item.kind} input ({len(item.files)} file(s)) has no row in the labels "
                     "CSV; left out",
                 }
             )
             for f in item.files:
-                files_status.append(
-                    {"path": f, "file": _file_token(key, f), "status": "unlabelled", "code": "no_label"}
+                ledger.files_status.append(
+                    {"path": f, "file": run.token(f), "status": "unlabelled", "code": "no_label"}
                 )
             continue
-        mask = _mask_for(item, cfg)
-        fp = _fingerprint(key, item, options, [index.sha256(f) for f in item.files], mask)
-        jobs.append((idx, _Job(item, str(cache_dir / f"{fp}.npy"), options, mask)))
+        mask = mask_for(item, cfg)
+        fp = fingerprint(run.key, item, options, [scan.index.sha256(f) for f in item.files], mask)
+        jobs.append((idx, DecodeJob(item, str(run.cache_dir / f"{fp}.npy"), options, mask)))
+    return jobs
 
-    t1 = time.perf_counter()
-    results, n_decoded = _run_jobs([j for _, j in jobs], cfg.ingest.processes)
-    t_decode = time.perf_counter() - t1
 
+def _collect(
+    run: _Run,
+    scan: _Scanned,
+    matched: dict[int, LabelRow],
+    jobs: list[tuple[int, DecodeJob]],
+    results: list[Any],
+    ledger: _Ledger,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Manifest rows (with ``fixed_split``) and the private source map from the decode results."""
+    cfg, key = run.cfg, run.key
     rows: list[dict[str, Any]] = []
     source_map: list[dict[str, str]] = []
     for (idx, job), res in zip(jobs, results, strict=True):
-        item = items[idx]
+        item = scan.items[idx]
         label_row = matched[idx]
         if isinstance(res, IngestError):
-            token = _file_token(key, item.files[0])
-            problems.append(
-                {"file": token, "code": res.code, "reason": _redact(res.reason, list(item.files), key, root)}
+            ledger.problems.append(
+                {
+                    "file": run.token(item.files[0]),
+                    "code": res.code,
+                    "reason": run.redact(res.reason, list(item.files)),
+                }
             )
             for f in item.files:
-                files_status.append(
+                ledger.files_status.append(
                     {
                         "path": f,
-                        "file": _file_token(key, f),
+                        "file": run.token(f),
                         "status": "failed",
                         "code": res.code,
                         "reason": res.reason,
@@ -410,16 +399,21 @@ def _ingest_items(
         rows.append(row)
         source_map.append({"case_id": case_id, "files": ";".join(item.files)})
         for f in item.files:
-            files_status.append(
-                {"path": f, "file": _file_token(key, f), "status": "ingested", "case_id": case_id}
+            ledger.files_status.append(
+                {"path": f, "file": run.token(f), "status": "ingested", "case_id": case_id}
             )
+    return rows, source_map
 
+
+def _record_vanished(run: _Run, scan: _Scanned, source_map: list[dict[str, str]], ledger: _Ledger) -> None:
+    """Store each file's case in the index, and report files that vanished since an earlier run."""
+    index, stats = scan.index, scan.stats
     index.set_cases({f: r["case_id"] for r in source_map for f in r["files"].split(";")})
     for p in stats.vanished_paths:
         prev = index.previous_case(p)
-        token = _file_token(key, p)
-        files_status.append({"path": p, "file": token, "status": "vanished", "case_id": prev})
-        problems.append(
+        token = run.token(p)
+        ledger.files_status.append({"path": p, "file": token, "status": "vanished", "case_id": prev})
+        ledger.problems.append(
             {
                 "file": token,
                 "code": "vanished",
@@ -429,86 +423,14 @@ def _ingest_items(
             }
         )
     for p in stats.vanished_before:
-        files_status.append(
+        ledger.files_status.append(
             {
                 "path": p,
-                "file": _file_token(key, p),
+                "file": run.token(p),
                 "status": "vanished_earlier",
                 "case_id": index.previous_case(p),
             }
         )
-
-    n_inputs = len(items) + len(rejected)
-    if not rows:
-        counts = Counter(p["code"] for p in problems)
-        raise IngestError(
-            f"Ingest: no case could be ingested from {n_inputs} input(s) under data.source "
-            f"({len(labels)} usable label row(s)). Reasons: "
-            + ", ".join(f"{c} x{n}" for c, n in counts.most_common())
-            + ". See the ingestion summary in the workspace's private/ folder.",
-            code="nothing_ingested",
-        )
-
-    splits = assign_splits(
-        [r["patient_id"] for r in rows], [r.pop("fixed_split") for r in rows], key, cfg.split
-    )
-    for r, s in zip(rows, splits, strict=True):
-        r["split"] = s
-    rows.sort(key=lambda r: r["case_id"])
-    _check_splits(rows, cfg)
-
-    group_cols = [f"group_{c}" for c in cfg.data.group_columns]
-    _write_csv(out_dir / "manifest.csv", rows, MANIFEST_COLUMNS + group_cols)
-    report = _report(cfg, rows, problems, n_inputs, len(labels))
-    report["incremental"] = {
-        **stats.public(),
-        "volumes_decoded": n_decoded,
-        "volumes_reused": len(jobs) - n_decoded,
-        "scan_seconds": round(t_scan, 3),
-        "decode_seconds": round(t_decode, 3),
-        "total_seconds": round(time.perf_counter() - t0, 3),
-    }
-    write_json(out_dir / "ingest_report.json", report)
-
-    digest = out_dir.name.split(".tmp-")[0].lstrip(".")
-    priv = ensure_private_dir(private / "ingest" / digest)
-    write_json(priv / "files.json", files_status, mode=0o600)
-    _write_csv(priv / "source_map.csv", source_map, ["case_id", "files"], mode=0o600)
-    log.info(
-        "Ingest: %d case(s) in the manifest, %d problem(s) reported (details in %s)",
-        len(rows),
-        len(problems),
-        priv,
-    )
-    return report
-
-
-def _run_jobs(jobs: list[_Job], processes: int) -> tuple[list[Any], int]:
-    """Decode the jobs whose volume is not cached yet, in a pool of ``processes`` worker processes.
-
-    Returns:
-        The meta dict of every job in order (an IngestError in place of a failed one; other errors
-        propagate), and how many volumes were decoded (the rest came from the cache).
-    """
-    out: list[Any] = [_cached_meta(Path(j.cache_file)) for j in jobs]
-    todo = [i for i, m in enumerate(out) if m is None]
-
-    def one(job: _Job) -> Any:
-        try:
-            return _safe_decode(job)
-        except IngestError as err:
-            return err
-
-    if processes <= 1 or len(todo) < 4:
-        for i in todo:
-            out[i] = one(jobs[i])
-        return out, len(todo)
-    with ProcessPoolExecutor(max_workers=min(processes, len(todo))) as pool:
-        futures = {i: pool.submit(_decode_worker, jobs[i]) for i in todo}
-        for i, f in futures.items():
-            res = f.result()
-            out[i] = IngestError(res[1], res[2]) if isinstance(res, tuple) else res
-    return out, len(todo)
 
 
 def _check_splits(rows: list[dict[str, Any]], cfg: Config) -> None:
