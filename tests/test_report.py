@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config
-from pipeline.evaluate.bootstrap import Bootstrap
 from pipeline.evaluate.compare import PreviousScores, compare_models
 from pipeline.evaluate.gradcam import explanation_figure, select_cases
-from pipeline.evaluate.metrics import auroc_with_ci, wilson_ci
-from pipeline.evaluate.stage import add_val_operating_points, summarise_study
+from pipeline.evaluate.metrics import wilson_ci
+from pipeline.evaluate.stage import add_val_operating_points
+from pipeline.evaluate.study import summarise_study
 from pipeline.evaluate.summary import EvalOptions, SplitPredictions, TaskInfo, evaluate_run
 from pipeline.report import render
 from pipeline.report.document import Doc
@@ -111,32 +111,36 @@ def _write_plan(root: Path, names: list[str]) -> StagePlan:
 
 
 def _study(cfg: Config, test: SplitPredictions, pos: int, rng: np.random.Generator) -> dict:
-    """Study runs with known ordering: scratch beats the pretrained models at 10% (negative transfer)."""
-    runs = []
-    y_pos = test.y == pos
-    strength = {
-        ("linear_probe", 0.1): 0.3,
-        ("finetune", 0.1): 0.4,
-        ("scratch", 0.1): 1.5,
-        ("linear_probe", 1.0): 1.5,
-        ("finetune", 1.0): 2.5,
-        ("scratch", 1.0): 1.0,
+    """Study with known ordering: finetune is selected on validation at both fractions; at 10% scratch
+    beats it on test (negative transfer), at 100% it beats scratch."""
+    strength = {  # (validation AUROC, test signal strength)
+        ("linear_probe", 0.1): (0.70, None),
+        ("finetune", 0.1): (0.80, 0.3),
+        ("scratch", 0.1): (0.75, 2.5),
+        ("linear_probe", 1.0): (0.85, None),
+        ("finetune", 1.0): (0.90, 2.5),
+        ("scratch", 1.0): (0.80, 0.5),
     }
-    for (strategy, frac), s in strength.items():
-        score = s * y_pos + rng.normal(size=len(y_pos))
-        bs = Bootstrap(len(y_pos), 200, seed=0)
+    runs, tested = [], {}
+    for (strategy, frac), (val, s) in strength.items():
         runs.append(
             {
                 "strategy": strategy,
                 "label_fraction": frac,
                 "pretrained": strategy != "scratch",
                 "train_cases": int(600 * frac),
-                "best_val_auroc": 0.8,
-                "test_auroc": auroc_with_ci(score, y_pos, bs),
+                "val_auroc": {"value": val, "ci": [val - 0.05, val + 0.05]},
                 "reused_main_model": (strategy, frac) == ("finetune", 1.0),
             }
         )
-    return summarise_study(runs, cfg)
+        if s is not None:
+            score = s * (test.y == pos) + rng.normal(size=len(test.y))
+            logits = np.zeros((len(test.y), 2))
+            logits[:, pos] = score
+            tested[(strategy, frac)] = SplitPredictions(
+                logits=logits, y=test.y, patient=test.patient, case=test.case, groups={}
+            )
+    return summarise_study(runs, cfg, tested)
 
 
 def build_report(
@@ -239,7 +243,8 @@ def test_every_section_is_present(binary_report: Path) -> None:
         assert f"id='fig-{fig}'" in html, fig
     text = _text(html)
     assert "unreadable" in text and "no_label" in text  # ingestion problems table
-    assert "NEGATIVE TRANSFER" in text and "pretrained better" in text
+    assert "pretrained worse (negative transfer)" in text and "pretrained better" in text
+    assert "Negative transfer: at 10% of the labels" in text
     assert "too small" in text  # the 'M' subgroup
     assert "calibrated (temperature)" in text
 
@@ -287,6 +292,10 @@ def test_comparison_and_patient_level(binary_report: Path) -> None:
     assert c["n_matched"] == metrics["splits"]["test"]["cases"]
     assert render.fmt(c["delong"]["p_value"]) in text and render.fmt(c["paired_bootstrap"]) in text
     assert "higher than the previous model's" in text  # the previous model is noise
+    assert c["verdict"] == "better" and c["primary"] == "paired_bootstrap"  # two cases per patient
+    assert "primary test: paired (patient-cluster) bootstrap." in text
+    for t in metrics["study"]["transfer"]:  # the report shows the verdicts evaluate reached
+        assert f"{render.fmt({'value': t['difference'], 'ci': t['difference_ci']})}" in text
     pl = metrics["patient_level"]
     assert pl["n_patients"] == metrics["splits"]["test"]["patients"] < metrics["splits"]["test"]["cases"]
     assert render.fmt(pl["metrics"]["discrimination"]["auroc"]) in text

@@ -81,7 +81,9 @@ def _module_name(model: nn.Module, layer: nn.Module) -> str:
     for name, mod in model.named_modules():
         if mod is layer:
             return name
-    raise ValueError(f"Grad-CAM: the layer {type(layer).__name__} is not a submodule of {type(model).__name__}")
+    raise ValueError(
+        f"Grad-CAM: the layer {type(layer).__name__} is not a submodule of {type(model).__name__}"
+    )
 
 
 def _network_cam(net: nn.Module, x: torch.Tensor, cls: torch.Tensor, layer: nn.Module | None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.io import write_text
-from pipeline.report.render import Doc, fmt
+from pipeline.report.document import Doc, fmt
 
 DECISION_ROWS = (
     ("promoted", "promoted"),

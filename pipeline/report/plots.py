@@ -1,6 +1,7 @@
 """Report figures (matplotlib, Agg backend), returned as PNG bytes.
 
-Each function takes predictions or metrics and draws one figure; nothing here reads files of a run.
+Each function takes predictions or metrics and draws one figure; nothing here reads files of a run or
+computes a statistic (ROC points, reliability bins and decision curves come from the metrics).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
 
 
 def to_png(fig) -> bytes:
@@ -23,26 +23,22 @@ def to_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def roc_figure(
-    y: np.ndarray,
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    positive_index: int | None,
-    auroc_text: dict[str, str] | None = None,
-):
-    """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise."""
+def roc_figure(curves: dict[str, dict | None], auroc_text: dict[str, str] | None = None):
+    """ROC curve(s) from the points in the metrics (``roc_curve`` of an evaluation block).
+
+    Args:
+        curves: Class name -> ``{"fpr": [...], "tpr": [...]}`` (None for a class without both outcomes):
+            the positive class for binary tasks, one-vs-rest per class otherwise.
+        auroc_text: Optional class name -> formatted AUROC for the legend.
+    """
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    classes = (
-        [positive_index] if (probs.shape[1] == 2 and positive_index is not None) else range(probs.shape[1])
-    )
-    for k in classes:
-        if len(np.unique(y == k)) < 2:
+    for name, curve in curves.items():
+        if not curve:
             continue
-        fpr, tpr, _ = roc_curve(y == k, probs[:, k])
-        label = class_names[k]
-        if auroc_text and class_names[k] in auroc_text:
-            label += f" (AUROC {auroc_text[class_names[k]]})"
-        ax.plot(fpr, tpr, lw=2, label=label)
+        label = name
+        if auroc_text and name in auroc_text:
+            label += f" (AUROC {auroc_text[name]})"
+        ax.plot(curve["fpr"], curve["tpr"], lw=2, label=label)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
@@ -157,20 +153,21 @@ def decision_curve_figure(curve: dict):
     return fig
 
 
-def label_efficiency_figure(runs: list[dict], metric: str = "AUROC"):
-    """Test AUROC (95% CI bars) against the share of training labels, one line per strategy.
+def label_efficiency_figure(
+    runs: list[dict], metric: str = "AUROC", key: str = "test_auroc", split: str = "test"
+):
+    """AUROC (95% CI bars) against the share of training labels, one line per strategy.
 
-    Each run dict has ``strategy``, ``label_fraction`` and ``test_auroc`` (``{"value", "ci"}``) or ``error``.
+    Each run dict has ``strategy``, ``label_fraction`` and ``key`` (``{"value", "ci"}``, or None / absent
+    when not scored); ``split`` names the split on the axis and in the title.
     """
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     strategies = list(dict.fromkeys(r["strategy"] for r in runs))
     for j, strat in enumerate(strategies):
         pts = sorted(
-            (r["label_fraction"], r["test_auroc"])
+            (r["label_fraction"], r[key])
             for r in runs
-            if r["strategy"] == strat
-            and isinstance(r.get("test_auroc"), dict)
-            and r["test_auroc"].get("value") is not None
+            if r["strategy"] == strat and isinstance(r.get(key), dict) and r[key].get("value") is not None
         )
         if not pts:
             continue
@@ -189,8 +186,8 @@ def label_efficiency_figure(runs: list[dict], metric: str = "AUROC"):
     ax.minorticks_off()
     ax.axhline(0.5, c="grey", lw=0.8, ls=":")
     ax.set_xlabel("share of training labels used")
-    ax.set_ylabel(f"test {metric} (95% CI)")
-    ax.set_title("Label efficiency, test split")
+    ax.set_ylabel(f"{split} {metric} (95% CI)")
+    ax.set_title(f"Label efficiency, {split} split")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig

@@ -64,11 +64,14 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
         auc_txt = {}
         if pos is not None and "auroc" in d_unc:
             auc_txt[names[pos]] = fmt(d_unc["auroc"])
-        doc.fig(
-            "roc",
-            plots.to_png(plots.roc_figure(sp.y, calp, names, pos, auc_txt)),
-            "ROC curve of the test split.",
-        )
+        roc = prim.get("roc_curve")  # binary: the positive class's points; else class name -> points
+        curves = {names[pos]: roc} if roc and "fpr" in roc and pos is not None else (roc or {})
+        if any(curves.values()):
+            doc.fig(
+                "roc",
+                plots.to_png(plots.roc_figure(curves, auc_txt)),
+                "ROC curve of the test split.",
+            )
         rel_u = (c_unc.get("reliability") or {}).get("equal_width")
         rel_c = (c_cal.get("reliability") or {}).get("equal_width")
         if rel_u and rel_c:

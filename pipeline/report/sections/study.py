@@ -1,5 +1,6 @@
 """Scarce-labels study (label efficiency, strategies, negative transfer) and the comparison with the
-previous model."""
+previous model. Selections, differences, intervals and verdicts are read from metrics
+(``pipeline.evaluate.study`` and ``pipeline.evaluate.compare``); nothing is decided here."""
 
 from __future__ import annotations
 
@@ -8,44 +9,63 @@ from typing import Any
 from pipeline.report import plots
 from pipeline.report.document import Doc, fmt
 
+#: How the primary paired test of a difference is named in the report.
+TEST_NAMES = {"delong": "paired DeLong", "paired_bootstrap": "paired (patient-cluster) bootstrap"}
+
 
 def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
+    """Every study model's validation (and, when scored, test) AUROC; per label fraction the selected
+    pretrained model against scratch on test, with the verdict of the paired difference."""
     st = metrics.get("study")
     if not st:
         return
     doc.h("Scarce labels: label efficiency and strategies")
     runs = st.get("runs", [])
+    selection = (
+        st.get("selection") or "per label fraction, the pretrained strategy with the highest validation AUROC"
+    )
     doc.p(
         "Extra models trained on a stratified, patient-level share of the training labels with each strategy "
-        "(scratch = the same backbone without pretrained weights), all scored on the same test split "
-        "(uncalibrated probabilities; AUROC is unaffected by temperature scaling)."
+        "(scratch = the same backbone without pretrained weights). Selection: "
+        f"{selection}. Validation AUROC is every study model's early-stopping set, so it is optimistic alike "
+        "for each strategy: it serves to choose, not as an estimate. Test figures use uncalibrated "
+        "probabilities (AUROC is unaffected by temperature scaling)."
     )
-    if any(isinstance(r.get("test_auroc"), dict) for r in runs):
+    if any(isinstance(r.get("val_auroc"), dict) for r in runs):
         doc.fig(
             "label_efficiency",
-            plots.to_png(plots.label_efficiency_figure(runs)),
-            "Test AUROC with 95% CI against the share of training labels, one line per strategy.",
+            plots.to_png(plots.label_efficiency_figure(runs, key="val_auroc", split="validation")),
+            "Validation AUROC with 95% CI against the share of training labels, one line per strategy "
+            "(the figure the pretrained strategy is selected by).",
         )
-    rows = [
-        [
-            r.get("strategy"),
-            f"{r.get('label_fraction', 0):.0%}",
-            r.get("train_cases", ""),
-            fmt(r.get("pretrained")),
-            fmt(r.get("test_auroc")),
-            fmt(r.get("best_val_auroc")),
-            r.get("error") or ("this run's own model" if r.get("reused_main_model") else ""),
-        ]
-        for r in runs
-    ]
+    selected = {(t.get("best_pretrained"), t.get("label_fraction")) for t in st.get("transfer") or []}
+    rows = []
+    for r in runs:
+        key = (r.get("strategy"), r.get("label_fraction"))
+        notes = [r["error"]] if r.get("error") else []
+        if r.get("reused_main_model"):
+            notes.append("this run's own model")
+        if key in selected:
+            notes.append("selected on validation")
+        rows.append(
+            [
+                r.get("strategy"),
+                f"{r.get('label_fraction', 0):.0%}",
+                r.get("train_cases", ""),
+                fmt(r.get("pretrained")),
+                fmt(r.get("val_auroc")),
+                fmt(r.get("test_auroc")) if r.get("test_auroc") else "not scored",
+                "; ".join(notes),
+            ]
+        )
     doc.table(
         [
             "strategy",
             "labels",
             "training cases",
             "pretrained",
+            "val AUROC (95% CI)",
             "test AUROC (95% CI)",
-            "best val AUROC",
             "note",
         ],
         rows,
@@ -54,33 +74,26 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
     if tr:
         trows = []
         for t in tr:
-            dl = t.get("delong") or {}
-            verdict = (
-                "NEGATIVE TRANSFER: pretrained not better than scratch"
-                if t.get("negative_transfer")
-                else "pretrained better"
-            )
+            primary = (t.get("comparison") or {}).get("primary")
             trows.append(
                 [
                     f"{t['label_fraction']:.0%}",
                     t.get("best_pretrained"),
                     fmt(t.get("auroc_pretrained")),
                     fmt(t.get("auroc_scratch")),
-                    fmt(t.get("difference")),
-                    fmt({"value": dl.get("difference"), "ci": dl.get("ci")}) if dl else "n/a",
-                    fmt(dl.get("p_value")) if dl else "n/a",
-                    verdict,
+                    fmt({"value": t.get("difference"), "ci": t.get("difference_ci")}),
+                    TEST_NAMES.get(primary, primary or "n/a"),
+                    t.get("verdict") or "not tested",
                 ]
             )
         doc.table(
             [
                 "labels",
-                "best pretrained",
-                "AUROC pretrained",
-                "AUROC scratch",
-                "difference",
-                "paired DeLong difference (95% CI)",
-                "p",
+                "selected pretrained",
+                "test AUROC pretrained",
+                "test AUROC scratch",
+                "difference (95% CI)",
+                "test",
                 "verdict",
             ],
             trows,
@@ -89,12 +102,24 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
         doc.warn(
             "Negative transfer: at "
             + ", ".join(f"{f:.0%}" for f in st["negative_transfer_at"])
-            + " of the labels the pretrained model is not better than training from scratch; the pretrained "
-            "weights may not suit this modality."
+            + " of the labels the pretrained model selected on validation is worse than training from "
+            "scratch on test (the 95% CI of the paired difference lies below 0); the pretrained weights may "
+            "not suit this modality."
         )
 
 
+#: The sentence for each comparison verdict (``pipeline.evaluate.compare.verdict``).
+VERDICT_WORDS = {
+    "better": "higher than the previous model's (the 95% CI of the difference excludes 0)",
+    "worse": "lower than the previous model's (the 95% CI of the difference excludes 0)",
+    "no evidence of a difference": "not distinguishable from the previous model's on these cases "
+    "(the 95% CI of the difference contains 0)",
+}
+
+
 def comparison_section(doc: Doc, metrics: dict[str, Any]) -> None:
+    """This model against the previous one on the matched test cases: DeLong and paired bootstrap
+    differences, and the verdict of the primary test."""
     cmp_ = metrics.get("comparison")
     if not cmp_:
         return
@@ -142,11 +167,7 @@ def comparison_section(doc: Doc, metrics: dict[str, Any]) -> None:
     for cname, c in (cmp_.get("classes") or {}).items():
         if c.get("error"):
             continue
-        lo, hi = c["delong"]["ci"]
-        if lo > 0:
-            verdict = "higher than the previous model's (the 95% CI of the difference excludes 0)"
-        elif hi < 0:
-            verdict = "lower than the previous model's (the 95% CI of the difference excludes 0)"
-        else:
-            verdict = "not distinguishable from the previous model's on these cases (the 95% CI of the difference contains 0)"
-        doc.p(f"{cname}: this model's AUROC is {verdict}.")
+        v = c.get("verdict")
+        words = VERDICT_WORDS.get(v, f"not judged (no verdict in the metrics: {v})" if v else "not judged")
+        test = TEST_NAMES.get(c.get("primary"), c.get("primary") or "")
+        doc.p(f"{cname}: this model's AUROC is {words}" + (f"; primary test: {test}." if test else "."))
