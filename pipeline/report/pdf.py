@@ -25,10 +25,11 @@ from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import Image, KeepTogether, Paragraph, SimpleDocTemplate, Table, TableStyle
 
 from pipeline.io import atomic_path
+from pipeline.report.document import Table as DocTable
+from pipeline.report.document import numeric_columns
 
 if TYPE_CHECKING:
     from pipeline.report.document import Doc, Figure
-    from pipeline.report.document import Table as DocTable
 
 __all__ = ["write_pdf"]
 
@@ -191,12 +192,9 @@ def write_pdf(doc: Doc, path: Path, title: str, subtitle: str) -> None:
             story.append(_para(x, st["p"]))
         elif kind == "warn":
             story.append(_para(f"Warning: {x}", st["warn"]))
-        elif kind == "kpi":
-            from pipeline.report.document import Doc as _Doc
-
-            kpi = _Doc()
-            kpi.table(["figure", "value (95% CI)"], [[a, b] for a, b in x])
-            story.append(_table(kpi.blocks[0][1]))
+        elif kind == "kpi":  # key figures become a two-column table
+            rows = [[a, b] for a, b in x]
+            story.append(_table(DocTable(["figure", "value (95% CI)"], rows, numeric_columns(rows, 2))))
         elif kind == "table":
             story.append(_table(x))
         elif kind == "fig":
