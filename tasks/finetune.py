@@ -19,6 +19,24 @@ from pipeline.workspace import StagePlan
 from tasks.augment import Augment
 from tasks.base import StageTask
 
+#: Names this module offers from torch-importing modules, loaded on first use (PEP 562): a night that
+#: decides nothing changed imports this module but never torch.
+_LAZY = {
+    "run_finetune": "pipeline.train.loop",
+    "WARM_START_FILE": "pipeline.train.loop",
+    "launch_distributed": "pipeline.train.worker",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 class FineTune(StageTask):
     stage = "finetune"
@@ -28,10 +46,9 @@ class FineTune(StageTask):
         return Augment(config=self.config)
 
     def build(self, cfg: Config, plan: StagePlan, tmp: Path) -> None:
-        # torch is imported only when a model is trained, never on a night that decides nothing changed.
-        from pipeline.train.loop import WARM_START_FILE, run_finetune
-        from pipeline.train.worker import launch_distributed
-
+        this = sys.modules[__name__]  # the training entry points load lazily (module __getattr__ below)
+        WARM_START_FILE, run_finetune = this.WARM_START_FILE, this.run_finetune
+        launch_distributed = this.launch_distributed
         check_weights_unchanged(plan)
         work = plan.finetune.with_name(plan.finetune.name + ".work")
         warm = getattr(plan, "warm_start", None)
