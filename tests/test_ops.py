@@ -180,7 +180,7 @@ def test_shuffled_label_challenger_is_never_promoted(project: Path, monkeypatch)
     """A challenger trained on permuted training labels is evaluated against the champion and rejected."""
     import shutil
 
-    import tasks.finetune as ft
+    import pipeline.train.loop as ft  # tasks/finetune imports run_finetune from here when it runs
     from pipeline.train.loop import run_finetune as real
 
     def shuffled(cfg, augment_dir, out_dir, work_dir, progress=False):

@@ -236,7 +236,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     test = metrics.get("evaluation", {}).get("test", {})
     out: dict[str, Any] = {}
     for block in ("uncalibrated", "calibrated"):
-        b = test.get(block, {})
+        b = test.get(block) or {}
         for section, key in (("discrimination", "auroc"), ("calibration", "ece"), ("calibration", "brier")):
             value = b.get(section, {}).get(key)
             if isinstance(value, dict):
