@@ -144,7 +144,11 @@ def _study(cfg: Config, test: SplitPredictions, pos: int, rng: np.random.Generat
 
 
 def build_report(
-    tmp: Path, classes: dict[str, str] = BINARY, two_per_patient: bool = True, seed: int = 0
+    tmp: Path,
+    classes: dict[str, str] = BINARY,
+    two_per_patient: bool = True,
+    seed: int = 0,
+    calibration: str = "temperature",
 ) -> Path:
     """Write report.html / report.pdf / model_card.md of a synthetic run into ``tmp/evaluate/e1``."""
     rng = np.random.default_rng(seed)
@@ -170,7 +174,7 @@ def build_report(
         for s, n in (("val", 160), ("calibration", 120), ("test", 300))
     }
     task = TaskInfo(kind=kind, class_names=names, positive_index=cfg.task.positive_index)
-    opts = EvalOptions(calibration="temperature", n_bootstrap=200, min_subgroup=cfg.evaluate.min_subgroup)
+    opts = EvalOptions(calibration=calibration, n_bootstrap=200, min_subgroup=cfg.evaluate.min_subgroup)
     result = evaluate_run(preds, task, opts, seed=0)
     metrics = dict(result.metrics)
     add_val_operating_points(metrics, preds, result.calibrated, task, 0.95)
@@ -516,3 +520,15 @@ def test_multiclass_report_renders_without_binary_only_sections(tmp_path) -> Non
     assert "severe: AUROC" in html  # per-class one-vs-rest rows
     assert "<h2>Comparison with the previous model" in html and "normal" in _text(html)
     assert (out / "report.pdf").stat().st_size > 10_000
+
+
+def test_report_without_a_calibrator(tmp_path) -> None:
+    out = build_report(tmp_path, calibration="none", seed=5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluation"]["test"]["calibrated"] is None
+    html = (out / "report.html").read_text()
+    text = _text(html)
+    assert "id='fig-reliability'" in html and "No calibrator applied: uncalibrated probabilities only." in text
+    assert "Probabilities (no calibrator applied) per true class" in text
+    assert "ECE after calibration" not in text and "Test AUROC" in text
+    assert "No calibrator applied" in _flat(pdf_text(out / "report.pdf"))

@@ -50,17 +50,22 @@ def roc_figure(curves: dict[str, dict | None], auroc_text: dict[str, str] | None
 
 def reliability_figure(
     bins_before: list[dict],
-    bins_after: list[dict],
+    bins_after: list[dict] | None,
     xlabel: str,
     titles: tuple[str, str] = ("uncalibrated", "calibrated"),
 ):
     """Reliability diagrams before/after calibration from the metrics' reliability bins.
 
     Each bin dict has ``mean_confidence``, ``observed_frequency``, ``observed_ci`` (Wilson 95%) and
-    ``count`` (see docs/metrics_schema.md); counts are written next to the points.
+    ``count`` (see docs/metrics_schema.md); counts are written next to the points. With ``bins_after``
+    None (no calibrator applied) only the uncalibrated panel is drawn.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(8.6, 4.2), sharey=True)
-    for ax, bins, title in zip(axes, (bins_before, bins_after), titles, strict=True):
+    panels = [b for b in (bins_before, bins_after) if b is not None]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.5 * len(panels) - 0.4, 4.2), sharey=True, squeeze=False
+    )
+    axes = axes[0]
+    for ax, bins, title in zip(axes, panels, titles[: len(panels)], strict=True):
         bins = [b for b in bins if b.get("count")]
         x = np.array([b["mean_confidence"] for b in bins], dtype=float)
         f = np.array([b["observed_frequency"] for b in bins], dtype=float)

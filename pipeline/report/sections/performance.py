@@ -74,7 +74,7 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
             )
         rel_u = (c_unc.get("reliability") or {}).get("equal_width")
         rel_c = (c_cal.get("reliability") or {}).get("equal_width")
-        if rel_u and rel_c:
+        if rel_u:  # both panels, or the uncalibrated one when no calibrator was applied
             ref = c_unc.get("reference", "")
             xlabel = (
                 "predicted probability of the positive class"
@@ -83,8 +83,9 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
             )
             doc.fig(
                 "reliability",
-                plots.to_png(plots.reliability_figure(rel_u, rel_c, xlabel)),
-                f"Reliability diagrams, test split ({c_unc.get('n_bins', cfg.evaluate.ece_bins)} equal-width bins; "
+                plots.to_png(plots.reliability_figure(rel_u, rel_c or None, xlabel)),
+                ("" if rel_c else "No calibrator applied: uncalibrated probabilities only. ")
+                + f"Reliability diagrams, test split ({c_unc.get('n_bins', cfg.evaluate.ece_bins)} equal-width bins; "
                 "numbers are bin counts; bars are 95% Wilson intervals). Points on the diagonal are well calibrated.",
             )
         thr = {}
@@ -94,8 +95,8 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
         doc.fig(
             "histogram",
             plots.to_png(plots.histogram_figure(sp.y, calp, names, pos, thr)),
-            "Calibrated probabilities per true class, test split; vertical lines are the operating points "
-            "chosen on validation.",
+            ("Calibrated probabilities" if c_cal else "Probabilities (no calibrator applied)")
+            + " per true class, test split; vertical lines are the operating points chosen on validation.",
         )
 
 
