@@ -180,7 +180,7 @@ def test_shuffled_label_challenger_is_never_promoted(project: Path, monkeypatch)
     """A challenger trained on permuted training labels is evaluated against the champion and rejected."""
     import shutil
 
-    import pipeline.train.loop as ft  # tasks/finetune imports run_finetune from here when it runs
+    import tasks.finetune as ft
     from pipeline.train.loop import run_finetune as real
 
     def shuffled(cfg, augment_dir, out_dir, work_dir, progress=False):
@@ -340,3 +340,47 @@ def test_registry_holds_no_identifiers(project: Path) -> None:
                 assert n not in data, (n, p)
     con = sqlite3.connect(ws / "ops" / "registry.sqlite")
     assert con.execute("SELECT count(*) FROM models").fetchone()[0] >= 1
+
+
+def test_altered_registered_model_is_refused_everywhere(project: Path, tmp_path: Path) -> None:
+    """The registry records the sha256 of every model file: a model.pt replaced together with a matching
+    model_info.json (so the artefact's own record agrees) is still refused by predict, export and promotion."""
+    import shutil
+
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.ops.export import export_model
+    from pipeline.ops.predict import ModelScorer
+    from pipeline.ops.promotion import score_model
+    from pipeline.trained.artefact import TrainedModelError, file_sha256
+    from pipeline.workspace import plan_stages
+
+    ws = project.parent / "ws"
+    model = _reg(project).get(1)
+    assert set(model["files"]) == {"model.pt", "model_info.json", "calibrator.json"}
+    ft = ws / "finetune" / model["finetune"]
+    backup = tmp_path / "backup"
+    shutil.copytree(ft, backup)
+    try:
+        sd = torch.load(ft / "model.pt", weights_only=True)
+        key = next(k for k, v in sd.items() if v.is_floating_point())
+        sd[key] = sd[key] * 0.5
+        torch.save(sd, ft / "model.pt")
+        info = json.loads((ft / "model_info.json").read_text())
+        info["files"]["model.pt"] = file_sha256(ft / "model.pt")  # an attacker fixes the artefact's record
+        (ft / "model_info.json").write_text(json.dumps(info))
+        cfg = load_config(project)
+        plan = plan_stages(cfg)
+        for use in (
+            lambda: ModelScorer(ws, model, cfg),
+            lambda: export_model(ws, model, "torchscript", tmp_path / "x"),
+            lambda: score_model(cfg, ws, model, plan.augment, plan.ingest),
+        ):
+            with pytest.raises(TrainedModelError) as err:
+                use()
+            assert err.value.code == "model_digest_mismatch" and "registry" in str(err.value)
+    finally:
+        shutil.rmtree(ft)
+        shutil.copytree(backup, ft)
+    ModelScorer(ws, model, load_config(project))  # restored: accepted again

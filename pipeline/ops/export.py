@@ -35,7 +35,9 @@ def export_model(
     if fmt not in FORMATS:
         raise MedtlError(f"export --format {fmt!r}: expected one of {FORMATS}", code="bad_argument")
     ws = Path(workspace)
-    trained = TrainedModel.load(ws / "finetune" / model["finetune"], ws / "evaluate" / model["evaluate"])
+    trained = TrainedModel.load(
+        ws / "finetune" / model["finetune"], ws / "evaluate" / model["evaluate"], expected=model.get("files") or None
+    )
     net, info = trained.network.eval(), trained.info
     shape = trained.input_shape
     g = torch.Generator().manual_seed(seed)

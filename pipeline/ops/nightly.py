@@ -153,7 +153,7 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
         n_cases=len(manifest),
     )
     champ = reg.champion()
-    challenger = score_model(cfg, ws, stages, Path(plan.augment), Path(plan.ingest))
+    challenger = score_model(cfg, ws, reg.get(model_id), Path(plan.augment), Path(plan.ingest))
     write_bundle(
         ws,
         model_id,

@@ -135,7 +135,9 @@ class ModelScorer:
                 code="bundle_missing",
             )
         trained = TrainedModel.load(
-            self.workspace / "finetune" / model["finetune"], self.workspace / "evaluate" / model["evaluate"]
+            self.workspace / "finetune" / model["finetune"],
+            self.workspace / "evaluate" / model["evaluate"],
+            expected=model.get("files") or None,
         )
         self.scorer = Scorer(trained, cfg.train.device)
         self.device = self.scorer.device

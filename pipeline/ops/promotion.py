@@ -222,7 +222,8 @@ def score_model(
     Args:
         cfg: The current config (device).
         workspace: The workspace.
-        model_stages: The model's stage folder names (``finetune``, ``evaluate`` and ``augment`` are used).
+        model_stages: The model's stage folder names (``finetune``, ``evaluate`` and ``augment`` are used);
+            a registry row also carries ``files``, the sha256 of the model's files, checked before use.
         current_augment: The current Augment folder (its tensors are reused when preprocessing matches).
         current_ingest: The current Ingest folder (manifest rows, for cached volumes otherwise).
         splits: Splits to score.
@@ -234,7 +235,9 @@ def score_model(
     from pipeline.trained.scorer import Scorer
 
     trained = TrainedModel.load(
-        workspace / "finetune" / model_stages["finetune"], workspace / "evaluate" / model_stages["evaluate"]
+        workspace / "finetune" / model_stages["finetune"],
+        workspace / "evaluate" / model_stages["evaluate"],
+        expected=model_stages.get("files") or None,  # a registry row: the digests recorded at registration
     )
     scorer = Scorer(trained, cfg.train.device)
     own = trained.preprocessing or json.loads(

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS models (
     packages TEXT NOT NULL,
     metrics TEXT NOT NULL,
     n_cases INTEGER NOT NULL,
+    files TEXT NOT NULL DEFAULT '{}',
     status TEXT NOT NULL CHECK (status IN ('candidate', 'champion', 'retired', 'rejected'))
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -172,6 +173,9 @@ class Registry:
         try:
             con.execute("PRAGMA foreign_keys = ON")
             con.executescript(_SCHEMA)
+            cols = {r["name"] for r in con.execute("PRAGMA table_info(models)")}
+            if "files" not in cols:  # registries created before model files were recorded
+                con.execute("ALTER TABLE models ADD COLUMN files TEXT NOT NULL DEFAULT '{}'")
             with con:
                 yield con
         finally:
@@ -206,18 +210,27 @@ class Registry:
     ) -> int:
         """Register a model (idempotent on its Evaluate folder); return its id.
 
+        The sha256 of every file of the trained model (``model.pt``, ``model_info.json``,
+        ``calibrator.json``) is recorded; Evaluate-time consumers (promotion, predict, export) verify them
+        before use (:meth:`pipeline.trained.artefact.TrainedModel.load` with ``expected``).
+
         Args:
             stages: Stage name -> folder name (digest) for ingest, augment, finetune, evaluate.
             metrics: Headline metrics (aggregates only).
         """
+        from pipeline.trained.artefact import artefact_digests
+
+        files = artefact_digests(
+            self.workspace / "finetune" / stages["finetune"], self.workspace / "evaluate" / stages["evaluate"]
+        )
         with self.connect() as con:
             row = con.execute("SELECT id FROM models WHERE evaluate = ?", (stages["evaluate"],)).fetchone()
             if row:
                 return int(row["id"])
             cur = con.execute(
                 "INSERT INTO models (created, name, evaluate, finetune, augment, ingest, data_snapshot, config_hash,"
-                " train_hash, backbone, code_version, packages, metrics, n_cases, status)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'candidate')",
+                " train_hash, backbone, code_version, packages, metrics, n_cases, files, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'candidate')",
                 (
                     now(),
                     name,
@@ -233,6 +246,7 @@ class Registry:
                     json.dumps(package_versions(), sort_keys=True),
                     json.dumps(metrics, sort_keys=True),
                     int(n_cases),
+                    json.dumps(files, sort_keys=True),
                 ),
             )
             model_id = int(cur.lastrowid)
@@ -411,4 +425,5 @@ def _decode_model(row: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
     out["packages"] = json.loads(out["packages"])
     out["metrics"] = json.loads(out["metrics"])
+    out["files"] = json.loads(out.get("files") or "{}")
     return out

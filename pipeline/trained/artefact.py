@@ -39,7 +39,10 @@ __all__ = [
     "MODEL_FILE",
     "TrainedModel",
     "TrainedModelError",
+    "artefact_digests",
+    "artefact_files",
     "file_sha256",
+    "verify_files",
     "preprocess_spec",
     "save_calibrator",
     "save_model",
@@ -158,14 +161,24 @@ class TrainedModel:
     folder: str = field(default="", repr=False)
 
     @classmethod
-    def load(cls, finetune_dir: Path, calibrator_dir: Path | None = None) -> TrainedModel:
+    def load(
+        cls, finetune_dir: Path, calibrator_dir: Path | None = None, expected: dict[str, str] | None = None
+    ) -> TrainedModel:
         """Rebuild, verify and load a trained model (and its calibrator from an Evaluate folder).
+
+        Args:
+            finetune_dir: The FineTune folder.
+            calibrator_dir: The Evaluate folder whose ``calibrator.json`` to apply (None: raw softmax).
+            expected: sha256 per file as recorded elsewhere (the model registry); every listed file must
+                match, so replacing ``model.pt`` together with ``model_info.json`` is caught too.
 
         Raises:
             TrainedModelError: A file is missing or its sha256 differs from the one recorded when it was
-                written; or the calibrator was fitted for another model.
+                written (or in ``expected``); or the calibrator was fitted for another model.
         """
         d = Path(finetune_dir)
+        if expected:
+            verify_files(artefact_files(d, calibrator_dir), expected, d.name)
         info = _read_json(d / INFO_FILE, d.name)
         recorded = info.get("files") or {}
         verified = bool(recorded)
@@ -248,6 +261,48 @@ def preprocess_spec(spec: dict[str, Any]):
     d["window"] = tuple(d["window"]) if d.get("window") else None
     d["clip_percentiles"] = tuple(d.get("clip_percentiles", (0.5, 99.5)))
     return PreprocessSpec(**d)
+
+
+def artefact_files(finetune_dir: Path, evaluate_dir: Path | None = None) -> dict[str, Path]:
+    """The files of a trained model, by name: ``model.pt``, ``model_info.json`` (and ``calibrator.json``)."""
+    out = {MODEL_FILE: Path(finetune_dir) / MODEL_FILE, INFO_FILE: Path(finetune_dir) / INFO_FILE}
+    if evaluate_dir is not None:
+        out[CALIBRATOR_FILE] = Path(evaluate_dir) / CALIBRATOR_FILE
+    return out
+
+
+def artefact_digests(finetune_dir: Path, evaluate_dir: Path | None = None) -> dict[str, str]:
+    """sha256 of every file of a trained model (for the registry), after checking ``model.pt`` against the
+    digest recorded when it was written."""
+    files = artefact_files(finetune_dir, evaluate_dir)
+    out = {}
+    for name, path in files.items():
+        if not path.is_file():
+            raise TrainedModelError(f"trained model {Path(finetune_dir).name}: {name} is missing", code="model_missing")
+        out[name] = file_sha256(path)
+    recorded = (_read_json(files[INFO_FILE], Path(finetune_dir).name).get("files") or {}).get(MODEL_FILE)
+    if recorded is not None and recorded != out[MODEL_FILE]:
+        raise TrainedModelError(
+            f"trained model {Path(finetune_dir).name}: {MODEL_FILE} differs from the sha256 recorded when it was "
+            "written: the file was altered or replaced",
+            code="model_digest_mismatch",
+        )
+    return out
+
+
+def verify_files(files: dict[str, Path], expected: dict[str, str], name: str) -> None:
+    """Every file named in ``expected`` must exist and have that sha256 (else TrainedModelError)."""
+    for fname, digest in expected.items():
+        path = files.get(fname)
+        if path is None or not path.is_file():
+            raise TrainedModelError(f"trained model {name}: {fname} is missing", code="model_missing")
+        got = file_sha256(path)
+        if got != digest:
+            raise TrainedModelError(
+                f"trained model {name}: {fname} has sha256 {got[:12]}..., the registry recorded {digest[:12]}... "
+                "when the model was registered: the file was altered or replaced; restore it or retrain",
+                code="model_digest_mismatch",
+            )
 
 
 def _read_json(path: Path, name: str) -> dict[str, Any]:
