@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate.gradcam import explanation_figure, find_target_layer, grad_cam, select_cases
+from pipeline.evaluate.gradcam import find_target_layer, grad_cam, select_cases
+from pipeline.report.plots import explanation_figure
 
 SIZE, SQ = 32, 6
 

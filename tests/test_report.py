@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.evaluate.compare import PreviousScores, compare_models
-from pipeline.evaluate.gradcam import explanation_figure, select_cases
+from pipeline.evaluate.gradcam import Explanation, select_cases
 from pipeline.evaluate.metrics import wilson_ci
 from pipeline.evaluate.stage import add_val_operating_points
 from pipeline.evaluate.study import summarise_study
@@ -202,7 +202,7 @@ def build_report(
     cases = select_cases(test.y, result.calibrated["test"], list(test.case), names, 2)
     imgs = rng.random((len(cases), 1, 24, 24))
     cams = rng.random((len(cases), 24, 24))
-    expl = [(to_png(explanation_figure(imgs, cams, cases)), "Grad-CAM of synthetic cases.")]
+    expl = [Explanation(imgs, cams, cases, "Grad-CAM of synthetic cases.")]
     (plan.evaluate / "metrics.json").write_text(json.dumps(metrics))
     render.write_reports(cfg, plan, metrics, preds, result.calibrated, plan.evaluate, explanations=expl)
     return plan.evaluate

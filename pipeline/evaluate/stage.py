@@ -143,7 +143,7 @@ class Evaluation:
     preds: dict[str, Any]
     raw: dict[str, np.ndarray]
     calibrated: dict[str, np.ndarray]
-    explanations: list[tuple[bytes, str]]
+    explanations: list  # pipeline.evaluate.gradcam.Explanation
 
 
 def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
@@ -330,20 +330,18 @@ def compare_with_previous(cfg: Config, preds: dict[str, Any], kept: dict[str, An
     )
 
 
-def explain(
-    cfg: Config, preds: dict[str, Any], calibrated: dict[str, np.ndarray], kept: dict[str, Any]
-) -> list[tuple[bytes, str]]:
-    """Grad-CAM overlay figures (PNG, caption) of the most confident correct and wrong test cases.
+def explain(cfg: Config, preds: dict[str, Any], calibrated: dict[str, np.ndarray], kept: dict[str, Any]) -> list:
+    """Grad-CAM maps (:class:`pipeline.evaluate.gradcam.Explanation`) of the most confident correct and
+    wrong test cases; the report draws them.
 
-    Errors are logged and give no figure: explanations must never fail an evaluation.
+    Errors are logged and give no explanation: explanations must never fail an evaluation.
     """
     n = cfg.evaluate.explain_cases
     if n <= 0 or "test" not in preds or kept.get("test_x") is None:
         return []
-    from pipeline.evaluate.gradcam import explanation_figure, grad_cam, select_cases
-    from pipeline.report.plots import to_png
-
     import torch
+
+    from pipeline.evaluate.gradcam import Explanation, grad_cam, select_cases
 
     sp = preds["test"]
     probs = calibrated.get("test", softmax(sp.logits, axis=1))
@@ -356,7 +354,6 @@ def explain(
         x = torch.from_numpy(np.asarray(kept["test_x"][idx], dtype=np.float32)).to(scorer.device)
         pred = [cfg.task.class_names.index(c.pred_name) for c in cases]
         cams = grad_cam(scorer.explanation_network(), x, target=pred)
-        fig = explanation_figure(x.cpu().numpy(), cams, cases)
     except (RuntimeError, ValueError) as err:
         log.warning("Evaluate: Grad-CAM failed (%s); the report has no explanation figure", err)
         return []
@@ -367,4 +364,4 @@ def explain(
         "class's score; captions give pseudonymous case ids only). A heat map shows where the model looked, "
         "not why, and is no proof of clinically meaningful features."
     )
-    return [(to_png(fig), caption)]
+    return [Explanation(x.cpu().numpy(), cams, cases, caption)]

@@ -26,7 +26,7 @@ def build_document(
     metrics: dict[str, Any],
     preds: dict[str, Any],
     calibrated: dict[str, np.ndarray],
-    explanations: list[tuple[bytes, str]] | None = None,
+    explanations: list[Any] | None = None,
     raw: dict[str, np.ndarray] | None = None,
 ) -> Doc:
     """Every section of the report (arguments as :func:`pipeline.report.render.write_reports`)."""

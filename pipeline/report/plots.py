@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -195,4 +196,54 @@ def label_efficiency_figure(
     ax.set_title(f"Label efficiency, {split} split")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def _middle_slices(vol: np.ndarray) -> list[np.ndarray]:
+    d, h, w = vol.shape
+    return [vol[d // 2], vol[:, h // 2, :], vol[:, :, w // 2]]
+
+
+def explanation_figure(images: np.ndarray, cams: np.ndarray, cases: Sequence[Any]):
+    """Overlay figure: each case's (first-channel) input in grey with its Grad-CAM map in colour.
+
+    Args:
+        images: Inputs, (N, C, H, W) or (N, C, D, H, W), in the order of ``cases``.
+        cams: Maps from :func:`grad_cam`, (N, H, W) or (N, D, H, W).
+        cases: The explained cases (``pipeline.evaluate.gradcam.CamCase``: captions use the pseudonymous
+            case id only).
+
+    Returns:
+        A matplotlib figure (2D: one panel per case; 3D: a row of three orthogonal middle slices per case).
+    """
+    n = len(cases)
+    three_d = cams.ndim == 4
+    if three_d:
+        fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.6 * n), squeeze=False)
+    else:
+        cols = min(n, 4) if n else 1
+        rows = int(np.ceil(n / cols)) if n else 1
+        fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, case in enumerate(cases):
+        img = np.asarray(images[i][0], dtype=np.float32)
+        pairs = (
+            list(zip(_middle_slices(img), _middle_slices(cams[i]), strict=True))
+            if three_d
+            else [(img, cams[i])]
+        )
+        panel = axes[i] if three_d else [axes.ravel()[i]]
+        for j, (ax, (im, cam)) in enumerate(zip(panel, pairs, strict=False)):
+            ax.imshow(im, cmap="gray", interpolation="nearest")
+            ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1, interpolation="bilinear")
+            if j == 0:
+                mark = "correct" if case.correct else "WRONG"
+                ax.set_title(
+                    f"{case.case_id[:16]}\n{mark}: true {case.true_name[:18]}\n"
+                    f"predicted {case.pred_name[:18]} (p={case.prob:.2f})",
+                    fontsize=7,
+                    color="black" if case.correct else "firebrick",
+                )
+    fig.tight_layout(h_pad=1.2)
     return fig

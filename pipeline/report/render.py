@@ -53,7 +53,7 @@ def write_reports(
     preds: dict[str, Any],
     calibrated: dict[str, np.ndarray],
     out_dir: Path,
-    explanations: list[tuple[bytes, str]] | None = None,
+    explanations: list[Any] | None = None,
     raw: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write ``report.html``, ``report.pdf`` and ``model_card.md`` into ``out_dir`` (each atomically).
@@ -65,7 +65,7 @@ def write_reports(
         preds: Split name -> ``SplitPredictions`` (for the figures).
         calibrated: Split name -> calibrated probabilities, (N, K).
         out_dir: Output folder.
-        explanations: Optional (PNG bytes, caption) pairs of Grad-CAM figures.
+        explanations: Optional Grad-CAM maps to draw (``pipeline.evaluate.gradcam.Explanation``: ``images``, ``cams``, ``cases``, ``caption``).
         raw: Optional split name -> uncalibrated probabilities, (N, K); a split missing here uses the
             softmax of its logits.
     """

@@ -32,7 +32,7 @@ class ReportInputs:
         calibrated: Split name -> calibrated probabilities, (N, K).
         raw: Split name -> uncalibrated probabilities, (N, K); a split missing here is the softmax of its
             logits.
-        explanations: (PNG bytes, caption) pairs of Grad-CAM figures.
+        explanations: Grad-CAM maps to draw (``pipeline.evaluate.gradcam.Explanation``: ``images``, ``cams``, ``cases``, ``caption``).
         ingest: ``ingest_report.json`` of the ingest stage (``{}`` when absent).
         train: ``train_summary.json`` of the finetune stage (``{}`` when absent).
     """
@@ -43,7 +43,7 @@ class ReportInputs:
     preds: dict[str, Any]
     calibrated: dict[str, np.ndarray]
     raw: dict[str, np.ndarray] = field(default_factory=dict)
-    explanations: list[tuple[bytes, str]] = field(default_factory=list)
+    explanations: list[Any] = field(default_factory=list)
     ingest: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -55,7 +55,7 @@ class ReportInputs:
         metrics: dict[str, Any],
         preds: dict[str, Any],
         calibrated: dict[str, np.ndarray],
-        explanations: list[tuple[bytes, str]] | None = None,
+        explanations: list[Any] | None = None,
         raw: dict[str, np.ndarray] | None = None,
     ) -> ReportInputs:
         """Read the ingest and training summaries of the run's stage folders."""

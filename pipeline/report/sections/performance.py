@@ -101,7 +101,8 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
 
 
 def explanations_section(doc: Doc, run: ReportInputs) -> None:
-    """Grad-CAM figures (made by ``pipeline.evaluate.gradcam``), with a warning when pixels need review."""
+    """Grad-CAM figures (maps computed by ``pipeline.evaluate.gradcam``, drawn here), with a warning when
+    pixels need review."""
     if not run.explanations:
         return
     ingest, explanations = run.ingest, run.explanations
@@ -111,5 +112,5 @@ def explanations_section(doc: Doc, run: ReportInputs) -> None:
             "Some inputs were flagged at ingestion for possible burned-in text (see Data and splits): the "
             "overlays show the preprocessed pixels, so review them before sharing this report outside the team."
         )
-    for png, caption in explanations:
-        doc.fig("gradcam", png, caption)
+    for e in explanations:
+        doc.fig("gradcam", plots.to_png(plots.explanation_figure(e.images, e.cams, e.cases)), e.caption)
