@@ -17,7 +17,6 @@ that folder gives the calibrated model predict, promotion and export use; nothin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import MedtlError
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, file_sha256, write_json
 from pipeline.trained.calibration import calibrator_from_state, calibrator_state
 from pipeline.trained.nets import build_network, members, with_tta
 
@@ -59,14 +58,6 @@ class TrainedModelError(MedtlError):
     """A trained model's files are missing, altered (sha256 mismatch) or do not fit together."""
 
     default_code = "model_integrity"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_provenance(network: nn.Module) -> list[dict[str, Any]] | None:
