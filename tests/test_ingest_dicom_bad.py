@@ -251,3 +251,100 @@ def test_decode_code_comes_from_the_file_not_the_message(tmp_path, monkeypatch):
     with pytest.raises(IngestError) as e:
         load_item(items_cut[0])
     assert e.value.code == "truncated"
+
+
+# ------------------------------------------------------------------------------ degenerate geometry
+_NO_GEOMETRY = {"ImageOrientationPatient": None, "ImagePositionPatient": None}
+
+
+def _geometry_variant(folder: Path, name: str, changes: dict) -> Path:
+    """pydicom's CT_small (a real scanner file) with header fields changed (None deletes the field)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    path = folder / f"{name}.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_zero_pixel_spacing_without_patient_geometry_falls_back_to_unit_spacing(tmp_path):
+    """A computed-radiography style image (no ImagePositionPatient/ImageOrientationPatient) whose
+    PixelSpacing is "0\\0": unit spacing, stated in the flags, never a singular affine."""
+    path = _geometry_variant(tmp_path, "cr_zero", {"Modality": "CR", "PixelSpacing": [0, 0], **_NO_GEOMETRY})
+    items, rejected = scan_sources(path)
+    assert not rejected
+    vol = load_item(items[0])
+    assert np.allclose(np.abs(np.diag(vol.affine)[:3]), [1.0, 1.0, 1.0])
+    assert abs(np.linalg.det(vol.affine[:3, :3])) > 0
+    assert "assumed_unit_pixel_spacing" in vol.meta["flags"] and "no_patient_geometry" in vol.meta["flags"]
+
+
+def test_zero_pixel_spacing_uses_a_valid_imager_pixel_spacing(tmp_path):
+    path = _geometry_variant(
+        tmp_path,
+        "cr_imager",
+        {"Modality": "CR", "PixelSpacing": [0, 0], "ImagerPixelSpacing": [0.2, 0.3], **_NO_GEOMETRY},
+    )
+    items, _ = scan_sources(path)
+    vol = load_item(items[0])
+    assert np.allclose(np.abs(np.diag(vol.affine)[:3]), [0.3, 0.2, 1.0])
+    assert "assumed_unit_pixel_spacing" not in vol.meta["flags"]
+
+
+@pytest.mark.parametrize(
+    "name, changes, code",
+    [
+        ("spacing_zero", {"PixelSpacing": [0, 0]}, "missing_geometry"),
+        ("spacing_negative", {"PixelSpacing": [-0.5, 0.5]}, "missing_geometry"),
+        ("iop_zero", {"ImageOrientationPatient": [0, 0, 0, 0, 0, 0]}, "degenerate_geometry"),
+        ("iop_row_zero", {"ImageOrientationPatient": [0, 0, 0, 0, 1, 0]}, "degenerate_geometry"),
+        ("iop_parallel", {"ImageOrientationPatient": [1, 0, 0, 1, 0, 0]}, "degenerate_geometry"),
+    ],
+)
+def test_degenerate_patient_geometry_is_a_per_case_code(tmp_path, name, changes, code):
+    """With patient geometry, zero/negative spacing or zero-length/parallel orientation vectors are refused
+    with a code naming the field (no traceback, no value copied from the file)."""
+    path = _geometry_variant(tmp_path, name, changes)
+    items, rejected = scan_sources(path)
+    assert not rejected
+    with pytest.raises(IngestError) as e:
+        load_item(items[0])
+    assert e.value.code == code
+    field = "PixelSpacing (0028,0030)" if code == "missing_geometry" else "ImageOrientationPatient (0020,0037)"
+    assert field in e.value.reason
+
+
+def test_convert_reports_degenerate_geometry_instead_of_a_traceback(tmp_path):
+    """`medtl convert` on a tree of such files: the CR converts with unit spacing, the rest are refused
+    per case with their codes, and an unexpected reader error is a per-item ``decode_failed``."""
+    from pipeline.ingest.convert import convert_tree
+
+    src = tmp_path / "src"
+    _geometry_variant(src, "cr_zero", {"Modality": "CR", "PixelSpacing": [0, 0], **_NO_GEOMETRY})
+    _geometry_variant(src, "iop_zero", {"ImageOrientationPatient": [0, 0, 0, 0, 0, 0]})
+    _geometry_variant(src, "spacing_zero", {"PixelSpacing": [0, 0]})
+    summary = convert_tree(src, tmp_path / "out", b"k" * 32)
+    assert summary["converted"] == 1 and summary["refused"] == 2
+    assert summary["codes"] == {"degenerate_geometry": 1, "missing_geometry": 1}
+
+
+def test_convert_turns_an_unexpected_reader_error_into_decode_failed(tmp_path, monkeypatch):
+    from pipeline.ingest import convert
+
+    src = tmp_path / "src"
+    _write_series(src, 2)
+
+    def broken(item, options=None):
+        raise ValueError("Volume.affine is singular")
+
+    monkeypatch.setattr(convert, "load_item", broken)
+    summary = convert.convert_tree(src, tmp_path / "out", b"k" * 32)
+    assert summary["refused"] == 1 and summary["codes"] == {"decode_failed": 1}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, IngestError
+from pipeline.ingest.decode_jobs import unexpected_failure
 from pipeline.ingest.deid import ensure_private_dir, pseudonym
 from pipeline.ingest.sources import LoadOptions, SourceItem, load_item, scan_sources
 from pipeline.io import write_json
@@ -74,6 +75,19 @@ def _sidecar(vol: Any, patient: str, item: SourceItem) -> dict[str, Any]:
     return side
 
 
+def _load(item: SourceItem, options: LoadOptions) -> Any:
+    """:func:`load_item`, with an unexpected reader failure turned into a per-item ``decode_failed``
+    IngestError (as Ingest does): one odd file never ends the conversion with a traceback."""
+    try:
+        return load_item(item, options)
+    except IngestError:
+        raise
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - a bad file, or a reader bug: reported, conversion goes on
+        raise unexpected_failure(item, err) from err
+
+
 def convert_tree(
     input_dir: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
@@ -124,7 +138,7 @@ def convert_tree(
     for item in items:
         patient, stem = _output_stem(item, key)
         try:
-            vol = load_item(item, options)
+            vol = _load(item, options)
         except IngestError as err:
             n_refused += 1
             codes[err.code] = codes.get(err.code, 0) + 1

@@ -104,12 +104,17 @@ def safe_decode(job: DecodeJob) -> dict[str, Any]:
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - a bad file, or a reader bug: reported, run goes on
-        where = job.item.files[0] if len(job.item.files) == 1 else f"series starting {job.item.files[0]}"
-        raise IngestError(
-            f"{where}: decoding failed with {type(err).__name__}: {err}; expected a readable "
-            f"{job.item.kind} input (please report this file's structure if it is valid)",
-            "decode_failed",
-        ) from err
+        raise unexpected_failure(job.item, err) from err
+
+
+def unexpected_failure(item: Any, err: Exception) -> IngestError:
+    """The per-item IngestError (code ``decode_failed``) for an unexpected reader failure on ``item``."""
+    where = item.files[0] if len(item.files) == 1 else f"series starting {item.files[0]}"
+    return IngestError(
+        f"{where}: decoding failed with {type(err).__name__}: {err}; expected a readable "
+        f"{item.kind} input (please report this file's structure if it is valid)",
+        "decode_failed",
+    )
 
 
 def _decode_to_cache(job: DecodeJob) -> dict[str, Any]:

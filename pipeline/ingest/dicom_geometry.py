@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.errors import IngestError
 from pipeline.ingest.dicom_pixels import Slice
+from pipeline.ingest.dicom_values import usable_spacing
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 POS_TOL = 0.01  # mm: positions closer than this are "the same slice position"
@@ -88,6 +89,34 @@ def _narrow(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def orientation_ok(iop: Any) -> bool:
+    """ImageOrientationPatient (0020,0037) spans a plane: neither cosine vector is (near) zero-length and
+    they are not parallel, so the slice normal ``row x column`` exists."""
+    if iop is None:
+        return False
+    v = np.asarray(iop, dtype=float)
+    row_n, col_n = float(np.linalg.norm(v[:3])), float(np.linalg.norm(v[3:]))
+    if not (row_n > 1e-3 and col_n > 1e-3):
+        return False
+    return float(np.linalg.norm(np.cross(v[:3], v[3:]))) > 1e-3 * row_n * col_n
+
+
+def _degenerate_orientation(where: str) -> IngestError:
+    # no value from the file in the message: the field and what was expected suffice
+    return IngestError(
+        f"{where}: ImageOrientationPatient (0020,0037) is degenerate (a zero-length or the two cosine vectors "
+        "parallel); expected two orthogonal unit vectors",
+        "degenerate_geometry",
+    )
+
+
+def _bad_spacing(where: str) -> IngestError:
+    return IngestError(
+        f"{where}: PixelSpacing (0028,0030) is zero or negative; expected the in-plane spacing in mm (> 0)",
+        "missing_geometry",
+    )
+
+
 def no_geometry_affine(pixel_spacing: tuple[float, float] | None) -> np.ndarray:
     """Explicit affine for images without patient geometry: ``i`` = column (spacing PixelSpacing[1]),
     ``j`` = row (spacing PixelSpacing[0]), read as an axial LPS plane (IOP = 1,0,0,0,1,0), i.e.
@@ -108,8 +137,9 @@ def assemble_slices(
         uneven: ``"resample"`` to resample uneven slice spacing equidistantly, ``"refuse"`` to raise.
 
     Raises:
-        IngestError: codes ``mixed_sizes``, ``missing_geometry``, ``missing_slice``, ``uneven_spacing``,
-            ``gantry_tilt``, ``inconsistent_geometry``.
+        IngestError: codes ``mixed_sizes``, ``missing_geometry`` (PixelSpacing missing, zero or negative
+            with patient geometry), ``degenerate_geometry`` (ImageOrientationPatient without a plane),
+            ``missing_slice``, ``uneven_spacing``, ``gantry_tilt``, ``inconsistent_geometry``.
     """
     if not slices:
         raise IngestError(f"{where}: no image planes decoded; expected at least one", "empty")
@@ -127,7 +157,12 @@ def assemble_slices(
     has_geom = all(s.position is not None and s.iop is not None for s in slices)
     if not has_geom:
         # 2D image(s) without patient geometry (CR, DX, US, SC, or cine): explicit spacing-only affine.
-        affine = no_geometry_affine(slices[0].pixel_spacing)
+        # A zero/negative PixelSpacing (e.g. "0\\0" on CR) is the stated fallback: unit spacing, flagged.
+        ps0 = slices[0].pixel_spacing
+        if ps0 is not None and not usable_spacing(ps0):
+            flags.append("assumed_unit_pixel_spacing")
+            ps0 = None
+        affine = no_geometry_affine(ps0)
         planes = [s.pixels for s in slices]
         if rgb:
             if len(planes) > 1:
@@ -147,6 +182,8 @@ def assemble_slices(
             _narrow(arr), affine, flags + ["no_patient_geometry"], None, None, "pixel_spacing_only"
         )
 
+    if not all(orientation_ok(s.iop) for s in slices):
+        raise _degenerate_orientation(where)
     if rgb:
         if len(slices) > 1:
             raise IngestError(
@@ -170,6 +207,8 @@ def assemble_slices(
                 f"{where}: PixelSpacing (0028,0030) missing; expected the in-plane spacing in mm",
                 "missing_geometry",
             )
+        if not usable_spacing(s.pixel_spacing):
+            raise _bad_spacing(where)
     row_c, col_c = iop0[:3], iop0[3:]
     normal = np.cross(row_c, col_c)
     normal /= np.linalg.norm(normal)
@@ -287,6 +326,10 @@ def _lps_affine(iop: np.ndarray, ps: Any, pos: Any, dz: float, where: str) -> np
         raise IngestError(
             f"{where}: PixelSpacing (0028,0030) missing; expected in-plane spacing", "missing_geometry"
         )
+    if not usable_spacing(ps):
+        raise _bad_spacing(where)
+    if not orientation_ok(iop):
+        raise _degenerate_orientation(where)
     iop = np.asarray(iop, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
     normal /= np.linalg.norm(normal)

@@ -29,7 +29,7 @@ from pipeline.ingest.dicom_header import (
     mosaic_count,
 )
 from pipeline.ingest.dicom_series import _normal
-from pipeline.ingest.dicom_values import _f, _fg, _floats, _i, _quiet_dcmread, _s
+from pipeline.ingest.dicom_values import _f, _fg, _floats, _i, _quiet_dcmread, _s, usable_spacing
 
 _DEFLATED_TS = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: native pixels once inflated
 
@@ -266,7 +266,11 @@ def decode_file(path: str, record: HeaderRecord | None = None) -> tuple[list[Sli
             frames = [_invert_monochrome1(f, ds) for f in frames]
         iop = _floats(ds.get("ImageOrientationPatient"), 6)
         ipp = _floats(ds.get("ImagePositionPatient"), 3)
-        ps = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
+        ps = _floats(ds.get("PixelSpacing"), 2)
+        imager_ps = _floats(ds.get("ImagerPixelSpacing"), 2)
+        if not usable_spacing(ps) and usable_spacing(imager_ps):  # e.g. CR with PixelSpacing "0\\0"
+            ps = imager_ps
+        ps = ps or imager_ps
         if _is_mosaic(ds):
             slices = _mosaic_slices(ds, frames[0], path, order_key)
         else:

@@ -77,7 +77,6 @@ def _sex(value: Any) -> str | None:
     return text if text in {"M", "F", "O"} else None
 
 
-
 def public_facts(ds: Any) -> dict[str, Any]:
     """Non-identifying header facts of a dataset (safe to publish).
 
@@ -122,7 +121,6 @@ def private_ids(ds: Any) -> dict[str, str]:
     return out
 
 
-
 def _first(seq: Any) -> Any:
     try:
         return seq[0] if seq else None
@@ -140,3 +138,6 @@ def _fg(ds: Any, frame_item: Any, seq_name: str) -> Any:
     return None
 
 
+def usable_spacing(pixel_spacing: Any) -> bool:
+    """PixelSpacing (0028,0030) given with both values positive and finite (``"0\\0"`` is not)."""
+    return pixel_spacing is not None and all(math.isfinite(v) and v > 0 for v in pixel_spacing)
