@@ -244,3 +244,30 @@ def test_lock_is_taken_before_planning_in_process(data: Path, monkeypatch: pytes
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_swapped_weights_are_a_changed_training_configuration_for_the_nightly_policy(data: Path) -> None:
+    """The retraining policy retrains when the weights' content changes, even with no new cases."""
+    import datetime as dt
+
+    from pipeline.ops.nightly import retrain_decision, train_hash
+
+    (data / "w1.pth").write_bytes(b"one" * 100)
+    (data / "w2.pth").write_bytes(b"two" * 100)
+    cfg_a = load_config(write_config(data, model={"weights": "w1.pth"}))
+    plan_a = _plan(write_config(data, model={"weights": "w1.pth"}))
+
+    class Champion:  # the registry row of a champion trained with w1.pth on tonight's data
+        def champion(self):
+            return {
+                "id": 1, "evaluate": "other", "ingest": plan_a.ingest.name, "train_hash":
+                train_hash(cfg_a, plan_a.weights_sha256), "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+            }
+
+    policy = {"min_new_cases": 1000}
+    same = retrain_decision(load_config(write_config(data, model={"weights": "w1.pth"}, ops={"retrain": policy})),
+                            plan_a, Champion())
+    assert not same["train"]
+    config_b = write_config(data, model={"weights": "w2.pth"}, ops={"retrain": policy})
+    swapped = retrain_decision(load_config(config_b), _plan(config_b), Champion())
+    assert swapped["train"] and "training configuration changed" in swapped["reasons"][0]
