@@ -226,3 +226,66 @@ def test_unexpected_reader_error_is_reported_not_raised(tmp_path: Path, monkeypa
     assert report["cases"] == 29 and report["problems_by_code"]["decode_failed"] == 1
     reason = next(p["reason"] for p in report["problems"] if p["code"] == "decode_failed")
     assert "ValueError" in reason and str(tmp_path) not in reason
+
+
+def test_image_faults_are_per_case_and_the_run_goes_on(tmp_path: Path) -> None:
+    """A constant image (code ``constant``), a NIfTI holding NaN (``non_finite``) are rejected per case
+    on the stored values; a CR whose PixelSpacing is "0\\0" is ingested with unit spacing, flagged in its
+    manifest row and counted in the report; the night completes with the rest."""
+    import nibabel as nib
+
+    from tests.conftest import write_dicom
+
+    make_dataset(tmp_path, n_patients=30)
+    img = tmp_path / "images"
+    write_dicom(img / "flat" / "img.dcm", np.full((32, 32), 70, dtype=np.uint8), "FLAT0001")
+    vol = np.random.default_rng(1).normal(0, 1, (16, 16, 4)).astype(np.float32)
+    vol[3, 4, 1] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), img / "nan_volume.nii.gz")
+    donor = pydicom.dcmread(sorted(img.rglob("*.dcm"))[0])
+    donor.PixelSpacing = [0, 0]
+    donor.PatientID = "ZEROSPACING"
+    donor.SOPInstanceUID = donor.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    (img / "zero_spacing").mkdir()
+    donor.save_as(img / "zero_spacing" / "img.dcm")
+    _append_labels(
+        tmp_path,
+        [("flat/img.dcm", "normal"), ("nan_volume.nii.gz", "lesion"), ("zero_spacing/img.dcm", "lesion")],
+    )
+    out = tmp_path / "ws" / "ingest" / "x"
+    out.mkdir(parents=True)
+    report = run_ingest(
+        load_config(write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"})), out, tmp_path / "ws"
+    )
+    assert report["problems_by_code"].get("constant") == 1
+    assert report["problems_by_code"].get("non_finite") == 1
+    assert report["cases"] == 31
+    assert report["case_flags"].get("assumed_unit_pixel_spacing") == 1
+    flagged = [r for r in read_manifest(out) if "assumed_unit_pixel_spacing" in r["flags"]]
+    assert len(flagged) == 1 and flagged[0]["spacing"].startswith("1x1")
+    text = json.dumps(report)
+    assert "FLAT0001" not in text and "nan_volume" not in text
+
+
+@pytest.mark.parametrize(
+    "array, code",
+    [
+        (np.zeros((0, 8, 1), dtype=np.int16), "empty"),
+        (np.full((8, 8, 1), 3, dtype=np.int16), "constant"),
+        (np.array([[[1.0]], [[np.inf]]], dtype=np.float32), "non_finite"),
+    ],
+)
+def test_decode_job_rejects_empty_constant_non_finite(tmp_path: Path, monkeypatch, array, code) -> None:
+    """Judged on the stored values as loaded (before any windowing), before anything is cached."""
+    from types import SimpleNamespace
+
+    from pipeline.ingest import decode_jobs, sources
+
+    loaded = SimpleNamespace(array=array, affine=np.eye(4), meta={"flags": []})
+    monkeypatch.setattr(sources, "load_item", lambda item, options=None: loaded)
+    item = SimpleNamespace(files=("/data/x.dcm",), kind="dicom", header={})
+    job = decode_jobs.DecodeJob(item, str(tmp_path / "v.npy"), None)
+    with pytest.raises(IngestError) as e:
+        decode_jobs.safe_decode(job)
+    assert e.value.code == code
+    assert not (tmp_path / "v.npy").exists()

@@ -25,7 +25,8 @@ import numpy as np
 from pipeline.errors import IngestError
 from pipeline.io import write_bytes, write_json
 
-CACHE_VERSION = 2
+#: Part of every volume fingerprint; 3: volumes are checked by :func:`check_values` before caching.
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,40 @@ def safe_decode(job: DecodeJob) -> dict[str, Any]:
         raise unexpected_failure(job.item, err) from err
 
 
+def _where(item: Any) -> str:
+    return item.files[0] if len(item.files) == 1 else f"series starting {item.files[0]}"
+
+
+def check_values(array: np.ndarray, where: str) -> None:
+    """Refuse an image no model can learn from, judged on its stored values as loaded (after the modality
+    LUT, before any windowing or normalisation, before masking).
+
+    Raises:
+        IngestError: code ``empty`` (no voxels), ``non_finite`` (a NaN or infinite voxel) or ``constant``
+            (every voxel the same value). Messages give counts only, never a pixel value.
+    """
+    if array.size == 0:
+        raise IngestError(
+            f"{where}: image of shape {list(array.shape)} has no voxels; expected an image", "empty"
+        )
+    if array.dtype.kind in "fc":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise IngestError(
+                f"{where}: {bad} of {array.size} voxels are NaN or infinite; expected finite values",
+                "non_finite",
+            )
+    if array.min() == array.max():
+        raise IngestError(
+            f"{where}: every one of the {array.size} voxels holds the same value; expected an image with "
+            "contrast (a blank or constant image)",
+            "constant",
+        )
+
+
 def unexpected_failure(item: Any, err: Exception) -> IngestError:
     """The per-item IngestError (code ``decode_failed``) for an unexpected reader failure on ``item``."""
-    where = item.files[0] if len(item.files) == 1 else f"series starting {item.files[0]}"
+    where = _where(item)
     return IngestError(
         f"{where}: decoding failed with {type(err).__name__}: {err}; expected a readable "
         f"{item.kind} input (please report this file's structure if it is valid)",
@@ -126,6 +158,7 @@ def _decode_to_cache(job: DecodeJob) -> dict[str, Any]:
     if cached is not None:
         return cached
     vol = load_item(job.item, job.options)
+    check_values(vol.array, _where(job.item))
     meta = dict(vol.meta)
     array = vol.array
     if job.mask_regions and _needs_mask(meta, array.shape):

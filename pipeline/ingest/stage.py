@@ -480,6 +480,8 @@ def _report(
         "kinds": dict(Counter(r["kind"] for r in rows)),
         "modalities": dict(Counter(r["modality"] for r in rows)),
         "problems_by_code": dict(Counter(p["code"] for p in problems)),
+        # cases ingested with a stated fallback or a review note (e.g. assumed_unit_pixel_spacing)
+        "case_flags": dict(Counter(f for r in rows for f in r["flags"].split(";") if f)),
         "problems": problems,
         "pixel_review": review,
         "split_rule": (
