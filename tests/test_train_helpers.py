@@ -19,6 +19,7 @@ def make_augment_dir(
     classes: int = 2,
     seed: int = 0,
     val_share: float = 0.3,
+    unlabelled: int = 0,
 ) -> Path:
     """Write ``tensors/<case>.npy`` ``(1, *[size]*dims)`` float16, ``index.csv`` and ``transform_spec.json``
     like the Augment stage.
@@ -38,6 +39,13 @@ def make_augment_dir(
         np.save(out / "tensors" / f"{cid}.npy", x.astype(np.float16))
         split = "val" if rng.random() < val_share else "train"
         rows.append({"case_id": cid, "patient_id": f"p{i:03d}", "split": split, "label_index": label})
+    for i in range(unlabelled):  # the same signal, label withheld (as Ingest writes unlabelled cases)
+        label = i % classes
+        x = rng.normal(0, 1, (1,) + (size,) * dims).astype(np.float32)
+        x[(slice(None),) + tuple(slice(size // 4, size // 2) for _ in range(dims))] += 1.2 * label
+        cid = f"unl{i:03d}"
+        np.save(out / "tensors" / f"{cid}.npy", x.astype(np.float16))
+        rows.append({"case_id": cid, "patient_id": f"u{i:03d}", "split": "unlabelled", "label_index": ""})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["case_id", "patient_id", "split", "label_index"], lineterminator="\n")
     w.writeheader()

@@ -60,6 +60,13 @@ class TrainConfig(_Section):
             ``flip_all`` of every combination of mirrored axes (4 passes in 2D, 8 in 3D; for
             orientation-free data, with ``augment.flip_all_axes``); ``none`` by default. Use it only when
             training flipped the images the same way.
+        semi_supervised: Use unlabelled cases (``pipeline/train/semi.py``): ``auto`` (self-training with
+            pseudo-labels whenever unlabelled cases exist), ``off``, or a method (``pseudo_label``).
+        ssl_threshold: Minimum teacher confidence (after distribution alignment) for a pseudo-label.
+        ssl_pseudo_per_labelled: At most this many pseudo-labelled cases per labelled training case.
+        ssl_unlabelled_per_labelled: Unlabelled cases scored per labelled case and fold (a seeded sample:
+            bounds the cost when unlabelled cases outnumber labelled ones).
+        ssl_student_epochs: The student's epochs as a share of ``epochs`` (it starts from the teacher).
     """
 
     strategy: Literal["auto", "linear_probe", "partial", "finetune", "gradual", "scratch"] = "finetune"
@@ -96,6 +103,11 @@ class TrainConfig(_Section):
     amp: bool = True
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     tta: Literal["none", "flip", "flip_all"] = "none"
+    semi_supervised: Literal["auto", "off", "pseudo_label"] = "auto"
+    ssl_threshold: float = Field(0.9, ge=0.5, lt=1.0)
+    ssl_pseudo_per_labelled: float = Field(1.0, gt=0.0, le=20.0)
+    ssl_unlabelled_per_labelled: int = Field(10, ge=1, le=1000)
+    ssl_student_epochs: float = Field(0.5, gt=0.0, le=2.0)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -26,6 +26,7 @@ from pipeline.io import write_bytes, write_json
 from pipeline.train.data import SplitData, concat, label_subset, load_split, patient_folds, subset
 from pipeline.train.epochs import DistInfo, save_state_dict, train_epochs, write_history
 from pipeline.train.network import WARM_START_FILE, build_model, warm_start_into
+from pipeline.train.semi import harm_guard, load_unlabelled, method_for, self_train
 from pipeline.train.strategies import CHEAPEST_FIRST, fit_linear_probe, pick_candidate, reestimate_bn
 from pipeline.train.validation import val_score
 from pipeline.trained.artefact import save_model, weights_provenance
@@ -171,12 +172,17 @@ def run_finetune(
     train = label_subset(load_split(augment_dir, rows, "train"), tc.label_fraction, tc.seed)
     val = load_split(augment_dir, rows, "val")
     if len(train) == 0 or len(val) == 0:
-        raise MedtlError(f"FineTune: train ({len(train)}) and val ({len(val)}) splits must both hold cases")
+        raise MedtlError(
+            f"FineTune: train ({len(train)}) and val ({len(val)}) splits must both hold labelled cases",
+            code="no_labelled_cases",
+        )
+    unlabelled, left_out = load_unlabelled(augment_dir, rows)
+    semi = SemiPlan(method_for(tc.semi_supervised, len(unlabelled)), unlabelled, left_out)
     t_start = time.perf_counter()
     selection = None
     folds_info = None
     if tc.folds > 1:
-        model, result, folds_info = _run_folds(cfg, train, val, work_dir, device, dist, progress)
+        model, result, folds_info = _run_folds(cfg, train, val, work_dir, device, dist, progress, semi)
     elif tc.strategy == "auto":
         results: dict[str, dict[str, Any]] = {}
         models: dict[str, nn.Module] = {}
@@ -204,6 +210,8 @@ def run_finetune(
         log.info("FineTune auto: chose %s: %s", chosen, reason)
     else:
         model, result = run_strategy(cfg, tc.strategy, train, val, work_dir, device, dist, progress)
+    if semi.method and tc.folds == 1:
+        model, result = _semi_single(cfg, model, result, train, val, work_dir, device, dist, progress, semi)
 
     counts = np.bincount(train.y, minlength=num_classes)
     history = result["history"]
@@ -233,6 +241,7 @@ def run_finetune(
         "train_class_counts": counts.astype(int).tolist(),
         "label_fraction": tc.label_fraction,
         "val_cases": len(val),
+        "semi_supervised": semi.summary(),
         "seconds_this_session": time.perf_counter() - t_start,
         "seconds_training": result.get("seconds"),
         "mean_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
@@ -280,18 +289,36 @@ def load_oof(finetune_dir: Path) -> dict[str, np.ndarray] | None:
         return dict(zip(z["case_id"].tolist(), z["logits"], strict=True))
 
 
-def _run_folds(cfg, train, val, work_dir, device, dist, progress):
-    """K-fold cross-validation over train+val patients; returns the ensemble, its result and per-fold info."""
+def _probs(cfg, model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+    m_tta = with_tta(model, cfg.train.tta, cfg.preprocess.spatial_dims)
+    return torch.softmax(torch.from_numpy(predict_logits(m_tta, x, device)), 1).numpy()
+
+
+def _run_folds(cfg, train, val, work_dir, device, dist, progress, semi: SemiPlan | None = None):
+    """K-fold cross-validation over train+val patients; returns the ensemble, its result and per-fold info.
+
+    With unlabelled cases (``semi.method``), each fold's supervised model is the teacher of a
+    semi-supervised student (:func:`pipeline.train.semi.self_train`); the students replace the teachers
+    unless the out-of-fold comparison shows harm.
+    """
     tc = cfg.train
+    semi = semi or SemiPlan(None)
     pool = concat(train, val)
     fold = patient_folds(pool, tc.folds, tc.seed)
     members, per_fold, history = [], [], []
+    students, oof_semi = [], np.full((len(pool), len(cfg.task.classes)), np.nan)
     oof = np.full((len(pool), len(cfg.task.classes)), np.nan)
     for k in range(tc.folds):
         tr, va = subset(pool, np.flatnonzero(fold != k)), subset(pool, np.flatnonzero(fold == k))
         m, r = run_strategy(cfg, tc.strategy, tr, va, work_dir / f"fold{k}", device, dist, progress)
-        m_tta = with_tta(m, tc.tta, cfg.preprocess.spatial_dims)
-        oof[fold == k] = torch.softmax(torch.from_numpy(predict_logits(m_tta, va.x, device)), 1).numpy()
+        oof[fold == k] = _probs(cfg, m, va.x, device)
+        if semi.method:
+            s, _, s_info = self_train(
+                cfg, tc.strategy, m, tr, va, semi.unlabelled, work_dir / f"fold{k}-semi", device, dist, progress, k
+            )
+            oof_semi[fold == k] = _probs(cfg, s, va.x, device)
+            students.append(s)
+            semi.per_fold.append(dict(s_info, fold=k))
         members.append(m)
         history.extend(r["history"])
         per_fold.append(
@@ -304,6 +331,12 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress):
                 "best_epoch": r["best_epoch"],
             }
         )
+    if semi.method:
+        semi.guard = harm_guard(
+            pool.y, oof, oof_semi, pool.patients, cfg.task.positive_index, seed=tc.seed
+        )
+        if semi.guard["use_semi_supervised"]:
+            members, oof = students, oof_semi
     oof_score = val_score(pool.y, oof, cfg.task.positive_index)
     ensemble = FoldEnsemble(members).to(device)
     history = [dict(h, epoch=i + 1) for i, h in enumerate(history)]  # folds one after the other
@@ -328,6 +361,48 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress):
     return ensemble, result, info
 
 
+
+
+class SemiPlan:
+    """Unlabelled cases available to a training run, and what semi-supervised training did with them."""
+
+    def __init__(self, method: str | None, unlabelled: SplitData | None = None, left_out: int = 0) -> None:
+        self.method = method
+        self.unlabelled = unlabelled
+        self.left_out = left_out
+        self.per_fold: list[dict[str, Any]] = []
+        self.guard: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        n = 0 if self.unlabelled is None else len(self.unlabelled)
+        return {
+            "method": self.method or "off",
+            "unlabelled_available": n,
+            "unlabelled_left_out": self.left_out,
+            "left_out_reason": "patient has a case in val, calibration or test",
+            "per_fold": self.per_fold,
+            "harm_guard": self.guard,
+            "used": bool(self.guard and self.guard["use_semi_supervised"]),
+        }
+
+
+def _semi_single(cfg, model, result, train, val, work_dir, device, dist, progress, semi: SemiPlan):
+    """Self-training for a single model: teacher and student compared on the validation cases."""
+    student, s_result, info = self_train(
+        cfg, result["strategy"], model, train, val, semi.unlabelled, work_dir / "semi", device, dist, progress
+    )
+    semi.per_fold.append(dict(info, fold=None))
+    semi.guard = harm_guard(
+        val.y,
+        _probs(cfg, model, val.x, device),
+        _probs(cfg, student, val.x, device),
+        val.patients,
+        cfg.task.positive_index,
+        seed=cfg.train.seed,
+    )
+    if semi.guard["use_semi_supervised"]:
+        return student, dict(s_result, history=result["history"] + s_result["history"])
+    return model, result
 
 
 def _first(provenance: list[dict[str, Any] | None] | None) -> dict[str, Any] | None:
