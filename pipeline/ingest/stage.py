@@ -32,6 +32,7 @@ from pipeline.ingest.decode_jobs import (
 )
 from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
 from pipeline.ingest.index import SourceIndex
+from pipeline.ingest.ingest_report import age_band, build_report, check_splits
 from pipeline.ingest.labels import LabelRow, normalise_ref, read_labels
 from pipeline.ingest.sources import LoadOptions, scan_sources
 from pipeline.ingest.splits import assign_splits
@@ -82,22 +83,6 @@ def _redact(reason: str, paths: list[str], key: bytes, root: Path) -> str:
         except ValueError:
             pass
     return reason
-
-
-def age_band(age_years: Any) -> str:
-    """Coarse age band ('<18', '18-39', '40-59', '60-79', '>=80') or '' when unknown."""
-    if age_years is None or age_years == "":
-        return ""
-    a = float(age_years)
-    if a < 18:
-        return "<18"
-    if a < 40:
-        return "18-39"
-    if a < 60:
-        return "40-59"
-    if a < 80:
-        return "60-79"
-    return ">=80"
 
 
 def _case_refs(item: Any, root: Path, id_type: str) -> list[str]:
@@ -241,11 +226,11 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
     for r, s in zip(rows, splits, strict=True):
         r["split"] = s
     rows.sort(key=lambda r: r["case_id"])
-    _check_splits(rows, cfg)
+    check_splits(rows, cfg)
 
     group_cols = [f"group_{c}" for c in cfg.data.group_columns]
     _write_csv(run.out_dir / "manifest.csv", rows, MANIFEST_COLUMNS + group_cols)
-    report = _report(cfg, rows, ledger.problems, n_inputs, len(scan.labels))
+    report = build_report(cfg, rows, ledger.problems, n_inputs, len(scan.labels))
     report["incremental"] = {
         **stats.public(),
         "volumes_decoded": n_decoded,
@@ -431,69 +416,6 @@ def _record_vanished(run: _Run, scan: _Scanned, source_map: list[dict[str, str]]
                 "case_id": index.previous_case(p),
             }
         )
-
-
-def _check_splits(rows: list[dict[str, Any]], cfg: Config) -> None:
-    counts = Counter((r["split"], r["label"]) for r in rows)
-    train_labels = {lab for (s, lab) in counts if s == "train"}
-    if len(train_labels) < 2:
-        raise IngestError(
-            f"Ingest: the train split holds label(s) {sorted(train_labels)} only; expected at least two "
-            "classes "
-            f"(check data.labels_csv and split fractions)",
-            code="unusable_split",
-        )
-    for split in ("val", "test"):
-        if not any(s == split for (s, _) in counts):
-            raise IngestError(
-                f"Ingest: the {split} split is empty ({len(rows)} cases in all); expected some cases there: "
-                f"raise split.{split} or add cases",
-                code="unusable_split",
-            )
-
-
-def _report(
-    cfg: Config, rows: list[dict[str, Any]], problems: list[dict[str, Any]], n_inputs: int, n_labels: int
-) -> dict:
-    splits: dict[str, dict[str, Any]] = {}
-    for s in ("train", "val", "calibration", "test"):
-        sel = [r for r in rows if r["split"] == s]
-        splits[s] = {
-            "cases": len(sel),
-            "patients": len({r["patient_id"] for r in sel}),
-            "per_class": {
-                cfg.task.classes[v]: sum(r["label"] == v for r in sel) for v in cfg.task.label_values
-            },
-        }
-    review = [
-        r["case_id"]
-        for r in rows
-        if "needs_pixel_review" in r["flags"] or "burned_in_annotation" in r["flags"]
-    ]
-    return {
-        "schema_version": 1,
-        "inputs": n_inputs,
-        "label_rows": n_labels,
-        "cases": len(rows),
-        "patients": len({r["patient_id"] for r in rows}),
-        "splits": splits,
-        "kinds": dict(Counter(r["kind"] for r in rows)),
-        "modalities": dict(Counter(r["modality"] for r in rows)),
-        "problems_by_code": dict(Counter(p["code"] for p in problems)),
-        # cases ingested with a stated fallback or a review note (e.g. assumed_unit_pixel_spacing)
-        "case_flags": dict(Counter(f for r in rows for f in r["flags"].split(";") if f)),
-        "problems": problems,
-        "pixel_review": review,
-        "split_rule": (
-            "fixed split column, calibration carved from train by keyed hash"
-            if cfg.data.split_column
-            else "keyed hash of the patient pseudonym (stable as data grows)"
-        ),
-        "deidentification": (
-            "Patient and case identifiers replaced by keyed HMAC-SHA256 pseudonyms; no names, identifiers, "
-            "dates, institutions or source paths in shared outputs (paths only under private/)."
-        ),
-    }
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str], mode: int | None = None) -> None:
