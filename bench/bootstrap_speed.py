@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from pipeline.evaluate.bootstrap import Bootstrap, auroc_stat
+from pipeline.stats.bootstrap import Bootstrap, auroc_stat
 from pipeline.evaluate.delong import delong_roc_variance
 
 

@@ -35,15 +35,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from models.errors import WeightsError
 from models.locate import locate_weights, sha256_file
 from pipeline.config import Config
+from pipeline.config.digests import STAGE_VERSIONS, finetune_digest
 from pipeline.errors import ConfigError
 
-# Bump when a stage's code changes what it writes, so old folders are not reused.
-STAGE_VERSIONS = {"ingest": 1, "augment": 1, "finetune": 1, "evaluate": 1}
 DATA_SUFFIXES_IGNORED = (".tmp", ".part", ".swp")
 
 
@@ -288,26 +286,6 @@ def record_plan_choices(plan: StagePlan, inputs: PlanInputs) -> None:
 
 
 # ------------------------------------------------------------------------------------ digests and the plan
-def finetune_digest(cfg: Config, augment_digest: str, weights_sha256: str, warm_start: str | None) -> str:
-    """The one recipe of a FineTune folder's digest (the run's model and every scarce-label study model).
-
-    Args:
-        cfg: The config training uses (a study model's :func:`pipeline.evaluate.study.study_config`).
-        augment_digest: Name of the Augment folder the model trains on.
-        weights_sha256: sha256 of the pretrained weight file loaded, ``"none"`` from scratch: swapping
-            the file retrains, the same content at another path does not (the path is not hashed).
-        warm_start: Name of the FineTune folder whose weights start training, or None.
-    """
-    extra: dict[str, Any] = {
-        "augment": augment_digest,
-        "weights": weights_sha256 if cfg.model.pretrained else "none",
-        "v": STAGE_VERSIONS["finetune"],
-    }
-    if warm_start is not None:
-        extra["warm_start"] = warm_start
-    return cfg.hashed("model", "train", extra=extra)
-
-
 def plan_stages(cfg: Config, inputs: PlanInputs | None = None) -> StagePlan:
     """Compute every stage's output folder for ``cfg`` and the current data snapshot; write nothing.
 

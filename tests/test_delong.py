@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from pipeline.evaluate.bootstrap import Bootstrap, auroc_stat
+from pipeline.stats.bootstrap import Bootstrap, auroc_stat
 from pipeline.evaluate.delong import delong_ci, delong_roc_covariance, delong_roc_test, delong_roc_variance
 
 

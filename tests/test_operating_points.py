@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluate.bootstrap import Bootstrap
+from pipeline.stats.bootstrap import Bootstrap
 from pipeline.evaluate.operating_points import (
     apply_threshold,
     choose_threshold,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from pipeline.config.digests import finetune_digest
 from pipeline.workspace import (
     WEIGHTS_MEMO,
-    finetune_digest,
     gather_plan_inputs,
     plan_stages,
     record_plan_choices,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.evaluate.bootstrap import Bootstrap
+from pipeline.stats.bootstrap import Bootstrap
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
 from pipeline.evaluate.metrics import paired_auroc_difference, value_ci
 

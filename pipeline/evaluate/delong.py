@@ -15,7 +15,7 @@ positives only and ``T_Y`` over negatives only:
 
 The confidence interval is ``AUC +- z * SE`` clipped to [0, 1], as in pROC's ``ci.auc(method="delong")``.
 These are case-level formulas: they assume independent cases. With several cases per patient use the
-cluster bootstrap in ``pipeline.evaluate.bootstrap``.
+cluster bootstrap in ``pipeline.stats.bootstrap``.
 
 Axis order: ``y_true`` (N,); ``scores`` (N,) or (M, N) for M models on the same cases.
 """

@@ -13,7 +13,7 @@ become ``None`` so the result is JSON-able). CI methods:
 * ``"wilson"``: Wilson score interval for a proportion (scipy ``binomtest(...).proportion_ci``); used for
   accuracy, sensitivity, specificity, PPV, NPV when every patient contributes one case.
 * ``"bootstrap"`` / ``"cluster_bootstrap"``: percentile interval of the vectorised (patient-cluster)
-  bootstrap in ``pipeline.evaluate.bootstrap``; used for everything else, and for proportions too when
+  bootstrap in ``pipeline.stats.bootstrap``; used for everything else, and for proportions too when
   some patient has several cases (the Wilson interval would assume independent cases).
 * ``"delong"``: DeLong interval of the AUROC (``pipeline.evaluate.delong``); the AUROC carries both
   ``ci_delong`` and ``ci_bootstrap`` and its ``ci`` is DeLong for independent cases, the cluster

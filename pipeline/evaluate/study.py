@@ -25,6 +25,7 @@ import numpy as np
 from scipy.special import softmax
 
 from pipeline.config import Config
+from pipeline.config.digests import finetune_digest
 from pipeline.io import write_json, write_text
 
 __all__ = [
@@ -62,12 +63,10 @@ def study_config(cfg: Config, label_fraction: float, strategy: str) -> Config:
 
 
 def study_digest(cfg: Config, plan, label_fraction: float, strategy: str) -> str:
-    """Digest of a study model: the FineTune recipe (:func:`pipeline.workspace.finetune_digest`) for its config.
+    """Digest of a study model: the FineTune recipe (:func:`pipeline.config.digests.finetune_digest`).
 
     Same augment folder and pretrained weights as the run (none for ``scratch``), never a warm start.
     """
-    from pipeline.workspace import finetune_digest
-
     scfg = study_config(cfg, label_fraction, strategy)
     weights = getattr(plan, "weights_sha256", "none")
     return finetune_digest(scfg, Path(plan.augment).name, weights, warm_start=None)
@@ -114,7 +113,7 @@ def _split_predictions(cfg: Config, plan, model_dir: Path, split: str):
 
 
 def _discrimination(cfg: Config, sp) -> dict[str, Any]:
-    from pipeline.evaluate.bootstrap import Bootstrap
+    from pipeline.stats.bootstrap import Bootstrap
     from pipeline.evaluate.metrics import discrimination_block
 
     bs = Bootstrap(
@@ -264,7 +263,7 @@ def summarise_study(
 
 def _paired_test(cfg: Config, a, b, auc_a, auc_b) -> dict[str, Any]:
     """Test AUROCs and the paired difference (selected pretrained minus scratch) with its verdict."""
-    from pipeline.evaluate.bootstrap import Bootstrap, score_auroc_stat
+    from pipeline.stats.bootstrap import Bootstrap, score_auroc_stat
     from pipeline.evaluate.compare import paired_auroc_comparison, verdict
 
     if not np.array_equal(a.case, b.case):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
-from pipeline.evaluate.bootstrap import Bootstrap
+from pipeline.stats.bootstrap import Bootstrap
 from pipeline.evaluate.calibrate import fit_calibrator
 from pipeline.trained.calibration import (
     CALIBRATOR_NAMES,

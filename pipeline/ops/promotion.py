@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, PromotionPolicy
-from pipeline.evaluate.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
+from pipeline.stats.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
 from pipeline.ingest.splits import holdout_mask, usable_holdout
 

@@ -29,8 +29,10 @@ __all__ = [
     "auroc_stat",
     "average_precision_stat",
     "confusion_stat",
+    "macro_auroc_stat",
     "mean_stat",
     "percentile_ci",
+    "score_auroc_stat",
     "weighted_auroc",
 ]
 

@@ -188,7 +188,7 @@ def harm_guard(
 
     ``use_semi`` is False only when the whole CI lies below 0 (evidence of harm).
     """
-    from pipeline.evaluate.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
+    from pipeline.stats.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
 
     y = np.asarray(y, dtype=np.int64)
     bs = Bootstrap(len(y), n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=level)
