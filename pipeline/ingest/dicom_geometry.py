@@ -104,8 +104,8 @@ def orientation_ok(iop: Any) -> bool:
 def _degenerate_orientation(where: str) -> IngestError:
     # no value from the file in the message: the field and what was expected suffice
     return IngestError(
-        f"{where}: ImageOrientationPatient (0020,0037) is degenerate (a zero-length or the two cosine vectors "
-        "parallel); expected two orthogonal unit vectors",
+        f"{where}: ImageOrientationPatient (0020,0037) is degenerate (a zero-length cosine vector, or the "
+        "two vectors parallel); expected two orthogonal unit vectors",
         "degenerate_geometry",
     )
 
