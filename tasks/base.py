@@ -7,10 +7,15 @@ atomic rename, a killed run never leaves an output Luigi would take as complete.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import pickle
+import shutil
+import tempfile
+import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import luigi
 
@@ -22,8 +27,77 @@ from pipeline.workspace import StagePlan, data_snapshot, gather_plan_inputs, pla
 _CACHE: dict[tuple[str, int], tuple[Config, StagePlan]] = {}
 _CONFIGS: dict[tuple[str, int], Config] = {}
 _SNAPSHOTS: dict[tuple[str, int], str] = {}
-#: MedtlErrors raised by tasks in this process, for the CLI's one-line error message.
-FAILURES: list[tuple[str, MedtlError]] = []
+
+
+class _Failures(list):
+    """``(task family, MedtlError)`` of the tasks that failed, for the CLI's one-line message and the run
+    summary.
+
+    With several workers Luigi runs each task in a forked child process, and ``on_failure`` runs there: a
+    plain list in the child never reaches the parent. So a child pickles its entry into a private folder
+    made when this module is imported (before any fork), and the parent's list takes the entries in
+    whenever it is read. A MedtlError pickles with its ``code`` and every attribute (models/errors.py), so
+    the parent sees the same error. Only files this process's own children wrote are read (a 0700 folder).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._owner = os.getpid()
+        self._dir = Path(tempfile.mkdtemp(prefix="medtl-failures-"))
+        atexit.register(self._cleanup)
+
+    def _cleanup(self) -> None:
+        if os.getpid() == self._owner:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _take_in(self) -> None:
+        if os.getpid() != self._owner or not self._dir.is_dir():
+            return
+        for path in sorted(self._dir.glob("*.pkl")):
+            try:
+                entry = pickle.loads(path.read_bytes())
+            except Exception:  # noqa: BLE001 - a half-written entry of a killed child: nothing to report
+                continue
+            finally:
+                path.unlink(missing_ok=True)
+            super().append(entry)
+
+    def append(self, entry: Any) -> None:
+        if os.getpid() == self._owner:
+            super().append(entry)
+            return
+        family, err = entry
+        try:
+            blob = pickle.dumps((family, err))
+        except Exception:  # noqa: BLE001 - an attribute that does not pickle: keep message and code
+            blob = pickle.dumps((family, MedtlError(str(err), code=getattr(err, "code", None))))
+        name = f"{time.time_ns()}-{os.getpid()}"
+        tmp = self._dir / f".{name}.tmp"
+        tmp.write_bytes(blob)
+        tmp.rename(self._dir / f"{name}.pkl")  # atomic: the parent never reads half an entry
+
+    def __iter__(self):
+        self._take_in()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._take_in()
+        return super().__len__()
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __getitem__(self, index):
+        self._take_in()
+        return super().__getitem__(index)
+
+    def clear(self) -> None:
+        self._take_in()
+        super().clear()
+
+
+#: MedtlErrors raised by tasks of this run (in this process or in Luigi's worker processes).
+FAILURES: list[tuple[str, MedtlError]] = _Failures()
 
 
 def clear_plan_cache() -> None:

@@ -173,3 +173,45 @@ def test_ingest_decoder_pool_returns_codes_to_the_parent(tmp_path: Path) -> None
     assert len(ok) == 3 and all(m["shape"] == [128, 128, 3] for m in ok)
     first_ok = next(j for j, r in zip(jobs, results, strict=True) if not isinstance(r, IngestError))
     assert np.load(first_ok.cache_file).shape == (128, 128, 3)
+
+
+# ------------------------------------------------------------------------------ Luigi worker processes
+def _failing_task_class():
+    """A StageTask that fails with an IngestError (built here: tasks/ imports luigi)."""
+    import luigi
+
+    from tasks.base import StageTask
+
+    class FailingIngest(StageTask):
+        stage = "ingest"
+        tag = luigi.Parameter(default="x")
+
+        def output(self):
+            return luigi.LocalTarget(self.tag)  # never written: the task fails
+
+        def run(self):
+            raise IngestError("Ingest: no case could be ingested from 3 input(s)", code="nothing_ingested")
+
+    return FailingIngest
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_task_failure_reaches_the_cli_with_its_code(tmp_path: Path, workers: int) -> None:
+    """With several Luigi workers a task runs (and fails) in a forked child process; the CLI, in the
+    parent, must still get the MedtlError and its code (tasks.base.FAILURES)."""
+    import luigi
+
+    from tasks.base import FAILURES
+
+    FAILURES.clear()
+    task = _failing_task_class()(config="unused.yaml", tag=str(tmp_path / f"out{workers}"))
+    result = luigi.build(
+        [task], workers=workers, local_scheduler=True, detailed_summary=True, log_level="ERROR"
+    )
+    assert not result.scheduling_succeeded or result.status.name == "FAILED"
+    failures = list(FAILURES)
+    assert len(failures) == 1
+    family, err = failures[0]
+    assert family == "FailingIngest" and isinstance(err, IngestError) and err.code == "nothing_ingested"
+    FAILURES.clear()
+    assert not FAILURES
