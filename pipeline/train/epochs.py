@@ -201,13 +201,7 @@ def train_epochs(
     repeats = max(1, math.ceil(tc.min_steps_per_epoch * bs / len(train)))
     steps_per_epoch = max(1, (repeats * len(train)) // bs)
     sched = _scheduler(opt, tc, steps_per_epoch)
-    counts = np.bincount(train.y, minlength=num_classes).astype(np.float64)
-    weights = None
-    if tc.class_weighting == "balanced":
-        weights = torch.tensor(
-            len(train.y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
-        )
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing, reduction="sum")
+    loss_fn = _loss_fn(tc, train.y, num_classes, device)
     scaler = torch.amp.GradScaler(
         "cuda", enabled=device.type == "cuda" and tc.amp and not torch.cuda.is_bf16_supported()
     )
@@ -228,24 +222,11 @@ def train_epochs(
     last = work_dir / "last.pt"
     resumed = None
     if last.exists():
-        ck = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        state = json.loads(ck["state"])
-        if schedule is not None:  # the trainable set of the last finished epoch, before the optimizer state
-            schedule.apply(model, max(0, state["epoch"] - 1))
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
-        torch.set_rng_state(ck["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in ck:
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        state = _resume(last, model, schedule, opt, sched, scaler, ema, device)
         resumed = state["epoch"]
         log.info("FineTune[%s]: resuming after epoch %d from %s", strategy, state["epoch"], last)
 
     tb = _TBLog(work_dir / "tensorboard", enabled=dist.main)
-    pos = cfg.task.positive_index
     net = _wrap_ddp(model, dist, device)
     n_trainable = None
     while state["epoch"] < tc.epochs and state["bad_epochs"] < tc.patience:
@@ -270,7 +251,6 @@ def train_epochs(
         if strategy in ("partial", "gradual"):
             set_frozen_bn_eval(model)
         t0 = time.perf_counter()
-        total, n_seen, waited = 0.0, 0, 0.0
         bar = tqdm(
             total=len(steps),
             desc=f"{strategy} epoch {epoch + 1}/{tc.epochs}",
@@ -278,41 +258,13 @@ def train_epochs(
             disable=not (progress and dist.main),
             unit="step",
         )
-        it = iter(loader)
-        for step in steps:
-            n_local = sum(len(m) for m in step)
-            opt.zero_grad(set_to_none=True)
-            for j in range(len(step)):
-                tw = time.perf_counter()
-                xb, yb = next(it)
-                waited += time.perf_counter() - tw
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    xb = xb.contiguous(
-                        memory_format=torch.channels_last if xb.ndim == 4 else torch.channels_last_3d
-                    )
-                sync = j == len(step) - 1 or dist.world == 1
-                ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
-                    with autocast(device, tc.amp):
-                        loss = loss_fn(net(xb), yb) / n_local
-                    scaler.scale(loss).backward()
-                total += float(loss.detach()) * n_local
-                n_seen += len(yb)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / max(1, n_seen):.4f}")
+        total, n_seen, waited = _optimizer_steps(
+            net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, tc.amp, bar
+        )
         bar.close()
         seconds = time.perf_counter() - t0
         judged = ema.module if ema is not None else model  # the EMA weights are the ones kept
-        logits = predict_logits(with_tta(judged, tc.tta, cfg.preprocess.spatial_dims), val.x, device)
-        probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-        vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
-        score = val_score(val.y, probs, pos)
+        score, vloss = judge(cfg, judged, val, device)
         key_score = score if not math.isnan(score) else -vloss
         improved = key_score > state["best_score"] + 1e-4
         if improved:
@@ -346,20 +298,7 @@ def train_epochs(
             row["images_per_s"],
         )
         if dist.main:
-            ck = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "state": json.dumps(state),
-            }
-            if ema is not None:
-                ck["ema"] = ema.state_dict()
-            if device.type == "cuda":
-                ck["cuda_rng"] = torch.cuda.get_rng_state(device)
-            with atomic_path(last) as tmp:
-                torch.save(ck, tmp)
+            _save_checkpoint(last, model, opt, sched, scaler, ema, state, device)
             write_history(work_dir / "history.csv", state["history"])
             tb.epoch(row)
         dist.barrier()
@@ -376,6 +315,93 @@ def train_epochs(
         "resumed_after_epoch": resumed,
     }
 
+
+
+def _loss_fn(tc, y: np.ndarray, num_classes: int, device: torch.device) -> nn.Module:
+    """Summed cross-entropy, with inverse-frequency class weights when ``train.class_weighting: balanced``."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    weights = None
+    if tc.class_weighting == "balanced":
+        weights = torch.tensor(len(y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing, reduction="sum")
+
+
+def judge(cfg: Config, model: nn.Module, val: SplitData, device: torch.device) -> tuple[float, float]:
+    """Validation AUROC (NaN when undefined) and loss of ``model`` with the run's TTA."""
+    logits = predict_logits(with_tta(model, cfg.train.tta, cfg.preprocess.spatial_dims), val.x, device)
+    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
+    return val_score(val.y, probs, cfg.task.positive_index), vloss
+
+
+def _optimizer_steps(net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, amp, bar):
+    """One epoch's optimizer steps (micro-batches accumulated); returns summed loss, cases seen, data wait."""
+    total, n_seen, waited = 0.0, 0, 0.0
+    it = iter(loader)
+    for step in steps:
+        n_local = sum(len(m) for m in step)
+        opt.zero_grad(set_to_none=True)
+        for j in range(len(step)):
+            tw = time.perf_counter()
+            xb, yb = next(it)
+            waited += time.perf_counter() - tw
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if device.type == "cuda":
+                xb = xb.contiguous(
+                    memory_format=torch.channels_last if xb.ndim == 4 else torch.channels_last_3d
+                )
+            sync = j == len(step) - 1 or dist.world == 1
+            ctx = net.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with autocast(device, amp):
+                    loss = loss_fn(net(xb), yb) / n_local
+                scaler.scale(loss).backward()
+            total += float(loss.detach()) * n_local
+            n_seen += len(yb)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / max(1, n_seen):.4f}")
+    return total, n_seen, waited
+
+
+def _save_checkpoint(path: Path, model, opt, sched, scaler, ema, state: dict[str, Any], device) -> None:
+    """``last.pt``: everything a resumed run needs to continue exactly (written atomically)."""
+    ck = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "state": json.dumps(state),
+    }
+    if ema is not None:
+        ck["ema"] = ema.state_dict()
+    if device.type == "cuda":
+        ck["cuda_rng"] = torch.cuda.get_rng_state(device)
+    with atomic_path(path) as tmp:
+        torch.save(ck, tmp)
+
+
+def _resume(path: Path, model, schedule, opt, sched, scaler, ema, device) -> dict[str, Any]:
+    """Load ``last.pt`` into the training objects; return the early-stopping state."""
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(ck["model"])
+    state = json.loads(ck["state"])
+    if schedule is not None:  # the trainable set of the last finished epoch, before the optimizer state
+        schedule.apply(model, max(0, state["epoch"] - 1))
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    scaler.load_state_dict(ck["scaler"])
+    if ema is not None:
+        ema.load_state_dict(ck["ema"])
+    torch.set_rng_state(ck["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in ck:
+        torch.cuda.set_rng_state(ck["cuda_rng"], device)
+    return state
 
 
 
