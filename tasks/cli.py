@@ -216,6 +216,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from pipeline.active.suggest import suggest_cases
+    from pipeline.errors import MedtlError
+    from pipeline.workspace import plan_stages
+
+    try:
+        cfg, _ = _workspace(args.config)
+        summary = suggest_cases(cfg, plan_stages(cfg), args.n, args.strategy)
+    except MedtlError as err:
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    if not summary["suggested"]:
+        print(f"No unlabelled case to suggest ({summary['unlabelled_cases']} unlabelled, "
+              f"{summary['unlabelled_of_held_out_patients']} of patients in val/calibration/test).")
+        return 0
+    print(f"Suggested {summary['suggested']} of {summary['candidates']} unlabelled case(s) to label next "
+          f"({summary['strategy']}); the labeller's list (source files: private) is "
+          f"<workspace>/{summary['list']}")
+    return 0
+
+
 def _cmd_gc(args: argparse.Namespace) -> int:
     from pipeline.errors import MedtlError
     from pipeline.ops.gc import run_gc
@@ -294,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", default=None, help="folder (default WORKSPACE/predict/<time>)")
     pr.add_argument("--model", type=int, default=None, help="registry id (default: the champion)")
     pr.set_defaults(func=_cmd_predict)
+
+    sg = sub.add_parser("suggest", help="rank unlabelled cases to label next (list written to the private folder)")
+    sg.add_argument("config")
+    sg.add_argument("-n", type=int, default=20, help="how many cases (default 20)")
+    sg.add_argument(
+        "--strategy",
+        choices=("typiclust", "entropy", "margin", "coreset", "probcover", "random"),
+        default=None,
+        help="ranking strategy (default: typiclust)",
+    )
+    sg.set_defaults(func=_cmd_suggest)
 
     g = sub.add_parser("gc", help="apply the retention policy (never removes what a registered model needs)")
     g.add_argument("config")

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own package and any lower layer, never a higher one):
 ``models`` < the base modules (``pipeline.errors``, ``io``, ``config``, ``stats``, ``demo``) < ``ingest`` <
-``augment`` < ``trained`` < ``train`` < ``evaluate`` < ``report`` < ``ops`` < ``workspace`` < ``tasks``.
+``augment`` < ``trained`` < ``train`` < ``evaluate`` < ``active`` < ``report`` < ``ops`` < ``workspace`` < ``tasks``.
 Lazy imports inside functions count too.
 """
 
@@ -22,6 +22,7 @@ LAYERS = [
     ["pipeline.trained"],
     ["pipeline.train"],
     ["pipeline.evaluate"],
+    ["pipeline.active"],
     ["pipeline.report"],
     ["pipeline.ops"],
     ["pipeline.workspace"],
