@@ -23,6 +23,7 @@ from pipeline.config import Config
 from pipeline.evaluate.compare import PreviousScores, compare_models
 from pipeline.evaluate.gradcam import Explanation, select_cases
 from pipeline.evaluate.metrics import wilson_ci
+from pipeline.evaluate.reporting import reporting_items
 from pipeline.evaluate.stage import add_val_operating_points
 from pipeline.evaluate.study import summarise_study
 from pipeline.evaluate.summary import EvalOptions, SplitPredictions, TaskInfo, evaluate_run
@@ -108,6 +109,30 @@ def _write_plan(root: Path, names: list[str]) -> StagePlan:
         for e in range(1, 4):
             w.writerow([e, 0.7 / e, 0.6 / e**0.5, 0.7 + 0.05 * e, e == 2])
     return plan
+
+
+def _write_index(augment: Path, rng: np.random.Generator, k: int) -> None:
+    """An Augment ``index.csv`` with 600 training cases (the train split's characteristics)."""
+    with open(augment / "index.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            [
+                "case_id",
+                "patient_id",
+                "split",
+                "label_index",
+                "sex",
+                "age_band",
+                "manufacturer",
+                "modality",
+                "group_site",
+            ]
+        )
+        for i in range(600):
+            sex = "" if i < 4 else ("F" if rng.random() < 0.9 else "M")
+            w.writerow(
+                [f"CT{i:05d}", f"PT{i:04d}", "train", i % k, sex, "", "", "", "site-a" if i % 2 else "site-b"]
+            )
 
 
 def _study(cfg: Config, test: SplitPredictions, pos: int, rng: np.random.Generator) -> dict:
@@ -199,6 +224,8 @@ def build_report(
     )
     if kind == "binary":
         metrics["study"] = _study(cfg, test, cfg.task.positive_index, rng)
+    _write_index(plan.augment, rng, k)
+    metrics["reporting"] = reporting_items(cfg, preds, result.calibrated, metrics, plan.augment)
     cases = select_cases(test.y, result.calibrated["test"], list(test.case), names, 2)
     imgs = rng.random((len(cases), 1, 24, 24))
     cams = rng.random((len(cases), 24, 24))
@@ -226,8 +253,14 @@ def test_every_section_is_present(binary_report: Path) -> None:
         "Discrimination and calibration on the test split",
         "Operating points (chosen on validation, reported on test)",
         "Conformal prediction sets",
+        "Participant flow and sample size",
+        "Participant characteristics per split",
+        "Reference standard and class imbalance",
         "Subgroups (test split)",
+        "Subgroup fairness and calibration differences (test split)",
+        "Heterogeneity across sites (test split)",
         "Patient-level metrics (test split)",
+        "Error analysis (test split)",
         "Explanations (Grad-CAM)",
         "Scarce labels: label efficiency and strategies",
         "Comparison with the previous model",
@@ -243,6 +276,7 @@ def test_every_section_is_present(binary_report: Path) -> None:
         "decision_curve",
         "gradcam",
         "label_efficiency",
+        "flow",
     ):
         assert f"id='fig-{fig}'" in html, fig
     text = _text(html)
@@ -380,13 +414,13 @@ def test_real_report_pdf_reads_in_order(binary_report: Path) -> None:
     text = _flat(pdf_text(pdf))
     html_text = _text((binary_report / "report.html").read_text())
     headings = re.findall(r"<h2>([^<]+)</h2>", (binary_report / "report.html").read_text())
-    assert len(headings) == 13
+    assert len(headings) == 19
     _in_order(text, ["Synthetic committee report"] + [html_mod.unescape(h) for h in headings])
     sentences = [
         "No patient appears in two splits.",
         "Every figure is given before and after post-hoc calibration (temperature)",
         "Split-conformal sets fitted on the 120 calibration cases",
-        "Internal validation only: the test split (300 cases) comes from the same source as the training data;",
+        "Internal validation only: the 300 test cases (",
     ]
     _in_order(text, sentences)
     assert all(s in html_text for s in sentences)
@@ -528,7 +562,9 @@ def test_report_without_a_calibrator(tmp_path) -> None:
     assert metrics["evaluation"]["test"]["calibrated"] is None
     html = (out / "report.html").read_text()
     text = _text(html)
-    assert "id='fig-reliability'" in html and "No calibrator applied: uncalibrated probabilities only." in text
+    assert (
+        "id='fig-reliability'" in html and "No calibrator applied: uncalibrated probabilities only." in text
+    )
     assert "Probabilities (no calibrator applied) per true class" in text
     assert "ECE after calibration" not in text and "Test AUROC" in text
     assert "No calibrator applied" in _flat(pdf_text(out / "report.pdf"))

@@ -23,6 +23,7 @@ from scipy.special import softmax
 
 from pipeline.augment.stage import read_index
 from pipeline.config import Config
+from pipeline.evaluate.reporting import reporting_items
 from pipeline.io import write_json, write_text
 from pipeline.train.data import load_split
 from pipeline.train.loop import load_oof
@@ -193,6 +194,7 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
         from pipeline.evaluate.study import collect_study
 
         metrics["study"] = collect_study(cfg, plan)
+    metrics["reporting"] = reporting_items(cfg, preds, result.calibrated, metrics, Path(plan.augment))
     metrics["headline"] = headline(metrics)
     explanations = explain(cfg, preds, result.calibrated, kept)
     _write_predictions(out_dir / "predictions.csv", preds, result.calibrated, cfg.task.class_names)
@@ -332,36 +334,75 @@ def compare_with_previous(cfg: Config, preds: dict[str, Any], kept: dict[str, An
 
 def explain(cfg: Config, preds: dict[str, Any], calibrated: dict[str, np.ndarray], kept: dict[str, Any]) -> list:
     """Grad-CAM maps (:class:`pipeline.evaluate.gradcam.Explanation`) of the most confident correct and
-    wrong test cases; the report draws them.
+    wrong test cases, then of the most confident false positives and false negatives of the error analysis
+    (:func:`pipeline.evaluate.reporting.error_cases`); the report draws them.
 
     Errors are logged and give no explanation: explanations must never fail an evaluation.
     """
     n = cfg.evaluate.explain_cases
     if n <= 0 or "test" not in preds or kept.get("test_x") is None:
         return []
+    from pipeline.evaluate.gradcam import CamCase, Explanation, select_cases
+    from pipeline.evaluate.reporting import error_cases
+
+    names = cfg.task.class_names
+    sp = preds["test"]
+    y = np.asarray(sp.y)
+    probs = calibrated.get("test", softmax(sp.logits, axis=1))
+    pos = cfg.task.positive_index if cfg.task.kind == "binary" else None
+    groups = [
+        (
+            select_cases(y, probs, list(sp.case), names, n),
+            "Grad-CAM of the predicted class for the {ok} most confident correct and the {bad} most confident "
+            "wrong test predictions",
+        )
+    ]
+    errors = []
+    for cname, kinds in error_cases(y, probs, names, pos, n).items():
+        k = names.index(cname)
+        for i in kinds["false_positives"] + kinds["false_negatives"]:
+            pred = k if i in kinds["false_positives"] else (1 - k if pos is not None else int(probs[i].argmax()))
+            errors.append(CamCase(int(i), str(sp.case[i]), names[int(y[i])], names[pred], float(probs[i, k]), False))
+    if errors:
+        groups.append(
+            (
+                errors,
+                "Error analysis: Grad-CAM of the predicted class for the most confident false positives and false "
+                "negatives (the cases listed in the error analysis; probability shown is that of the class in error)",
+            )
+        )
+    out = []
+    for cases, words in groups:
+        if not cases:
+            continue
+        cams = _grad_cam_of(cases, names, kept)
+        if cams is None:
+            return out
+        images, maps = cams
+        n_ok = sum(c.correct for c in cases)
+        caption = (
+            words.format(ok=n_ok, bad=len(cases) - n_ok)
+            + " (preprocessed model inputs; red = regions that raised the predicted class's score; captions give "
+            "pseudonymous case ids only). A heat map shows where the model looked, not why, and is no proof of "
+            "clinically meaningful features."
+        )
+        out.append(Explanation(images, maps, cases, caption))
+    return out
+
+
+def _grad_cam_of(cases: list, names: list[str], kept: dict[str, Any]):
+    """``(inputs, maps)`` of the predicted class of ``cases``, or None (logged) when Grad-CAM fails."""
     import torch
 
-    from pipeline.evaluate.gradcam import Explanation, grad_cam, select_cases
+    from pipeline.evaluate.gradcam import grad_cam
 
-    sp = preds["test"]
-    probs = calibrated.get("test", softmax(sp.logits, axis=1))
-    cases = select_cases(np.asarray(sp.y), probs, list(sp.case), cfg.task.class_names, n)
-    if not cases:
-        return []
     try:
         idx = [c.index for c in cases]
         scorer = kept["scorer"]
         x = torch.from_numpy(np.asarray(kept["test_x"][idx], dtype=np.float32)).to(scorer.device)
-        pred = [cfg.task.class_names.index(c.pred_name) for c in cases]
+        pred = [names.index(c.pred_name) for c in cases]
         cams = grad_cam(scorer.explanation_network(), x, target=pred)
     except (RuntimeError, ValueError) as err:
         log.warning("Evaluate: Grad-CAM failed (%s); the report has no explanation figure", err)
-        return []
-    n_ok = sum(c.correct for c in cases)
-    caption = (
-        f"Grad-CAM of the predicted class for the {n_ok} most confident correct and the {len(cases) - n_ok} most "
-        "confident wrong test predictions (preprocessed model inputs; red = regions that raised the predicted "
-        "class's score; captions give pseudonymous case ids only). A heat map shows where the model looked, "
-        "not why, and is no proof of clinically meaningful features."
-    )
-    return [Explanation(x.cpu().numpy(), cams, cases, caption)]
+        return None
+    return x.cpu().numpy(), cams

@@ -11,6 +11,15 @@ from pipeline.report.document import Doc
 from pipeline.report.sections.checklist import checklist_section
 from pipeline.report.sections.conformal import conformal_section
 from pipeline.report.sections.inputs import ReportInputs
+from pipeline.report.sections.items import (
+    characteristics_section,
+    error_section,
+    external_section,
+    fairness_section,
+    flow_section,
+    methods_section,
+    site_section,
+)
 from pipeline.report.sections.operating_points import operating_points_section
 from pipeline.report.sections.overview import data_section, model_section, summary_section
 from pipeline.report.sections.performance import explanations_section, performance_section
@@ -34,13 +43,20 @@ def build_document(
     doc = Doc()
     summary_section(doc, run)
     data_section(doc, run)
+    flow_section(doc, run)
+    characteristics_section(doc, run)
     model_section(doc, run)
+    methods_section(doc, run)
     performance_section(doc, run)
     operating_points_section(doc, metrics, run.prim, run.names, run.pos)
     conformal_section(doc, metrics)
     subgroup_section(doc, metrics)
+    fairness_section(doc, metrics)
+    site_section(doc, metrics)
     patient_section(doc, metrics)
+    error_section(doc, metrics)
     explanations_section(doc, run)
+    external_section(doc, metrics)
     study_section(doc, metrics)
     comparison_section(doc, metrics)
     checklist_section(doc, run)

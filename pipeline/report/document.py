@@ -100,6 +100,48 @@ def metric_rows(block: dict[str, Any], prefix: str = "", depth: int = 3) -> list
     return rows
 
 
+def level_words(metrics: dict[str, Any]) -> str:
+    """The confidence level of the run's intervals, from ``metrics.options.ci_level`` (``"95%"``)."""
+    level = (metrics.get("options") or {}).get("ci_level")
+    if not isinstance(level, (int, float)):
+        return "stated"  # no level recorded: say nothing false
+    return f"{100 * level:.4g}%"
+
+
+#: How each ``ci_method`` of ``metrics.json`` is named in a sentence.
+CI_METHOD_WORDS = {
+    "wilson": "Wilson score",
+    "delong": "DeLong",
+    "bootstrap": "case bootstrap",
+    "cluster_bootstrap": "patient-cluster bootstrap",
+    "bootstrap_bias_shifted": "case bootstrap, bias-shifted",
+    "cluster_bootstrap_bias_shifted": "patient-cluster bootstrap, bias-shifted",
+}
+
+
+def ci_methods_sentence(blocks: list[dict[str, Any]], n_bootstrap: Any = None) -> str:
+    """Which interval method each metric of ``blocks`` carries (its ``ci_method``), as one sentence.
+
+    E.g. ``"Interval methods: DeLong for AUROC; Wilson score for accuracy, sensitivity; patient-cluster
+    bootstrap (2000 resamples) for AUPRC."`` Read from the metrics, so it cannot disagree with them.
+    """
+    by_method: dict[str, list[str]] = {}
+    for block in blocks:
+        for name, m in metric_rows(block or {}, depth=1):
+            method = m.get("ci_method")
+            if method and m.get("ci") and nice(name) not in by_method.setdefault(method, []):
+                by_method[method].append(nice(name))
+    if not by_method:
+        return "No interval method is recorded in the metrics."
+    parts = []
+    for method, names in by_method.items():
+        words = CI_METHOD_WORDS.get(method, method.replace("_", " "))
+        if "bootstrap" in method and n_bootstrap:
+            words += f" ({n_bootstrap} resamples)"
+        parts.append(f"{words} for {', '.join(names)}")
+    return "Interval methods: " + "; ".join(parts) + "."
+
+
 @dataclass(frozen=True)
 class Table:
     """A table: header, rows of cell texts, and which columns are numeric (right-aligned)."""

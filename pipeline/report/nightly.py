@@ -52,7 +52,9 @@ def nightly_document(record: dict[str, Any], drift_history: list[dict[str, Any]]
         doc.p(f"Full evaluation report of tonight's model: {record['report']} (relative to the workspace).")
     headline = record.get("headline") or {}
     if headline:
-        doc.table(["test figure", "value [95% CI]"], [[k.replace("_", " "), fmt(v)] for k, v in headline.items()])
+        doc.table(
+            ["test figure", "value [95% CI]"], [[k.replace("_", " "), fmt(v)] for k, v in headline.items()]
+        )
 
     doc.h("Champion / challenger decision")
     if not decision:
@@ -95,7 +97,9 @@ def _flatten(d: Any, prefix: str = "", depth: int = 3) -> list[tuple[str, Any]]:
     return out
 
 
-def write_nightly_report(path: Path, record: dict[str, Any], drift_history: list[dict[str, Any]] | None = None) -> None:
+def write_nightly_report(
+    path: Path, record: dict[str, Any], drift_history: list[dict[str, Any]] | None = None
+) -> None:
     """Write the nightly report HTML to ``path`` (atomically)."""
     doc = nightly_document(record, drift_history)
     subtitle = f"night {record.get('night', '?')}, data snapshot {record.get('data_snapshot', '?')}, run '{record.get('name', '')}'"

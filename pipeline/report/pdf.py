@@ -194,7 +194,9 @@ def write_pdf(doc: Doc, path: Path, title: str, subtitle: str) -> None:
             story.append(_para(f"Warning: {x}", st["warn"]))
         elif kind == "kpi":  # key figures become a two-column table
             rows = [[a, b] for a, b in x]
-            story.append(_table(DocTable(["figure", "value (95% CI)"], rows, numeric_columns(rows, 2))))
+            story.append(
+                _table(DocTable(["figure", "value [confidence interval]"], rows, numeric_columns(rows, 2)))
+            )
         elif kind == "table":
             story.append(_table(x))
         elif kind == "fig":

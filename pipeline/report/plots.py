@@ -53,11 +53,13 @@ def reliability_figure(
     bins_before: list[dict],
     bins_after: list[dict] | None,
     xlabel: str,
+    level: str = "95%",
     titles: tuple[str, str] = ("uncalibrated", "calibrated"),
 ):
     """Reliability diagrams before/after calibration from the metrics' reliability bins.
 
-    Each bin dict has ``mean_confidence``, ``observed_frequency``, ``observed_ci`` (Wilson 95%) and
+    ``level`` names the confidence level of the bars (``metrics.options.ci_level``).
+    Each bin dict has ``mean_confidence``, ``observed_frequency``, ``observed_ci`` (Wilson) and
     ``count`` (see docs/metrics_schema.md); counts are written next to the points. With ``bins_after``
     None (no calibrator applied) only the uncalibrated panel is drawn.
     """
@@ -74,7 +76,7 @@ def reliability_figure(
         hi = np.array([b["observed_ci"][1] for b in bins], dtype=float)
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
         yerr = np.clip(np.vstack([f - lo, hi - f]), 0, None)
-        ax.errorbar(x, f, yerr=yerr, fmt="o-", ms=4, capsize=2, label="observed (95% CI)")
+        ax.errorbar(x, f, yerr=yerr, fmt="o-", ms=4, capsize=2, label=f"observed ({level} CI)")
         for b, cx, fy in zip(bins, x, f, strict=True):
             ax.annotate(
                 str(b["count"]),
@@ -160,9 +162,9 @@ def decision_curve_figure(curve: dict):
 
 
 def label_efficiency_figure(
-    runs: list[dict], metric: str = "AUROC", key: str = "test_auroc", split: str = "test"
+    runs: list[dict], metric: str = "AUROC", key: str = "test_auroc", split: str = "test", level: str = "95%"
 ):
-    """AUROC (95% CI bars) against the share of training labels, one line per strategy.
+    """AUROC (CI bars at ``level``) against the share of training labels, one line per strategy.
 
     Each run dict has ``strategy``, ``label_fraction`` and ``key`` (``{"value", "ci"}``, or None / absent
     when not scored); ``split`` names the split on the axis and in the title.
@@ -192,7 +194,7 @@ def label_efficiency_figure(
     ax.minorticks_off()
     ax.axhline(0.5, c="grey", lw=0.8, ls=":")
     ax.set_xlabel("share of training labels used")
-    ax.set_ylabel(f"{split} {metric} (95% CI)")
+    ax.set_ylabel(f"{split} {metric} ({level} CI)")
     ax.set_title(f"Label efficiency, {split} split")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -246,4 +248,36 @@ def explanation_figure(images: np.ndarray, cams: np.ndarray, cases: Sequence[Any
                     color="black" if case.correct else "firebrick",
                 )
     fig.tight_layout(h_pad=1.2)
+    return fig
+
+
+def flow_figure(boxes: list[tuple[str, list[str]]], exclusions: list[str], splits: list[str]):
+    """Participant-flow diagram: a column of boxes, the exclusions beside the first arrow, then one box per
+    split (every text is already formatted from counts by the caller)."""
+    from matplotlib.patches import FancyBboxPatch
+
+    n_rows = len(boxes) + 1
+    fig, ax = plt.subplots(figsize=(7.5, 1.25 * n_rows + 0.4))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, n_rows)
+    ax.axis("off")
+
+    def box(x: float, y: float, w: float, text: str, fc: str = "#eef3f8") -> None:
+        ax.add_patch(
+            FancyBboxPatch((x - w / 2, y - 0.35), w, 0.7, boxstyle="round,pad=0.05", fc=fc, ec="#335")
+        )
+        ax.text(x, y, text, ha="center", va="center", fontsize=7.5, wrap=True)
+
+    for i, (title, lines) in enumerate(boxes):
+        y = n_rows - 0.5 - i
+        box(4.0, y, 5.0, "\n".join([title] + lines))
+        if i < len(boxes) - 1 or splits:
+            ax.annotate("", (4.0, y - 0.95), (4.0, y - 0.4), arrowprops={"arrowstyle": "->", "color": "#335"})
+        if i == 0 and exclusions:
+            box(8.4, y - 0.5, 3.0, "\n".join(["excluded, by code:"] + exclusions), fc="#fbeaea")
+            ax.annotate("", (6.85, y - 0.5), (4.0, y - 0.5), arrowprops={"arrowstyle": "->", "color": "#933"})
+    w = 10.0 / max(len(splits), 1)
+    for j, text in enumerate(splits):
+        box(w * (j + 0.5), 0.5, w - 0.25, text, fc="#eef8ee")
+    fig.tight_layout()
     return fig

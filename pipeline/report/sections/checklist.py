@@ -1,4 +1,9 @@
-"""Reporting checklist (TRIPOD+AI / CLAIM) and limitations."""
+"""Reporting checklist (TRIPOD+AI / CLAIM) and limitations, every sentence from the run's numbers.
+
+Item numbers: TRIPOD+AI (Collins et al., BMJ 2024;385:e078378). CLAIM numbers follow the 2020 checklist
+(Mongan et al., Radiol Artif Intell 2020); the 2024 update's numbering could not be checked from here and is
+flagged in the report.
+"""
 
 from __future__ import annotations
 
@@ -6,81 +11,196 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.report.document import Doc
+from pipeline.report.document import Doc, fmt, level_words
 from pipeline.report.sections.inputs import ReportInputs
+
+CLAIM_NOTE = (
+    "Item numbers: TRIPOD+AI 2024 (Collins et al., BMJ 2024); CLAIM as numbered in its 2020 checklist "
+    "(check against the CLAIM 2024 update before submission). 'not done' marks an item this run does not cover."
+)
 
 
 def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> list[list[str]]:
+    """Rows ``[item, TRIPOD+AI, CLAIM, where in this report]``."""
+    rep = metrics.get("reporting") or {}
+    cal = metrics.get("calibration") or {}
+    subgroups = metrics.get("subgroups") or {}
     return [
         [
-            "Data source and eligibility (CLAIM 7-8, TRIPOD+AI 5)",
-            "Data and splits: inputs read, cases ingested, reasons for exclusion",
+            "Data sources, eligibility",
+            "5a, 6b",
+            "7, 8",
+            "Data and splits; Participant flow (exclusions by code)",
+        ],
+        ["Data preparation", "7", "9", "Model and training (input size, channels)"],
+        [
+            "De-identification",
+            "-",
+            "12",
+            f"Data and splits: {ingest.get('deidentification') or 'keyed pseudonyms'}",
         ],
         [
-            "De-identification method (CLAIM 12)",
-            "Data and splits: keyed HMAC pseudonyms; private mapping kept apart",
+            "Missing data",
+            "11",
+            "13",
+            "Participant characteristics (missing subgroup values, not imputed)"
+            if rep.get("participants")
+            else "not done",
         ],
         [
-            "Sample size and class balance (TRIPOD+AI 9, CLAIM 19)",
-            "Data and splits table (cases, patients, per class, per split)",
+            "Reference standard (outcome definition)",
+            "8a",
+            "14-16",
+            f"Reference standard: column '{cfg.data.label_column}' of {Path(cfg.data.labels_csv).name}"
+            + (
+                ""
+                if getattr(cfg.report, "reference_standard", None)
+                else "; how labels were set: not recorded"
+            ),
         ],
         [
-            "Data partitioning, patient level (CLAIM 21, TRIPOD+AI 10)",
-            f"Split rule: {ingest.get('split_rule', 'n/a')}",
+            "Sample size",
+            "10",
+            "19",
+            "Participant flow and sample size (events per split, detectable difference)"
+            if rep.get("sample_size")
+            else "Data and splits table",
         ],
         [
-            "Reference standard / labels (CLAIM 14-16)",
-            f"Labels from {Path(cfg.data.labels_csv).name}, column '{cfg.data.label_column}'",
-        ],
-        ["Model, initialisation and training (CLAIM 22-26)", "Model and training table, training curves"],
-        ["Discrimination with CIs (TRIPOD+AI 23, CLAIM 28-29)", "Discrimination table (95% CIs)"],
-        [
-            "Calibration (TRIPOD+AI 12e/23)",
-            "Calibration method fitted on its own split; reliability diagrams, ECE, Brier, slope/intercept",
+            "Data partitioning, level of disjointness",
+            "12a",
+            "20, 21",
+            f"Split rule: {ingest.get('split_rule', 'n/a')}; patient level",
         ],
         [
-            "Operating points and clinical utility (TRIPOD+AI 12)",
-            "Operating points chosen on validation; decision curve",
+            "Model, initialisation, training, ensembling",
+            "12c",
+            "22-27",
+            "Model and training (weights per member)",
         ],
         [
-            "Subgroup / fairness analysis (TRIPOD+AI 14, CLAIM 34)",
-            "Subgroups section" if metrics.get("subgroups") else "no subgroup columns in this data",
+            "Class imbalance",
+            "13",
+            "-",
+            f"Reference standard and class imbalance ({cfg.train.class_weighting} weighting, {cfg.train.sampler} sampler)",
         ],
         [
-            "Failure analysis (CLAIM 37)",
-            "Probability histogram; operating-point confusion matrices"
-            + ("; Grad-CAM of correct and wrong cases" if cfg.evaluate.explain_cases else ""),
+            "Fairness",
+            "14, 23a",
+            "-",
+            "Subgroup fairness and calibration differences"
+            if rep.get("subgroup_differences")
+            else ("Subgroups (per-group tables only)" if subgroups else "not done: no subgroup column"),
+        ],
+        ["Model output, thresholds and rationale", "15", "-", "Operating points (threshold rationale)"],
+        [
+            "Performance measures with uncertainty",
+            "12e, 23a",
+            "28, 29, 35, 36",
+            f"Discrimination and calibration ({level_words(metrics)} CIs; interval method per metric)",
         ],
         [
-            "Uncertainty of individual predictions",
-            "Conformal prediction sets (coverage and set size per class)"
-            if (metrics.get("conformal") or {}).get("methods")
-            else "no conformal sets (no calibration split)",
+            "Model updating (recalibration)",
+            "12f, 24",
+            "-",
+            f"Calibration: {cal.get('applied', 'none')}" + (" (declined)" if cal.get("declined") else ""),
         ],
         [
-            "Unit of analysis (CLAIM 32)",
-            "Patient-level metrics section"
-            if metrics.get("patient_level")
-            else "one case per patient in the test split: case level = patient level",
+            "Heterogeneity across clusters (sites)",
+            "12d, 23b",
+            "-",
+            "Heterogeneity across sites" if rep.get("site_heterogeneity") else "not done: no site column",
         ],
         [
-            "Comparison with previous / baseline models (TRIPOD+AI 23b)",
-            "Comparison section (paired DeLong, paired bootstrap)"
-            if metrics.get("comparison")
-            else "not requested",
+            "Participant flow",
+            "20a",
+            "33",
+            "Participant flow diagram" if rep.get("sample_size") else "Data and splits",
         ],
+        [
+            "Participant characteristics per split",
+            "20b",
+            "34",
+            "Participant characteristics per split" if rep.get("participants") else "not done",
+        ],
+        [
+            "Participants and events per analysis",
+            "21",
+            "-",
+            "Participant flow table (cases, patients, rarest class)",
+        ],
+        [
+            "Robustness, external validation",
+            "16",
+            "30, 32",
+            "Robustness and external validation"
+            if metrics.get("external")
+            else "not done: internal validation only",
+        ],
+        [
+            "Explainability",
+            "-",
+            "31",
+            "Explanations (Grad-CAM)" if cfg.evaluate.explain_cases else "not done (explain_cases: 0)",
+        ],
+        ["Failure analysis", "-", "37", "Error analysis" if rep.get("error_analysis") else "not done"],
+        ["Limitations", "26", "38", "Limitations"],
     ]
 
 
 def limitations(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
-    n_test = ingest.get("splits", {}).get("test", {}).get("cases")
-    out = [
-        f"Internal validation only: the test split ({n_test} cases) comes from the same source as the training data; "
-        "performance on other scanners, sites or populations is unknown until measured.",
-        "Intervals are wide with a few hundred test cases; differences inside them are not evidence of a difference.",
-        "Calibration holds for the prevalence of the calibration split; a different prevalence at deployment shifts "
-        "predicted probabilities and predictive values.",
-    ]
+    """Limitations, each stated from the metrics of this run."""
+    splits = metrics.get("splits") or {}
+    test = splits.get("test") or {}
+    rep = metrics.get("reporting") or {}
+    level = level_words(metrics)
+    per_class = ", ".join(f"{n} {c}" for c, n in (test.get("per_class") or {}).items())
+    out = []
+    if not metrics.get("external"):
+        out.append(
+            f"Internal validation only: the {test.get('cases', '?')} test cases ({per_class}) of "
+            f"{test.get('patients', '?')} patients come from the same source as the training data; performance on "
+            "other scanners, sites or populations is unknown until measured."
+        )
+    ev = (metrics.get("evaluation") or {}).get("test") or {}
+    prim = (
+        ev.get("calibrated")
+        if ev.get("primary") == "calibrated" and ev.get("calibrated")
+        else ev.get("uncalibrated")
+    )
+    disc = (prim or {}).get("discrimination") or {}
+    auc = disc.get("auroc") or disc.get("macro_auroc")
+    if isinstance(auc, dict) and auc.get("ci") and None not in auc["ci"]:
+        lo, hi = auc["ci"]
+        dd = ((rep.get("sample_size") or {}).get("detectable_difference") or {}).get("auroc") or {}
+        out.append(
+            f"The {level} CI of the test AUROC runs from {fmt(lo)} to {fmt(hi)} (width {fmt(hi - lo)})"
+            + (
+                f"; a difference under {fmt(dd.get('difference'))} from a reference AUROC cannot be detected"
+                if dd
+                else ""
+            )
+            + ": differences inside these bounds are not evidence of a difference."
+        )
+    cal = metrics.get("calibration") or {}
+    csplit = splits.get("calibration") or {}
+    if cal.get("applied") not in (None, "none") and csplit.get("cases"):
+        prev = ", ".join(
+            f"{100 * n / csplit['cases']:.1f}% {c}" for c, n in (csplit.get("per_class") or {}).items()
+        )
+        out.append(
+            f"Calibration was fitted on {csplit['cases']} calibration cases ({prev}); a different prevalence at "
+            "deployment shifts predicted probabilities and predictive values."
+        )
+    elif cal.get("declined"):
+        out.append(
+            "The calibrator was declined: probabilities are uncalibrated and may be over- or under-confident."
+        )
+    n_small = len((rep.get("sample_size") or {}).get("warnings") or [])
+    if n_small:
+        out.append(
+            f"{n_small} split-size warning(s) (see Participant flow and sample size) limit what those splits support."
+        )
     if cfg.preprocess.image_size <= 64:
         out.append(f"Inputs are resized to {cfg.preprocess.image_size} px, which discards fine detail.")
     return out
@@ -90,7 +210,8 @@ def checklist_section(doc: Doc, run: ReportInputs) -> None:
     """The checklist table and the limitations."""
     cfg, ingest, metrics = run.cfg, run.ingest, run.metrics
     doc.h("Reporting checklist (TRIPOD+AI / CLAIM items on data, splits, metrics and calibration)")
-    doc.table(["item", "where"], checklist(cfg, ingest, metrics))
+    doc.p(CLAIM_NOTE)
+    doc.table(["item", "TRIPOD+AI", "CLAIM", "where in this report"], checklist(cfg, ingest, metrics))
     doc.h("Limitations")
     for text in limitations(cfg, ingest, metrics):
         doc.p(text)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.report.document import Doc, fmt
+from pipeline.report.document import Doc, fmt, level_words
 
 
 def conformal_section(doc: Doc, metrics: dict[str, Any]) -> None:
@@ -65,7 +65,17 @@ def conformal_section(doc: Doc, metrics: dict[str, Any]) -> None:
         doc.p(
             "Per true class, test split (the guarantee is marginal: a class can be under-covered, see the note):"
         )
-        doc.table(["method", "true class", "cases", "coverage (95% CI)", "mean set size", "note"], per_class)
+        doc.table(
+            [
+                "method",
+                "true class",
+                "cases",
+                f"coverage ({level_words(metrics)} CI)",
+                "mean set size",
+                "note",
+            ],
+            per_class,
+        )
 
 
 def coverage_cells(c: dict[str, Any], target: float | None) -> list[str]:

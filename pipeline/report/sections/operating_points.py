@@ -34,12 +34,14 @@ def operating_points_section(
     n_val = splits.get("val", {}).get("cases")
     n_val_pos = splits.get("val", {}).get("per_class", {}).get(pos_name)
     n_test_pos = splits.get("test", {}).get("per_class", {}).get(pos_name)
+    primary = ((metrics.get("evaluation") or {}).get("test") or {}).get("primary", "uncalibrated")
     if ops:
         doc.p(
-            f"Each threshold on the calibrated probability of {pos_name} was chosen on the validation split "
+            f"Each threshold on the {primary} probability of {pos_name} was chosen on the validation split "
             f"({n_val} cases, {n_val_pos} {pos_name}) and applied unchanged to the test split ({n_test_pos} {pos_name}). "
             "Validation and test rows are shown side by side: the test row is the estimate to rely on."
         )
+        doc.p(threshold_rationale(ops, pos_name))
         if isinstance(n_val_pos, int) and n_val_pos > 0:
             step = 1.0 / n_val_pos
             if n_val_pos < 100:
@@ -105,7 +107,37 @@ def operating_points_section(
         doc.fig(
             "decision_curve",
             plots.to_png(plots.decision_curve_figure(dc)),
-            "Decision curve, test split: net benefit of acting on the model (calibrated probabilities) against "
+            f"Decision curve, test split: net benefit of acting on the model ({primary} probabilities) against "
             "treating everyone and no one, over threshold probabilities (Vickers & Elkin 2006). The model is "
             "useful where its curve lies above both.",
         )
+
+
+def threshold_rationale(ops: dict[str, Any], pos_name: str) -> str:
+    """Why each threshold is where it is: the rule it follows and the clinical use that rule serves."""
+    parts = []
+    for rule, op in ops.items():
+        if not isinstance(op, dict):
+            continue
+        t, thr = op.get("target"), fmt(op.get("threshold"))
+        if rule == "youden":
+            parts.append(
+                f"Youden ({thr}) maximises sensitivity + specificity - 1 on validation, weighing a missed "
+                f"{pos_name} case and a false alarm equally"
+            )
+        elif rule.startswith("sens") and t is not None:
+            parts.append(
+                f"'sensitivity >= {t:.0%}' ({thr}) is the highest threshold whose validation sensitivity reaches "
+                f"{t:.0%}: a rule-out use, where missing {pos_name} costs more than a false alarm"
+            )
+        elif rule.startswith("spec") and t is not None:
+            parts.append(
+                f"'specificity >= {t:.0%}' ({thr}) is the lowest threshold whose validation specificity reaches "
+                f"{t:.0%}: a rule-in use, where false alarms cost more"
+            )
+    return (
+        "Threshold rationale: "
+        + "; ".join(parts)
+        + ". No threshold was chosen on test; the default rule 'p >= 0.5' of the other tables is not tuned and "
+        "serves comparison only. Which rule suits a clinical use is a decision for the clinical team."
+    )

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from pipeline.report import plots
-from pipeline.report.document import TTA_WORDS, Doc, ensemble_words, fmt
+from pipeline.report.document import TTA_WORDS, Doc, ci_methods_sentence, ensemble_words, fmt, level_words
 from pipeline.report.sections.inputs import ReportInputs
 
 
@@ -37,10 +37,32 @@ def summary_section(doc: Doc, run: ReportInputs) -> None:
             if pos is not None
             else ""
         )
-        + ". All intervals are 95% confidence intervals."
+        + f". Intervals are {level_words(metrics)} confidence intervals. "
+        + ci_methods_sentence(
+            [run.prim.get("discrimination") or {}, run.prim.get("calibration") or {}],
+            (metrics.get("options") or {}).get("n_bootstrap"),
+        )
     )
+    doc.p(calibration_status(metrics))
     for w in metrics.get("warnings", []):
         doc.warn(w)
+
+
+def calibration_status(metrics: dict) -> str:
+    """One sentence on what was done to the probabilities: applied, declined (and why) or none."""
+    cal = metrics.get("calibration") or {}
+    applied, n = cal.get("applied", "none"), cal.get("n_cases")
+    if cal.get("declined"):
+        return (
+            f"Calibration: {cal.get('fitted', 'the calibrator')} was fitted on the {n} calibration cases and "
+            f"declined ({cal['declined']}); every probability in this report is uncalibrated."
+        )
+    if applied in (None, "none"):
+        return f"Calibration: none applied ({cal.get('reason', 'not requested')}); probabilities are uncalibrated."
+    flags = [w for w in cal.get("warnings") or [] if "declined" not in w]
+    return f"Calibration: {applied} fitted on the {n} calibration cases and applied" + (
+        f", flagged: {'; '.join(flags)}." if flags else "."
+    )
 
 
 def data_section(doc: Doc, run: ReportInputs) -> None:
@@ -88,16 +110,12 @@ def model_section(doc: Doc, run: ReportInputs) -> None:
     cfg, train, plan = run.cfg, run.train, run.plan
     doc.h("Model and training")
     if train:
-        w = train.get("weights") or {}
         doc.table(
             ["item", "value"],
             [
                 ["backbone", train.get("backbone")],
-                [
-                    "pretrained weights",
-                    f"{w.get('description', 'none (from scratch)')}" if w else "none (from scratch)",
-                ],
-                ["weights sha256", w.get("sha256", "n/a")],
+                ["pretrained weights", weights_words(train)],
+                ["weights sha256", _sha_words(train)],
                 ["strategy", train.get("strategy")],
                 ["model scored", (ensemble_words(cfg) or "one network") + TTA_WORDS[cfg.train.tta]],
                 ["input", f"{cfg.preprocess.spatial_dims}D, {cfg.preprocess.image_size} px, 1 channel"],
@@ -106,14 +124,35 @@ def model_section(doc: Doc, run: ReportInputs) -> None:
                     f"{train.get('train_cases')} {train.get('train_class_counts')}",
                 ],
                 ["label fraction", train.get("label_fraction")],
+                ["epochs run / best epoch", _epochs_words(train)],
                 [
-                    "epochs run / best epoch",
-                    f"{train.get('epochs_run')} / {train.get('best_epoch')} ({train.get('stopped_by')})",
+                    "out-of-fold validation AUROC" if train.get("folds") else "best validation AUROC",
+                    fmt(train.get("best_val_auroc")),
                 ],
-                ["best validation AUROC", fmt(train.get("best_val_auroc"))],
                 ["device", train.get("device")],
             ],
         )
+        members = train.get("weights_per_member") or []
+        per_fold = (train.get("folds") or {}).get("per_fold") or []
+        if len(members) > 1 or per_fold:
+            rows = []
+            for i in range(max(len(members), len(per_fold))):
+                w = members[i] if i < len(members) and members[i] else {}
+                f = per_fold[i] if i < len(per_fold) else {}
+                rows.append(
+                    [
+                        f.get("fold", i),
+                        w.get("path", "none (from scratch)") if w else "none (from scratch)",
+                        w.get("sha256", "n/a") if w else "n/a",
+                        (w.get("source", "") + (", pinned" if w.get("pinned") else ", not pinned"))
+                        if w
+                        else "",
+                        f.get("best_epoch", ""),
+                        fmt(f.get("val_auroc")) if f else "",
+                    ]
+                )
+            doc.p("Provenance of every member's starting weights and each fold's training:")
+            doc.table(["member", "weights file", "sha256", "source", "best epoch", "held-out AUROC"], rows)
     hist_path = Path(plan.finetune) / "history.csv"
     if hist_path.exists():
         with open(hist_path) as fh:
@@ -125,3 +164,42 @@ def model_section(doc: Doc, run: ReportInputs) -> None:
     preview = Path(plan.augment) / "preview.png"
     if preview.exists():
         doc.fig("augmentation", preview.read_bytes(), "Training augmentation preview (MONAI transforms).")
+
+
+def weights_words(train: dict) -> str:
+    """The starting weights as ``train_summary.json`` records them (never "from scratch" for a pretrained run)."""
+    members = [m for m in train.get("weights_per_member") or [] if m]
+    w = train.get("weights") or (members[0] if members else None)
+    pretrained = train.get("pretrained", bool(w))
+    if not pretrained and not w:
+        return "none (from scratch)"
+    if not w:
+        return "pretrained (provenance not recorded: file and sha256 unknown)"
+    what = w.get("description") or w.get("path") or "pretrained file"
+    n = len(train.get("weights_per_member") or [])
+    return what + (
+        f"; {n} members, each listed below" if n > 1 else f" ({w.get('path')})" if w.get("path") else ""
+    )
+
+
+def _sha_words(train: dict) -> str:
+    members = [m for m in train.get("weights_per_member") or [] if m]
+    shas = {m.get("sha256") for m in members if m.get("sha256")}
+    w = train.get("weights") or {}
+    if len(shas) > 1:
+        return f"{len(shas)} different files (below)"
+    sha = next(iter(shas), None) or w.get("sha256")
+    if sha:
+        return sha + (" (pinned)" if w.get("pinned") else "")
+    return "not recorded" if train.get("pretrained") else "n/a (from scratch)"
+
+
+def _epochs_words(train: dict) -> str:
+    per_fold = (train.get("folds") or {}).get("per_fold") or []
+    if per_fold:
+        best = ", ".join(str(f.get("best_epoch")) for f in per_fold)
+        return (
+            f"{train.get('epochs_run')} over {len(per_fold)} folds / best epoch per fold: {best} "
+            "(each fold stopped on its own held-out part)"
+        )
+    return f"{train.get('epochs_run')} / {train.get('best_epoch')} ({train.get('stopped_by')})"

@@ -4,7 +4,7 @@ matrix, ROC curve, reliability diagrams and the probability histogram."""
 from __future__ import annotations
 
 from pipeline.report import plots
-from pipeline.report.document import Doc, fmt, metric_rows, nice
+from pipeline.report.document import Doc, ci_methods_sentence, fmt, level_words, metric_rows, nice
 from pipeline.report.sections.inputs import ReportInputs
 
 
@@ -17,12 +17,17 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
     calinfo = metrics.get("calibration", {})
     method = calinfo.get("applied", cfg.evaluate.calibration)
     prim = run.prim
-    level = f"{100 * metrics.get('options', {}).get('ci_level', 0.95):.0f}%"
+    level = level_words(metrics)
     doc.h("Discrimination and calibration on the test split")
     doc.p(
-        f"Every figure is given before and after post-hoc calibration ({method}), with {level} CIs by "
-        f"{'patient-cluster' if test.get('ci_resampling') == 'patient_cluster' else 'case'} resampling "
-        "(AUROC: DeLong). Rules at a fixed threshold use 'positive if p >= 0.5' (binary) or the arg-max."
+        (
+            f"Every figure is given before and after post-hoc calibration ({method}), with {level} CIs by "
+            if c_cal
+            else f"No calibrator was applied: every figure is from the uncalibrated probabilities, with {level} CIs by "
+        )
+        + f"{'patient-cluster' if test.get('ci_resampling') == 'patient_cluster' else 'case'} resampling "
+        f"where a bootstrap is used. {ci_methods_sentence([d_unc, c_unc], metrics.get('options', {}).get('n_bootstrap'))} "
+        "Rules at a fixed threshold use 'positive if p >= 0.5' (binary) or the arg-max."
     )
     for title, bu, bc in (("Discrimination", d_unc, d_cal), ("Calibration", c_unc, c_cal)):
         rows = []
@@ -44,18 +49,7 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
             [[f"{lab}"] + list(r) for lab, r in zip(labels, cm["rows_true_cols_pred"], strict=False)],
         )
     if calinfo:
-        params = ", ".join(
-            f"{k} = {fmt(v)}" for k, v in (calinfo.get("parameters") or {}).items() if not isinstance(v, dict)
-        )
-        doc.p(
-            f"Calibration: {method} fitted on the calibration split only ({calinfo.get('n_cases', '?')} cases)"
-            + (f"; {params}" if params else "")
-            + (f"; {calinfo['reason']}" if calinfo.get("reason") else "")
-            + ". "
-            "Ideal values: ECE and MCE 0, calibration intercept 0, slope 1 (slope < 1: over-confident)."
-        )
-        for w in calinfo.get("warnings", []):
-            doc.warn(f"Calibration: {w}")
+        calibration_paragraphs(doc, calinfo, c_unc, c_cal, method)
     if "test" in preds:
         sp = preds["test"]
         calp = run.calibrated.get("test")
@@ -83,10 +77,11 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
             )
             doc.fig(
                 "reliability",
-                plots.to_png(plots.reliability_figure(rel_u, rel_c or None, xlabel)),
+                plots.to_png(plots.reliability_figure(rel_u, rel_c or None, xlabel, level)),
                 ("" if rel_c else "No calibrator applied: uncalibrated probabilities only. ")
                 + f"Reliability diagrams, test split ({c_unc.get('n_bins', cfg.evaluate.ece_bins)} equal-width bins; "
-                "numbers are bin counts; bars are 95% Wilson intervals). Points on the diagonal are well calibrated.",
+                f"numbers are bin counts; bars are {level} Wilson intervals). Points on the diagonal are well "
+                "calibrated.",
             )
         thr = {}
         for op_name, op in (prim.get("operating_points") or {}).items():
@@ -114,3 +109,71 @@ def explanations_section(doc: Doc, run: ReportInputs) -> None:
         )
     for e in explanations:
         doc.fig("gradcam", plots.to_png(plots.explanation_figure(e.images, e.cams, e.cases)), e.caption)
+
+
+#: Calibration metrics compared before/after on test, and the direction that is better.
+_HARM = (("nll", "lower"), ("calibration_slope", "closer to 1"), ("ece", "lower"), ("brier", "lower"))
+
+
+def calibration_paragraphs(doc: Doc, calinfo: dict, c_unc: dict, c_cal: dict, method: str) -> None:
+    """How the calibrator was fitted, whether it was applied, declined or flagged, and what it did on test."""
+    n = calinfo.get("n_cases", "?")
+    params = ", ".join(
+        f"{k} = {fmt(v)}"
+        for k, v in (calinfo.get("parameters") or {}).items()
+        if not isinstance(v, (dict, list))
+    )
+    cv = calinfo.get("cross_validation") or {}
+    cv_words = ""
+    if cv:
+        cv_words = (
+            f" On {cv.get('folds')}-fold cross-validation of the calibration split the NLL went from "
+            f"{fmt(cv.get('nll_uncalibrated'))} (uncalibrated) to {fmt(cv.get('nll_calibrated'))}"
+            + (
+                f" and the calibration slope from {fmt(cv.get('slope_uncalibrated'))} to "
+                f"{fmt(cv.get('slope_calibrated'))}"
+                if "slope_calibrated" in cv
+                else ""
+            )
+            + "."
+        )
+    if calinfo.get("declined"):
+        doc.warn(
+            f"Calibration declined: {calinfo.get('fitted', 'the calibrator')} was fitted on the calibration split "
+            f"({n} cases) but not applied: {calinfo['declined']}.{cv_words} The probabilities in this report are "
+            "uncalibrated."
+        )
+    elif method in (None, "none"):
+        doc.p(f"Calibration: none applied ({calinfo.get('reason', 'not requested')}).")
+    else:
+        doc.p(
+            f"Calibration: {method} fitted on the calibration split only ({n} cases)"
+            + (f"; {params}" if params else "")
+            + "."
+            + cv_words
+            + " Ideal values: ECE and MCE 0, calibration intercept 0, slope 1 (slope < 1: over-confident)."
+        )
+    for w in calinfo.get("warnings", []):
+        if not w.startswith("calibration declined"):
+            doc.warn(f"Calibration flagged: {w}")
+    if not c_cal:
+        return
+    worse, better = [], []
+    for key, direction in _HARM:
+        u, c = (c_unc.get(key) or {}).get("value"), (c_cal.get(key) or {}).get("value")
+        if not isinstance(u, (int, float)) or not isinstance(c, (int, float)):
+            continue
+        gain = (abs(u - 1) - abs(c - 1)) if key == "calibration_slope" else (u - c)
+        words = f"{NICE_SHORT.get(key, key)} {fmt(u)} -> {fmt(c)}"
+        (better if gain > 0 else worse if gain < 0 else []).append(words)
+    if worse:
+        doc.warn(
+            f"On the test split the calibrator made some calibration figures worse ({'; '.join(worse)})"
+            + (f" while improving others ({'; '.join(better)})" if better else "")
+            + ": read the calibrated probabilities with care and compare both columns above."
+        )
+    elif better:
+        doc.p(f"On the test split calibration improved every figure compared: {'; '.join(better)}.")
+
+
+NICE_SHORT = {"nll": "NLL", "calibration_slope": "calibration slope", "ece": "ECE", "brier": "Brier score"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.report import plots
-from pipeline.report.document import Doc, fmt
+from pipeline.report.document import Doc, fmt, level_words
 
 #: How the primary paired test of a difference is named in the report.
 TEST_NAMES = {"delong": "paired DeLong", "paired_bootstrap": "paired (patient-cluster) bootstrap"}
@@ -19,6 +19,7 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
     st = metrics.get("study")
     if not st:
         return
+    level = level_words(metrics)
     doc.h("Scarce labels: label efficiency and strategies")
     runs = st.get("runs", [])
     selection = (
@@ -34,8 +35,10 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
     if any(isinstance(r.get("val_auroc"), dict) for r in runs):
         doc.fig(
             "label_efficiency",
-            plots.to_png(plots.label_efficiency_figure(runs, key="val_auroc", split="validation")),
-            "Validation AUROC with 95% CI against the share of training labels, one line per strategy "
+            plots.to_png(
+                plots.label_efficiency_figure(runs, key="val_auroc", split="validation", level=level)
+            ),
+            f"Validation AUROC with {level} CI against the share of training labels, one line per strategy "
             "(the figure the pretrained strategy is selected by).",
         )
     selected = {(t.get("best_pretrained"), t.get("label_fraction")) for t in st.get("transfer") or []}
@@ -64,8 +67,8 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
             "labels",
             "training cases",
             "pretrained",
-            "val AUROC (95% CI)",
-            "test AUROC (95% CI)",
+            f"val AUROC ({level} CI)",
+            f"test AUROC ({level} CI)",
             "note",
         ],
         rows,
@@ -92,7 +95,7 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
                 "selected pretrained",
                 "test AUROC pretrained",
                 "test AUROC scratch",
-                "difference (95% CI)",
+                f"difference ({level} CI)",
                 "test",
                 "verdict",
             ],
@@ -103,17 +106,17 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
             "Negative transfer: at "
             + ", ".join(f"{f:.0%}" for f in st["negative_transfer_at"])
             + " of the labels the pretrained model selected on validation is worse than training from "
-            "scratch on test (the 95% CI of the paired difference lies below 0); the pretrained weights may "
+            f"scratch on test (the {level} CI of the paired difference lies below 0); the pretrained weights may "
             "not suit this modality."
         )
 
 
 #: The sentence for each comparison verdict (``pipeline.evaluate.compare.verdict``).
 VERDICT_WORDS = {
-    "better": "higher than the previous model's (the 95% CI of the difference excludes 0)",
-    "worse": "lower than the previous model's (the 95% CI of the difference excludes 0)",
+    "better": "higher than the previous model's (the {level} CI of the difference excludes 0)",
+    "worse": "lower than the previous model's (the {level} CI of the difference excludes 0)",
     "no evidence of a difference": "not distinguishable from the previous model's on these cases "
-    "(the 95% CI of the difference contains 0)",
+    "(the {level} CI of the difference contains 0)",
 }
 
 
@@ -123,6 +126,7 @@ def comparison_section(doc: Doc, metrics: dict[str, Any]) -> None:
     cmp_ = metrics.get("comparison")
     if not cmp_:
         return
+    level = level_words(metrics)
     doc.h("Comparison with the previous model")
     doc.p(
         f"Previous model: {cmp_.get('previous')} ({cmp_.get('previous_kind')} folder). Matched by pseudonymous "
@@ -155,9 +159,9 @@ def comparison_section(doc: Doc, metrics: dict[str, Any]) -> None:
     doc.table(
         [
             "class",
-            "AUROC now (95% CI)",
+            f"AUROC now ({level} CI)",
             "AUROC previous",
-            "difference, DeLong (95% CI)",
+            f"difference, DeLong ({level} CI)",
             "DeLong p",
             "difference, paired bootstrap",
             "bootstrap p",
@@ -169,5 +173,6 @@ def comparison_section(doc: Doc, metrics: dict[str, Any]) -> None:
             continue
         v = c.get("verdict")
         words = VERDICT_WORDS.get(v, f"not judged (no verdict in the metrics: {v})" if v else "not judged")
+        words = words.format(level=level)
         test = TEST_NAMES.get(c.get("primary"), c.get("primary") or "")
         doc.p(f"{cname}: this model's AUROC is {words}" + (f"; primary test: {test}." if test else "."))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.report.document import Doc, fmt, metric_rows, nice
+from pipeline.report.document import Doc, fmt, level_words, metric_rows, nice
 
 
 def _group_row(col: str, g: str, d: dict[str, Any]) -> list[Any]:
@@ -39,7 +39,7 @@ def subgroup_section(doc: Doc, metrics: dict[str, Any]) -> None:
     binary = metrics.get("task", {}).get("kind") == "binary"
     min_n = metrics.get("options", {}).get("min_subgroup")
     doc.p(
-        "The same metrics per value of each subgroup column recorded at ingestion (primary probabilities, 95% CIs). "
+        f"The same metrics per value of each subgroup column recorded at ingestion (primary probabilities, {level_words(metrics)} CIs). "
         f"Groups with fewer than {min_n} cases are marked 'too small': their intervals are too wide to show a difference."
     )
     rows = []
@@ -84,4 +84,4 @@ def patient_section(doc: Doc, metrics: dict[str, Any]) -> None:
         for k, v in metric_rows((pl.get("metrics") or {}).get(blk) or {})
     ]
     if rows:
-        doc.table(["metric (patient level)", "value (95% CI)"], rows)
+        doc.table(["metric (patient level)", f"value ({level_words(metrics)} CI)"], rows)
