@@ -19,10 +19,12 @@ def _data(tmp_path: Path, text: str, **kw) -> DataConfig:
 def test_problems_are_reported_with_line_and_reason(tmp_path: Path) -> None:
     text = "path,label\na.dcm,0\nb.dcm,\nc.dcm,7\n,1\nd.dcm,1\nd.dcm,0\ne.dcm,1.0\ne.dcm,1\n"
     rows, problems = read_labels(_data(tmp_path, text), TASK)
-    assert set(rows) == {"a.dcm", "e.dcm"}
-    assert rows["e.dcm"].label == "1"
+    assert set(rows) == {"a.dcm", "b.dcm", "e.dcm"}
+    assert rows["e.dcm"].label == "1" and rows["e.dcm"].line == 8
+    # an empty label cell is an unlabelled case, not a problem
+    assert rows["b.dcm"].label == "" and not rows["b.dcm"].labelled and rows["b.dcm"].line == 3
     codes = {p.code: p for p in problems}
-    assert codes["missing_label"].row == 3
+    assert "missing_label" not in codes
     assert "'7'" in codes["unknown_label"].reason and "['0', '1']" in codes["unknown_label"].reason
     assert codes["empty_id"].row == 5
     assert "d.dcm" not in rows and codes["conflicting_duplicate"].row == 7
@@ -39,3 +41,17 @@ def test_split_aliases_and_bad_split(tmp_path: Path) -> None:
     rows, problems = read_labels(_data(tmp_path, "path,label,s\na,0,Validation\nb,1,holdout\n", split_column="s"), TASK)
     assert rows["a"].split == "val"
     assert problems[0].code == "bad_split"
+
+
+def test_unlabelled_row_ignores_its_split_and_keeps_strata(tmp_path: Path) -> None:
+    text = "path,label,s,site\na,,test,X\nb,1,test,Y\n"
+    rows, problems = read_labels(_data(tmp_path, text, split_column="s"), TASK, stratify_by=("site",))
+    assert problems == []
+    assert rows["a"].split is None and rows["a"].strata == ("X",)
+    assert rows["b"].split == "test" and rows["b"].strata == ("Y",)
+
+
+def test_missing_stratify_column_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        read_labels(_data(tmp_path, "path,label\na,0\n"), TASK, stratify_by=("site",))
+    assert "split.stratify_by[0]" in str(e.value) and "'site'" in str(e.value)

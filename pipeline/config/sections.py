@@ -109,7 +109,12 @@ class DataConfig(_Section):
 
 
 class SplitConfig(_Section):
-    """Patient-level split fractions of the hashed rule (the rest is train).
+    """Patient-level split fractions (the rest is train), stratified by label and stable as data grows.
+
+    Assignments are kept in the workspace's private split ledger: a patient never moves once placed; new
+    patients are placed in keyed-hash order into the split with the largest deficit of their stratum,
+    keeping each class's patient counts per split within one patient of ``share * n`` (see
+    :mod:`pipeline.ingest.splits`). A fixed ``data.split_column`` still wins for its rows.
 
     Attributes:
         val: Share of patients for validation (early stopping, thresholds).
@@ -117,12 +122,15 @@ class SplitConfig(_Section):
         test: Share for the final, reported evaluation.
         calibration_from_train: With a fixed split column, the share of ``train`` patients moved to
             ``calibration`` (hashed, stable) when the column names no calibration cases.
+        stratify_by: Labels CSV columns (e.g. ``[site]``) whose values stratify the splits within each
+            class, besides the label; empty = by label only. Their values never leave ``private/``.
     """
 
     val: float = Field(0.15, ge=0.0, lt=1.0)
     calibration: float = Field(0.15, ge=0.0, lt=1.0)
     test: float = Field(0.2, ge=0.0, lt=1.0)
     calibration_from_train: float = Field(0.15, ge=0.0, lt=1.0)
+    stratify_by: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
@@ -184,12 +192,18 @@ class PreprocessConfig(_Section):
         intensity: ``auto`` (from the backbone's spec), ``minmax`` (per image to [0, 1]), ``window``
             (clip to ``window`` then scale), ``zscore_nonzero`` (MedicalNet convention).
         window: Intensity window [low, high] (e.g. a CT HU window) used by ``window``.
+        channels: ``auto`` (three colour channels when at least half of the cases are colour images,
+            else one grey channel), ``grey`` (colour becomes luminance) or ``rgb`` (grey images are
+            replicated to three channels). Colour keeps the backbone's three-channel stem and per-channel
+            mean/std; its intensity is scaled jointly over the channels (``auto``: the 8-bit window
+            [0, 255]), never per channel, so hues are kept.
     """
 
     spatial_dims: Literal[2, 3] = 2
     image_size: int = Field(64, ge=8, le=1024)
     intensity: Literal["auto", "minmax", "window", "zscore_nonzero"] = "auto"
     window: tuple[float, float] | None = None
+    channels: Literal["auto", "grey", "rgb"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:

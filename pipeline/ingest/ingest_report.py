@@ -30,10 +30,20 @@ def age_band(age_years: Any) -> str:
 
 
 def check_splits(rows: list[dict[str, Any]], cfg: Config) -> None:
-    """Refuse splits no model can be trained and judged on (code ``unusable_split``): train holding fewer
-    than two classes, or an empty val or test split."""
-    counts = Counter((r["split"], r["label"]) for r in rows)
+    """Refuse splits no model can be trained and judged on: no labelled training case at all (code
+    ``no_labelled_cases``), train holding fewer than two classes, or an empty val or test split (code
+    ``unusable_split``). Unlabelled rows (split ``unlabelled``) count for none of these."""
+    labelled = [r for r in rows if r["split"] != "unlabelled"]
+    counts = Counter((r["split"], r["label"]) for r in labelled)
     train_labels = {lab for (s, lab) in counts if s == "train"}
+    if not train_labels:
+        n_unlabelled = len(rows) - len(labelled)
+        raise IngestError(
+            f"Ingest: no labelled training cases ({len(labelled)} labelled and {n_unlabelled} unlabelled "
+            f"case(s) ingested); expected labelled cases in data.labels_csv (column "
+            f"data.label_column) before training can start",
+            code="no_labelled_cases",
+        )
     if len(train_labels) < 2:
         raise IngestError(
             f"Ingest: the train split holds label(s) {sorted(train_labels)} only; expected at least two "
@@ -44,7 +54,8 @@ def check_splits(rows: list[dict[str, Any]], cfg: Config) -> None:
     for split in ("val", "test"):
         if not any(s == split for (s, _) in counts):
             raise IngestError(
-                f"Ingest: the {split} split is empty ({len(rows)} cases in all); expected some cases there: "
+                f"Ingest: the {split} split is empty ({len(labelled)} labelled cases in all); expected some "
+                "cases there: "
                 f"raise split.{split} or add cases",
                 code="unusable_split",
             )
@@ -53,8 +64,8 @@ def check_splits(rows: list[dict[str, Any]], cfg: Config) -> None:
 def build_report(
     cfg: Config, rows: list[dict[str, Any]], problems: list[dict[str, Any]], n_inputs: int, n_labels: int
 ) -> dict:
-    """The public ``ingest_report.json``: counts per split and class, problems by code (redacted), case
-    flags, and how splits and de-identification were done."""
+    """The public ``ingest_report.json``: counts per split and class (cases and patients), unlabelled
+    cases, problems by code (redacted), case flags, and how splits and de-identification were done."""
     splits: dict[str, dict[str, Any]] = {}
     for s in ("train", "val", "calibration", "test"):
         sel = [r for r in rows if r["split"] == s]
@@ -64,7 +75,13 @@ def build_report(
             "per_class": {
                 cfg.task.classes[v]: sum(r["label"] == v for r in sel) for v in cfg.task.label_values
             },
+            "per_class_patients": {
+                cfg.task.classes[v]: len({r["patient_id"] for r in sel if r["label"] == v})
+                for v in cfg.task.label_values
+            },
         }
+    unl = [r for r in rows if r["split"] == "unlabelled"]
+    held = {r["patient_id"] for r in rows if r["split"] in ("val", "calibration", "test")}
     review = [
         r["case_id"]
         for r in rows
@@ -77,6 +94,14 @@ def build_report(
         "cases": len(rows),
         "patients": len({r["patient_id"] for r in rows}),
         "splits": splits,
+        # unlabelled cases: ingested and cached, never in val/calibration/test; those of a patient with a
+        # held-out case are never training data (the ledger's held-out patients are left out altogether)
+        "unlabelled": {
+            "cases": len(unl),
+            "patients": len({r["patient_id"] for r in unl}),
+            "of_held_out_patients": sum(r["patient_id"] in held for r in unl),
+            "left_out_held_out_patient": 0,
+        },
         "kinds": dict(Counter(r["kind"] for r in rows)),
         "modalities": dict(Counter(r["modality"] for r in rows)),
         "problems_by_code": dict(Counter(p["code"] for p in problems)),
@@ -85,10 +110,13 @@ def build_report(
         "problems": problems,
         "pixel_review": review,
         "split_rule": (
-            "fixed split column, calibration carved from train by keyed hash"
+            "fixed split column, calibration carved from train by keyed hash; other patients "
             if cfg.data.split_column
-            else "keyed hash of the patient pseudonym (stable as data grows)"
-        ),
+            else ""
+        )
+        + "stratified by label"
+        + (f" and {len(cfg.split.stratify_by)} stratify_by column(s)" if cfg.split.stratify_by else "")
+        + ", patient-level, stable (kept in a private ledger; new patients fill the largest deficit)",
         "deidentification": (
             "Patient and case identifiers replaced by keyed HMAC-SHA256 pseudonyms; no names, identifiers, "
             "dates, institutions or source paths in shared outputs (paths only under private/)."

@@ -1,13 +1,16 @@
 """Reading and checking the labels CSV.
 
 One row per case: an identifier column (a relative file path or a DICOM identifier), a label column, and
-optionally a fixed split, a patient identifier and subgroup columns. Bad rows are reported, never silently
-dropped: an unknown label value, an empty identifier, duplicate rows that disagree.
+optionally a fixed split, a patient identifier, subgroup and stratification columns. Bad rows are reported,
+never silently dropped: an unknown label value, an empty identifier, duplicate rows that disagree. A row with
+an empty label cell is kept as an unlabelled case (``label == ""``; its split cell is ignored, as unlabelled
+cases never go to val, calibration or test).
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,22 +33,33 @@ SPLIT_ALIASES = {
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One usable row of the labels CSV (identifiers are private: never written to shared outputs)."""
+    """One usable row of the labels CSV (identifiers are private: never written to shared outputs).
+
+    ``label`` is ``""`` for an unlabelled case; ``line`` is the row's 1-based CSV line (header = 1);
+    ``strata`` holds the ``split.stratify_by`` values in their configured order.
+    """
 
     case_ref: str
     label: str
     split: str | None
     patient: str | None
     groups: dict[str, str] = field(default_factory=dict)
+    line: int = 0
+    strata: tuple[str, ...] = ()
+
+    @property
+    def labelled(self) -> bool:
+        return self.label != ""
 
 
 @dataclass
 class LabelProblem:
-    """A row that was not used, with the reason."""
+    """A row that was not used, with the reason (``ref``: the case it names, PRIVATE, never published)."""
 
     row: int
     code: str
     reason: str
+    ref: str = ""
 
 
 def normalise_ref(value: str, id_type: str) -> str:
@@ -58,8 +72,13 @@ def normalise_ref(value: str, id_type: str) -> str:
     return value
 
 
-def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow], list[LabelProblem]]:
+def read_labels(
+    data: DataConfig, task: TaskConfig, stratify_by: Sequence[str] = ()
+) -> tuple[dict[str, LabelRow], list[LabelProblem]]:
     """Read ``data.labels_csv``.
+
+    Args:
+        stratify_by: Extra columns whose values stratify the splits (``split.stratify_by``).
 
     Returns:
         Usable rows keyed by normalised case reference, and the problems found (row numbers are 1-based
@@ -83,6 +102,8 @@ def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow]
         wanted["data.patient_column"] = data.patient_column
     for i, col in enumerate(data.group_columns):
         wanted[f"data.group_columns[{i}]"] = col
+    for i, col in enumerate(stratify_by):
+        wanted[f"split.stratify_by[{i}]"] = col
     for key, col in wanted.items():
         if col not in header:
             raise ConfigError(
@@ -102,15 +123,8 @@ def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow]
                 LabelProblem(line, "empty_id", f"line {line}: column {data.id_column!r} is empty")
             )
             continue
-        if label == "":
-            problems.append(
-                LabelProblem(
-                    line, "missing_label", f"line {line}: case has no label in column {data.label_column!r}"
-                )
-            )
-            continue
-        label = _canonical_label(label, allowed)
-        if label not in allowed:
+        label = _canonical_label(label, allowed) if label else ""
+        if label and label not in allowed:
             problems.append(
                 LabelProblem(
                     line,
@@ -121,7 +135,7 @@ def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow]
             )
             continue
         split = None
-        if data.split_column:
+        if data.split_column and label:
             raw_split = (row.get(data.split_column) or "").strip().lower()
             if raw_split:
                 split = SPLIT_ALIASES.get(raw_split)
@@ -137,7 +151,8 @@ def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow]
                     continue
         patient = (row.get(data.patient_column) or "").strip() if data.patient_column else None
         groups = {c: (row.get(c) or "").strip() for c in data.group_columns}
-        new = LabelRow(ref, label, split, patient or None, groups)
+        strata = tuple((row.get(c) or "").strip() for c in stratify_by)
+        new = LabelRow(ref, label, split, patient or None, groups, line, strata)
         if ref in by_ref:
             old = by_ref[ref]
             if (old.label, old.split) != (new.label, new.split):
@@ -147,6 +162,7 @@ def read_labels(data: DataConfig, task: TaskConfig) -> tuple[dict[str, LabelRow]
                         "conflicting_duplicate",
                         f"line {line}: case listed again with label {label!r} (split {split}) but line "
                         f"{first_line[ref]} says {old.label!r} (split {old.split}); the case is left out",
+                        ref,
                     )
                 )
                 conflicted.add(ref)

@@ -1,9 +1,11 @@
 """The Ingest stage: source tree + labels CSV -> de-identified manifest, cached volumes, report.
 
-Flow: scan headers (no pixels) -> match label rows -> decode matched items in a process pool into the
+Flow: scan headers (no pixels) -> match label rows -> decode every item in a process pool into the
 workspace's volume cache (keyed by a content fingerprint, so later snapshots reuse them) -> pseudonyms and
-splits -> ``manifest.csv`` and ``ingest_report.json`` in the stage folder, and the source mapping under
-``private/``. Bad files and bad label rows are reported with their reason; the run goes on with the rest.
+splits (the private split ledger, :mod:`pipeline.ingest.splits`) -> ``manifest.csv`` and
+``ingest_report.json`` in the stage folder, and the source mapping under ``private/``. An item with no
+labels CSV row, or whose row has an empty label, is ingested as unlabelled (split ``unlabelled``, empty
+``label_index``). Bad files and bad label rows are reported with their reason; the run goes on with the rest.
 Shared outputs never hold a raw identifier or a source path: reasons that name a file are rewritten to an
 opaque file token, and the token's path is in ``private/``.
 """
@@ -35,7 +37,7 @@ from pipeline.ingest.index import SourceIndex
 from pipeline.ingest.ingest_report import age_band, build_report, check_splits
 from pipeline.ingest.labels import LabelRow, normalise_ref, read_labels
 from pipeline.ingest.sources import LoadOptions, scan_sources
-from pipeline.ingest.splits import assign_splits
+from pipeline.ingest.splits import HELD_OUT, UNLABELLED, SplitLedger, assign_splits, seed_from_manifests
 from pipeline.io import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,7 @@ def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
     run = _Run(cfg, out_dir, private, key, cache_dir, root)
 
     t0 = time.perf_counter()
-    labels, label_problems = read_labels(cfg.data, cfg.task)
+    labels, label_problems = read_labels(cfg.data, cfg.task, cfg.split.stratify_by)
     index_dir = ensure_private_dir(private / "ingest")
     index_file = index_dir / f"index-{pseudonym(str(root.resolve()), key, prefix='R')}.sqlite"
     with SourceIndex(index_file, root.resolve()) as index:
@@ -220,17 +222,16 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
             code="nothing_ingested",
         )
 
-    splits = assign_splits(
-        [r["patient_id"] for r in rows], [r.pop("fixed_split") for r in rows], run.key, cfg.split
-    )
-    for r, s in zip(rows, splits, strict=True):
-        r["split"] = s
+    ledger_file = ensure_private_dir(run.private / "splits") / "ledger.json"
+    split_ledger = SplitLedger.load(ledger_file) or _seed_ledger(run)
+    rows, n_held_unlabelled = _assign(run, rows, split_ledger)
     rows.sort(key=lambda r: r["case_id"])
     check_splits(rows, cfg)
 
     group_cols = [f"group_{c}" for c in cfg.data.group_columns]
     _write_csv(run.out_dir / "manifest.csv", rows, MANIFEST_COLUMNS + group_cols)
     report = build_report(cfg, rows, ledger.problems, n_inputs, len(scan.labels))
+    report["unlabelled"]["left_out_held_out_patient"] = n_held_unlabelled
     report["incremental"] = {
         **stats.public(),
         "volumes_decoded": n_decoded,
@@ -245,6 +246,7 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
     priv = ensure_private_dir(run.private / "ingest" / digest)
     write_json(priv / "files.json", ledger.files_status, mode=0o600)
     _write_csv(priv / "source_map.csv", source_map, ["case_id", "files"], mode=0o600)
+    split_ledger.save(ledger_file)
     log.info(
         "Ingest: %d case(s) in the manifest, %d problem(s) reported (details in %s)",
         len(rows),
@@ -252,6 +254,47 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
         priv,
     )
     return report
+
+
+def _seed_ledger(run: _Run) -> SplitLedger:
+    """A workspace without a ledger keeps its current assignments: seed from its published manifests."""
+    ingest_root = run.private.parent / "ingest"
+    published = [f for f in ingest_root.glob("*/manifest.csv") if not f.parent.name.startswith(".")]
+    published.sort(key=lambda f: (f.stat().st_mtime_ns, f.parent.name))
+    return seed_from_manifests(read_manifest(f.parent) for f in published)
+
+
+def _assign(run: _Run, rows: list[dict[str, Any]], ledger: SplitLedger) -> tuple[list[dict[str, Any]], int]:
+    """Set every row's split through the ledger (updated in place). Unlabelled cases of a patient the ledger
+    holds in val, calibration or test, with no labelled case in this snapshot, are left out (they must
+    never be training data); returns the rows kept and how many were left out."""
+    strata = [
+        pseudonym("\x1f".join(r.pop("strata")), run.key, prefix="T") if run.cfg.split.stratify_by else ""
+        for r in rows
+    ]
+    labels = [None if r["label_index"] == "" else r["label_index"] for r in rows]
+    splits = assign_splits(
+        [r["patient_id"] for r in rows],
+        [r.pop("fixed_split") for r in rows],
+        run.key,
+        run.cfg.split,
+        labels=labels,
+        strata=strata,
+        ledger=ledger,
+    )
+    for r, s in zip(rows, splits, strict=True):
+        r["split"] = s
+    # A held-out case in this snapshot lets training's own guard drop the patient's unlabelled cases; a
+    # patient held out only in the ledger (its labelled cases gone from the source) is dropped here.
+    held_now = {r["patient_id"] for r in rows if r["split"] in HELD_OUT}
+    kept = [
+        r
+        for r in rows
+        if r["split"] != UNLABELLED
+        or r["patient_id"] in held_now
+        or ledger.entries.get(r["patient_id"], {}).get("split") not in HELD_OUT
+    ]
+    return kept, len(rows) - len(kept)
 
 
 def _record_rejected(run: _Run, scan: _Scanned, ledger: _Ledger) -> None:
@@ -264,26 +307,31 @@ def _record_rejected(run: _Run, scan: _Scanned, ledger: _Ledger) -> None:
         ledger.problems.append({"file": token, "code": r.code, "reason": run.redact(r.reason, [r.path])})
 
 
-def _match_labels(run: _Run, scan: _Scanned, ledger: _Ledger) -> dict[int, LabelRow]:
-    """Item index -> its label row; unmatched and duplicate rows and CSV problems go to the ledger."""
+def _match_labels(run: _Run, scan: _Scanned, ledger: _Ledger) -> dict[int, LabelRow | None]:
+    """Item index -> its label row: an unlabelled row for items no row names, None for items left out
+    (their rows disagree). Unmatched and duplicate rows and CSV problems go to the ledger."""
     id_type = run.cfg.data.id_type
     ref_to_item: dict[str, int] = {}
     for idx, item in enumerate(scan.items):
         for ref in _case_refs(item, run.root, id_type):
             ref_to_item.setdefault(ref, idx)
-    matched: dict[int, LabelRow] = {}
+    matched: dict[int, LabelRow | None] = {}
+    for ref in {p.ref for p in scan.label_problems if p.code == "conflicting_duplicate"}:
+        if ref in ref_to_item:
+            matched[ref_to_item[ref]] = None
     for ref, row in scan.labels.items():
         idx = ref_to_item.get(ref)
         if idx is None:
             ledger.problems.append(
                 {
                     "code": "label_without_case",
-                    "reason": f"labels CSV names a case ({id_type}) that is not among the readable "
-                    "inputs; row ignored",
+                    "row": row.line,
+                    "reason": f"labels CSV line {row.line}: names a case ({id_type}) that is not among the "
+                    "readable inputs; row ignored",
                 }
             )
             continue
-        if idx in matched:
+        if idx in matched and matched[idx] is not None:
             ledger.problems.append(
                 {
                     "code": "conflicting_duplicate",
@@ -291,32 +339,29 @@ def _match_labels(run: _Run, scan: _Scanned, ledger: _Ledger) -> dict[int, Label
                 }
             )
             continue
-        matched[idx] = row
+        if idx not in matched:
+            matched[idx] = row
     for p in scan.label_problems:
-        ledger.problems.append({"code": p.code, "reason": f"labels CSV {p.reason}"})
+        ledger.problems.append({"code": p.code, "row": p.row, "reason": f"labels CSV {p.reason}"})
+    strata = ("",) * len(run.cfg.split.stratify_by)
+    for idx in range(len(scan.items)):
+        matched.setdefault(idx, LabelRow("", "", None, None, {}, 0, strata))
     return matched
 
 
 def _plan_jobs(
-    run: _Run, scan: _Scanned, matched: dict[int, LabelRow], ledger: _Ledger
+    run: _Run, scan: _Scanned, matched: dict[int, LabelRow | None], ledger: _Ledger
 ) -> list[tuple[int, DecodeJob]]:
-    """One decode job per labelled item (cache file named by its fingerprint); unlabelled items reported."""
+    """One decode job per item, labelled or not (cache file named by its fingerprint); items whose label
+    rows disagree are left out."""
     cfg = run.cfg
     options = LoadOptions(tilt=cfg.ingest.tilt, uneven_spacing=cfg.ingest.uneven_spacing)
     jobs: list[tuple[int, DecodeJob]] = []
     for idx, item in enumerate(scan.items):
-        if idx not in matched:
-            ledger.problems.append(
-                {
-                    "file": run.token(item.files[0]),
-                    "code": "no_label",
-                    "reason": f"{item.kind} input ({len(item.files)} file(s)) has no row in the labels "
-                    "CSV; left out",
-                }
-            )
+        if matched[idx] is None:
             for f in item.files:
                 ledger.files_status.append(
-                    {"path": f, "file": run.token(f), "status": "unlabelled", "code": "no_label"}
+                    {"path": f, "file": run.token(f), "status": "left_out", "code": "conflicting_duplicate"}
                 )
             continue
         mask = mask_for(item, cfg)
@@ -328,7 +373,7 @@ def _plan_jobs(
 def _collect(
     run: _Run,
     scan: _Scanned,
-    matched: dict[int, LabelRow],
+    matched: dict[int, LabelRow | None],
     jobs: list[tuple[int, DecodeJob]],
     results: list[Any],
     ledger: _Ledger,
@@ -339,7 +384,7 @@ def _collect(
     source_map: list[dict[str, str]] = []
     for (idx, job), res in zip(jobs, results, strict=True):
         item = scan.items[idx]
-        label_row = matched[idx]
+        label_row = matched[idx]  # never None here: left-out items get no job
         if isinstance(res, IngestError):
             ledger.problems.append(
                 {
@@ -366,9 +411,10 @@ def _collect(
             "case_id": case_id,
             "patient_id": pseudonym(patient_raw, key, prefix="P"),
             "label": label_row.label,
-            "label_index": cfg.task.label_values.index(label_row.label),
-            "class_name": cfg.task.classes[label_row.label],
+            "label_index": cfg.task.label_values.index(label_row.label) if label_row.labelled else "",
+            "class_name": cfg.task.classes[label_row.label] if label_row.labelled else "",
             "fixed_split": label_row.split,
+            "strata": label_row.strata,
             "kind": item.kind,
             "modality": meta.get("modality") or "",
             "manufacturer": meta.get("manufacturer") or "",
