@@ -63,10 +63,11 @@ def record_name(cfg: Config, snapshot: str, night: str) -> str:
 
 
 def _manifest_cases(ingest_dir: Path) -> set[str]:
+    """The labelled cases of an Ingest folder (a case labelled since counts as new)."""
     from pipeline.ingest.stage import read_manifest
 
     return (
-        {r["case_id"] for r in read_manifest(ingest_dir)}
+        {r["case_id"] for r in read_manifest(ingest_dir) if r["label_index"] != ""}
         if (ingest_dir / "manifest.csv").is_file()
         else set()
     )
@@ -218,7 +219,8 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
 def monitor(
     cfg: Config, plan: Any, registry: Registry, champion: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Drift figures of tonight's labelled data, and the champion's calibration on cases it never saw.
+    """Drift figures of tonight's labelled data (unlabelled cases only counted), and the champion's calibration
+    on labelled cases it never saw.
 
     Args:
         champion: The registry row of the model to monitor (default: the current champion). A model
@@ -234,13 +236,15 @@ def monitor(
     from pipeline.ops.promotion import brier, model_inputs
 
     ws = Path(plan.workspace)
-    rows = read_manifest(Path(plan.ingest))
+    all_rows = read_manifest(Path(plan.ingest))
+    rows = [r for r in all_rows if r["label_index"] != ""]  # unlabelled cases: counted, no prevalence
     champ = champion or registry.champion()
     before = _manifest_cases(ws / "ingest" / champ["ingest"]) if champ else set()
     new = [r for r in rows if r["case_id"] not in before] if champ else []
     names = cfg.task.class_names
     fig: dict[str, Any] = {
         "n_cases": len(rows),
+        "n_unlabelled": len(all_rows) - len(rows),
         "prevalence": _prev([int(r["label_index"]) for r in rows], names),
         "new_cases": len(new),
         "new_prevalence": _prev([int(r["label_index"]) for r in new], names) if new else None,

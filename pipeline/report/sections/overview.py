@@ -79,6 +79,13 @@ def data_section(doc: Doc, run: ReportInputs) -> None:
         for s, d in ingest.get("splits", {}).items():
             rows.append([s, d["cases"], d["patients"]] + [d["per_class"].get(n, 0) for n in names])
         doc.table(["split", "cases", "patients"] + [f"class {n}" for n in names], rows)
+        unlabelled = ingest.get("unlabelled") or {}
+        if unlabelled.get("cases"):
+            doc.p(
+                f"{unlabelled['cases']} of these cases ({unlabelled.get('patients', '?')} patients) are "
+                "unlabelled: never in validation, calibration or test, and never used for training when "
+                f"their patient has a held-out case ({unlabelled.get('of_held_out_patients', 0)} such cases)."
+            )
         holdout = metrics.get("promotion_holdout") or {}
         if holdout.get("note"):
             doc.p(f"Locked promotion holdout: {holdout['note']}.")
