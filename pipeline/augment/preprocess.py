@@ -1,10 +1,10 @@
 """Deterministic preprocessing: a cached volume -> the network's input tensor.
 
 Axis order: the input volume is in NIfTI voxel order ``(X, Y, Z[, C/T])`` (see ``pipeline.ingest.volume``).
-The output is channel-first in PyTorch order: ``(1, H, W)`` = ``(1, Y, X)`` for 2D and
-``(1, D, H, W)`` = ``(1, Z, Y, X)`` for 3D (MedicalNet's D, H, W order). Inputs are single-channel: RGB
-exports are converted to luminance, so every modality uses one channel and the backbone's first convolution
-is adapted once (summed RGB kernels).
+The output is channel-first in PyTorch order: ``(C, H, W)`` = ``(C, Y, X)`` for 2D and
+``(C, D, H, W)`` = ``(C, Z, Y, X)`` for 3D (MedicalNet's D, H, W order). ``C`` is 1 (grey: colour exports
+become luminance and the backbone's first convolution sums its RGB kernels) or 3 (``preprocess.channels``:
+colour kept, grey replicated; the backbone's own RGB stem and per-channel mean/std).
 
 Steps (all derived from the config and the backbone's preprocessing spec, never typed in by hand):
 intensity policy -> pad to a square/cube around the centre -> resize to ``image_size`` -> normalise with the
@@ -13,7 +13,10 @@ backbone's mean/std.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,25 +34,59 @@ class PreprocessSpec:
     image_size: int
     intensity: str  # minmax | window | zscore_nonzero
     window: tuple[float, float] | None
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    channels: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def make_spec(cfg: PreprocessConfig, backbone_spec) -> PreprocessSpec:
+def colour_counts(rows: list[dict[str, str]], cache: Path) -> dict[str, Any]:
+    """How many manifest cases are colour images (``axis4 == "rgb"`` in the cached volume's sidecar)."""
+    colour = grey = 0
+    for r in rows:
+        try:
+            meta = json.loads((cache / r["volume"]).with_suffix(".json").read_text())
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable sidecars are reported by the preprocessing loop
+        if meta.get("axis4") == "rgb":
+            colour += 1
+        else:
+            grey += 1
+    return {"colour": colour, "grey": grey, "share": colour / max(colour + grey, 1)}
+
+
+def channel_count(cfg: PreprocessConfig, colour_share: float, backbone_spec) -> int:
+    """Input channels: ``rgb`` -> 3, ``grey`` -> 1, ``auto`` -> 3 when at least half of the cases are
+    colour and the backbone has a three-channel stem (MedicalNet has one), else 1."""
+    if cfg.channels == "rgb":
+        return 3
+    if cfg.channels == "grey":
+        return 1
+    return 3 if colour_share >= 0.5 and getattr(backbone_spec, "in_chans", 1) == 3 else 1
+
+
+def make_spec(cfg: PreprocessConfig, backbone_spec, channels: int = 1) -> PreprocessSpec:
     """Derive the preprocessing from the config and the backbone's spec (``models.BackboneSpec``).
 
     ``intensity: auto`` follows the backbone: ``zscore_nonzero`` for MedicalNet, otherwise robust min-max
-    to [0, 1] then the backbone's mean/std (averaged over its channels, as the input has one channel).
+    to [0, 1] then the backbone's mean/std (averaged over its channels when the input has one channel).
+    Colour input (``channels`` 3) keeps the per-channel mean/std and, for ``auto``, the 8-bit window
+    [0, 255] over all channels at once: a per-image, per-channel min-max would change the hues.
     """
     intensity = cfg.intensity
-    if intensity == "auto":
+    window = tuple(cfg.window) if cfg.window else None
+    if intensity == "auto" and channels == 3:
+        intensity, window = "window", window or (0.0, 255.0)
+    elif intensity == "auto":
         intensity = "zscore_nonzero" if backbone_spec.intensity == "zscore_nonzero" else "minmax"
     if intensity == "zscore_nonzero":
-        mean, std = 0.0, 1.0
+        mean, std = (0.0, 1.0) if channels == 1 else ((0.0,) * channels, (1.0,) * channels)
+    elif channels == 3:
+        mean = tuple(float(v) for v in np.broadcast_to(backbone_spec.mean, (3,)))
+        std = tuple(float(v) for v in np.broadcast_to(backbone_spec.std, (3,)))
     else:
         mean = float(np.mean(backbone_spec.mean))
         std = float(np.mean(backbone_spec.std))
@@ -57,10 +94,19 @@ def make_spec(cfg: PreprocessConfig, backbone_spec) -> PreprocessSpec:
         spatial_dims=cfg.spatial_dims,
         image_size=cfg.image_size,
         intensity=intensity,
-        window=tuple(cfg.window) if cfg.window else None,
+        window=window,
         mean=mean,
         std=std,
+        channels=channels,
     )
+
+
+def to_rgb(array: np.ndarray, axis4: str | None) -> np.ndarray:
+    """A volume as ``(X, Y, Z, 3)``: colour kept (alpha dropped), grey replicated to three channels."""
+    if array.ndim == 4 and axis4 == "rgb" and array.shape[3] in (3, 4):
+        return array[..., :3]
+    grey = to_single_channel(array, axis4)
+    return np.repeat(grey[..., None], 3, axis=3)
 
 
 def to_single_channel(array: np.ndarray, axis4: str | None) -> np.ndarray:
@@ -75,6 +121,7 @@ def to_single_channel(array: np.ndarray, axis4: str | None) -> np.ndarray:
 
 
 def _intensity(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Intensity policy on the whole array (all channels at once for colour input)."""
     x = x.astype(np.float32, copy=False)
     if spec.intensity == "window":
         lo, hi = spec.window  # type: ignore[misc]
@@ -104,7 +151,8 @@ def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec) -> np
         spec: The preprocessing spec.
 
     Returns:
-        ``(1, S, S)`` for 2D or ``(1, S, S, S)`` for 3D, ``S = spec.image_size``, in (Y, X) / (Z, Y, X) order.
+        ``(C, S, S)`` for 2D or ``(C, S, S, S)`` for 3D, ``S = spec.image_size``, ``C = spec.channels``, in
+        (Y, X) / (Z, Y, X) order.
 
     Raises:
         IngestError: A 3D volume was given to a 2D task (more than one slice), or the shape is unusable.
@@ -114,28 +162,31 @@ def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec) -> np
     import torch
     from monai.transforms import Resize, SpatialPad
 
-    vol = to_single_channel(array, axis4)
+    # (X, Y, Z, C): C = 1 (grey) or 3 (colour kept, grey replicated)
+    vol = to_rgb(array, axis4) if spec.channels == 3 else to_single_channel(array, axis4)[..., None]
     if spec.spatial_dims == 2:
         if vol.shape[2] != 1:
             raise IngestError(
-                f"preprocess.spatial_dims is 2 but the volume has {vol.shape[2]} slices (shape {vol.shape}); "
+                f"preprocess.spatial_dims is 2 but the volume has {vol.shape[2]} slices (shape {vol.shape[:3]}); "
                 "expected single-slice images, or set preprocess.spatial_dims: 3",
                 code="wrong_dims",
             )
-        img = vol[:, :, 0].T  # (Y, X) = (rows, columns)
+        img = vol[:, :, 0, :].transpose(2, 1, 0)  # (C, Y, X) = (channels, rows, columns)
     else:
-        if min(vol.shape) < 2:
+        if min(vol.shape[:3]) < 2:
             raise IngestError(
-                f"preprocess.spatial_dims is 3 but the volume has shape {vol.shape}; expected a 3D volume",
+                f"preprocess.spatial_dims is 3 but the volume has shape {vol.shape[:3]}; expected a 3D volume",
                 code="wrong_dims",
             )
-        img = np.transpose(vol, (2, 1, 0))  # (Z, Y, X) = (D, H, W)
+        img = np.transpose(vol, (3, 2, 1, 0))  # (C, Z, Y, X) = (C, D, H, W)
     img = _intensity(img, spec)
-    t = torch.from_numpy(np.ascontiguousarray(img))[None]
+    t = torch.from_numpy(np.ascontiguousarray(img))
     side = max(t.shape[1:])
     t = SpatialPad(spatial_size=[side] * spec.spatial_dims, mode="constant")(t)
     mode = "area" if side >= spec.image_size else ("bilinear" if spec.spatial_dims == 2 else "trilinear")
     t = Resize(spatial_size=[spec.image_size] * spec.spatial_dims, mode=mode)(t)
     t = torch.as_tensor(t)
-    out = ((t - spec.mean) / spec.std).numpy().astype(np.float32)
-    return out
+    shape = (-1,) + (1,) * spec.spatial_dims
+    mean = torch.as_tensor(spec.mean, dtype=t.dtype).reshape(shape)
+    std = torch.as_tensor(spec.std, dtype=t.dtype).reshape(shape)
+    return ((t - mean) / std).numpy().astype(np.float32)

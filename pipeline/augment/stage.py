@@ -2,31 +2,37 @@
 
 Outputs (in the stage folder): ``tensors/<case_id>.npy`` (float16, channel-first network inputs, see
 :mod:`pipeline.augment.preprocess` for the axis order), ``index.csv`` (case_id, patient_id, split,
-label_index and subgroup columns), ``transform_spec.json`` (deterministic preprocessing and the random
+label_index and subgroup columns), ``tensor_digests.json`` (each tensor's sha256), ``transform_spec.json`` (deterministic preprocessing and the random
 training transforms with their parameters) and ``preview.png`` (augmented training samples for visual QA).
-Cases whose volume cannot be preprocessed (e.g. a 3D volume in a 2D task) are reported and left out.
+Cases whose volume cannot be preprocessed (e.g. a 3D volume in a 2D task) are reported and left out. Cached
+volumes are verified against their digest and rebuilt from the source when unusable (``cache`` in the spec).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
-import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.augment.preprocess import make_spec, preprocess
+from pipeline.augment.preprocess import channel_count, colour_counts, make_spec, preprocess
 from pipeline.augment.transforms import apply, build_train_transform, describe, sample_seed
 from pipeline.config import Config
 from pipeline.errors import IngestError
 from pipeline.ingest.stage import read_manifest
+from pipeline.ingest.volume_cache import load_volume
 from pipeline.io import write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
 
+#: ``{"tensors": {case_id: {"sha256", "volume"}}}``: each tensor's digest, checked when it is loaded
+#: (:func:`pipeline.train.data.load_split`), and the cached volume it is rebuilt from.
+TENSOR_DIGESTS = "tensor_digests.json"
 INDEX_COLUMNS = ["case_id", "patient_id", "split", "label_index", "sex", "age_band", "manufacturer", "modality"]
 
 
@@ -38,28 +44,30 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     """
     from models import get_spec
 
-    spec = make_spec(cfg.preprocess, get_spec(cfg.model.backbone))
     rows = read_manifest(ingest_dir)
     cache = workspace / "cache" / "volumes"
+    backbone = get_spec(cfg.model.backbone)
+    colour = colour_counts(rows, cache)
+    channels = channel_count(cfg.preprocess, colour["share"], backbone)
+    spec = make_spec(cfg.preprocess, backbone, channels)
     tensor_dir = out_dir / "tensors"
     tensor_dir.mkdir(parents=True, exist_ok=True)
     kept, skipped = [], []
+    audit: Counter = Counter()
+    digests: dict[str, dict[str, str]] = {}
     for row in rows:
-        vol_path = cache / row["volume"]
-        try:
-            meta = json.loads(vol_path.with_suffix(".json").read_text())
-            arr = np.load(vol_path, allow_pickle=False)
+        try:  # verified against its recorded sha256; rebuilt from the source when unusable
+            arr, meta = load_volume(workspace, row["volume"], audit)
             x = preprocess(arr, meta.get("axis4"), spec)
-        except IngestError as err:
+        except IngestError as err:  # incl. cache_lost: the volume is unusable and cannot be rebuilt
             skipped.append({"case_id": row["case_id"], "code": err.code, "reason": err.reason})
             continue
-        except (OSError, ValueError) as err:
-            skipped.append({"case_id": row["case_id"], "code": "cache_unreadable", "reason": f"cached volume unreadable: {err}"})
-            continue
-        buf = io.BytesIO()
-        np.save(buf, x.astype(np.float16), allow_pickle=False)
-        write_bytes(tensor_dir / f"{row['case_id']}.npy", buf.getvalue())
+        data = tensor_bytes(x)
+        write_bytes(tensor_dir / f"{row['case_id']}.npy", data)
+        digests[row["case_id"]] = {"sha256": hashlib.sha256(data).hexdigest(), "volume": row["volume"]}
         kept.append(row)
+    if audit:
+        log.warning("Augment: cached volumes rebuilt from their sources: %s", dict(sorted(audit.items())))
     if not kept:
         reasons = sorted({s["reason"] for s in skipped})[:3]
         raise IngestError(f"Augment: no case could be preprocessed; e.g. {reasons}", code="nothing_preprocessed")
@@ -69,6 +77,7 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     w.writeheader()
     w.writerows(kept)
     write_text(out_dir / "index.csv", buf.getvalue())
+    write_json(out_dir / TENSOR_DIGESTS, {"schema_version": 1, "tensors": digests})
 
     train_tf = build_train_transform(cfg.augment, spec.spatial_dims, spec.image_size)
     write_json(
@@ -77,19 +86,36 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
             "schema_version": 1,
             "deterministic": spec.to_dict(),
             "backbone": cfg.model.backbone,
-            "input_layout": "(1, H, W) = (1, Y, X)" if spec.spatial_dims == 2 else "(1, D, H, W) = (1, Z, Y, X)",
+            "input_layout": f"({channels}, H, W) = (C, Y, X)" if spec.spatial_dims == 2 else f"({channels}, D, H, W) = (C, Z, Y, X)",
+            "colour": dict(
+                colour,
+                channels=channels,
+                rule="preprocess.channels: auto = three channels when at least half of the cases are colour "
+                "(grey ones replicated), else one (colour ones become luminance)",
+            ),
             "train_random": describe(train_tf),
             "random_state": "per sample: seed = sha256(train.seed, epoch, index); independent of worker count",
             "eval": "deterministic part only",
             "cases": len(kept),
             "skipped": skipped,
+            "cache": dict(sorted(audit.items())),  # cached volumes rebuilt, by cause (cache_rebuilt: total)
         },
     )
     train_rows = [r for r in kept if r["split"] == "train"]
     if cfg.augment.preview and train_rows:
         _preview(out_dir, train_rows, train_tf, cfg, spec.spatial_dims)
-    log.info("Augment: %d case(s) preprocessed, %d left out", len(kept), len(skipped))
-    return {"cases": len(kept), "skipped": skipped}
+    log.info(
+        "Augment: %d case(s) preprocessed, %d left out; %d colour and %d grey case(s) -> %d input channel(s)",
+        len(kept), len(skipped), colour["colour"], colour["grey"], channels,
+    )
+    return {"cases": len(kept), "skipped": skipped, "channels": channels, "colour": colour}
+
+
+def tensor_bytes(x: np.ndarray) -> bytes:
+    """The ``.npy`` bytes of one network input as stored in ``tensors/`` (float16)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x.astype(np.float16)), allow_pickle=False)
+    return buf.getvalue()
 
 
 def _preview(out_dir: Path, rows: list[dict], tf, cfg: Config, dims: int) -> None:

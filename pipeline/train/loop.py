@@ -65,7 +65,8 @@ def run_strategy(
     num_classes = len(cfg.task.classes)
     pretrained = cfg.model.pretrained and strategy != "scratch"
     torch.manual_seed(tc.seed)
-    model = build_model(cfg, num_classes, pretrained=pretrained, seed=tc.seed)
+    in_chans = int(train.x.shape[1]) if train.x.ndim > 2 else 1  # (N, C, ...): the Augment stage's channels
+    model = build_model(cfg, num_classes, pretrained=pretrained, seed=tc.seed, in_chans=in_chans)
     if strategy != "scratch":
         warm_start_into(model, work_dir)
     model = model.to(device)
@@ -420,7 +421,7 @@ def model_info(cfg: Config, num_classes: int, preprocessing: dict[str, Any]) -> 
     return {
         "backbone": cfg.model.backbone,
         "num_classes": num_classes,
-        "in_chans": 1,
+        "in_chans": int(preprocessing.get("channels", 1)),
         "spatial_dims": cfg.preprocess.spatial_dims,
         "image_size": cfg.preprocess.image_size,
         "class_names": cfg.task.class_names,

@@ -17,15 +17,18 @@ log = logging.getLogger(__name__)
 WARM_START_FILE = "warm_start.pt"
 
 
-def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None, seed: int = 0) -> nn.Module:
-    """The configured backbone with a new head, 1 input channel (see pipeline.augment.preprocess)."""
+def build_model(
+    cfg: Config, num_classes: int, pretrained: bool | None = None, seed: int = 0, in_chans: int = 1
+) -> nn.Module:
+    """The configured backbone with a new head and ``in_chans`` input channels (1 grey, 3 colour; see
+    :mod:`pipeline.augment.preprocess`)."""
     from models import create_backbone
 
     use_pretrained = cfg.model.pretrained if pretrained is None else pretrained
     model = create_backbone(
         cfg.model.backbone,
         num_classes=num_classes,
-        in_chans=1,
+        in_chans=in_chans,
         spatial_dims=cfg.preprocess.spatial_dims,
         pretrained=use_pretrained,
         weights=str(cfg.model.weights) if (use_pretrained and cfg.model.weights) else None,
