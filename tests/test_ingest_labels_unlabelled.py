@@ -89,7 +89,7 @@ def test_unlabelled_patient_later_labelled_goes_to_train_and_nobody_moves(tmp_pa
     assert len(late_patients) == 8 and not late_patients & set(before)
     # the next run: the eight get their labels, and ten new labelled patients arrive
     fresh = make_dataset(tmp_path / "more", n_patients=50)
-    for i, r in enumerate(_labels(fresh)[40:]):
+    for r in _labels(fresh)[40:]:
         src = fresh / "images" / r["file"]
         dst = tmp_path / "images" / ("new_" + r["file"])
         dst.parent.mkdir(parents=True)
