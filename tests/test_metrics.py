@@ -334,23 +334,63 @@ def test_roc_points_thinned_and_monotone(rng: np.random.Generator) -> None:
     assert np.all(np.diff(pts["fpr"]) >= 0) and np.all(np.diff(pts["tpr"]) >= 0)
 
 
-def test_bias_shifted_ci_contains_ece_of_well_calibrated_model() -> None:
-    from pipeline.evaluate.metrics import bias_shifted_ci
+def test_inverted_ci_recovers_a_normal_location_interval() -> None:
+    from pipeline.evaluate.intervals import inverted_ci
 
+    z = np.random.default_rng(0).normal(size=20_000)
+
+    def world(u: float):  # statistic |N(theta, 1)| with theta = u: far from 0 the interval is obs +- 1.96
+        return np.array([u]), np.abs(u + z)[:, None]
+
+    ((lo, hi),) = inverted_ci(np.array([5.0]), world, 0.95)
+    assert lo == pytest.approx(5.0 - 1.96, abs=0.03) and hi == pytest.approx(5.0 + 1.96, abs=0.03)
+    # at theta = 0 the test is one-sided: |z| <= 1.96 with probability 0.95 keeps 0 in the interval
+    ((lo, hi),) = inverted_ci(np.array([1.8]), world, 0.95)
+    assert lo == 0.0 and hi > 1.8
+    ((lo, hi),) = inverted_ci(np.array([2.2]), world, 0.95)
+    assert 0.0 < lo < 0.5 and hi > 2.2
+    assert inverted_ci(np.array([np.nan]), world)[0] != inverted_ci(np.array([np.nan]), world)[0]  # nan
+
+
+def test_ece_interval_reaches_zero_when_calibrated_and_excludes_it_when_not() -> None:
     rng = np.random.default_rng(31)
     n = 400
     p = rng.random(n)
-    y = rng.random(n) < p
-    probs = np.column_stack([1 - p, p])
-    out = calibration_block(probs, y.astype(int), "binary", 1, Bootstrap(n, 1000, seed=0))
+    y = (rng.random(n) < p).astype(int)
+    out = calibration_block(np.column_stack([1 - p, p]), y, "binary", 1, Bootstrap(n, 1000, seed=0))
     e = out["ece"]
-    assert e["ci_method"] == "bootstrap_bias_shifted"
-    assert e["ci"][0] <= e["value"] <= e["ci"][1]
-    samples = Bootstrap(n, 1000, seed=0).run({"x": mean_stat(p)})["x"]
-    lo, hi = bias_shifted_ci(float(p.mean()), samples)
-    plain = percentile_ci(samples)
-    # For an unbiased statistic the shift is negligible.
-    assert lo == pytest.approx(plain[0], abs=2e-3) and hi == pytest.approx(plain[1], abs=2e-3)
+    assert e["ci_method"] == "parametric_bootstrap_inversion"
+    assert e["ci"][0] == 0.0 < e["value"] < 0.1
+    assert 0.0 < e["ci"][1] < 0.15
+    assert out["mce"]["ci"] is None and "no interval" in out["mce"]["ci_note"]
+    # over-confident model: true ECE of logit q = 2.5 logit p, computed on a large sample
+    q = expit(2.5 * logit(p))
+    big = rng.random(200_000)
+    true_ece = ece(expit(2.5 * logit(big)), rng.random(200_000) < big)
+    out = calibration_block(np.column_stack([1 - q, q]), y, "binary", 1, Bootstrap(n, 1000, seed=0))
+    lo, hi = out["ece"]["ci"]
+    assert 0.0 < lo < true_ece < hi
+    for key in ("ece_equal_mass", "l2_ce_debiased"):
+        assert 0.0 < out[key]["ci"][0] < out[key]["ci"][1]
+    # the same seed gives the same interval
+    again = calibration_block(np.column_stack([1 - q, q]), y, "binary", 1, Bootstrap(n, 1000, seed=0))
+    assert again["ece"]["ci"] == out["ece"]["ci"]
+
+
+def test_macro_f1_averages_over_all_classes_like_sklearn() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 60)  # class 3 never occurs in y
+    pred = np.where(rng.random(60) < 0.7, y, rng.integers(0, 4, 60))
+    pred[:2] = 3  # but is predicted
+    probs = np.full((60, 4), 0.1)
+    probs[np.arange(60), pred] = 0.7
+    out = discrimination_block(probs, y, "multiclass", list("abcd"), None, Bootstrap(60, 200, seed=0))
+    ref = f1_score(y, pred, average="macro", labels=range(4), zero_division=0)
+    assert out["macro_f1"]["value"] == pytest.approx(ref)
+    cm = np.zeros((1, 4, 4))
+    np.add.at(cm[0], (y, pred), 1.0)
+    assert confusion_metrics(cm)["macro_f1"][0] == pytest.approx(ref)
+    assert confusion_metrics(cm, labels=np.unique(y))["macro_f1"][0] == pytest.approx(ref)
 
 
 def test_clustered_split_uses_cluster_bootstrap_for_every_metric(rng: np.random.Generator) -> None:

@@ -55,7 +55,10 @@ def confusion_metrics(
     Args:
         cm: Confusion matrices of shape (b, K, K) (rows: true class, columns: predicted class).
         positive_index: For binary tasks, the positive class: adds sensitivity, specificity, PPV, NPV, F1.
-        labels: Classes that enter macro averages (default: all K).
+        labels: Classes whose recall enters the balanced accuracy (default: all K; a class absent from
+            the labels has no recall). The macro F1 always averages over all K classes, with F1 = 0 for
+            a class that is neither present nor predicted, as scikit-learn's
+            ``f1_score(y, pred, average="macro", labels=range(K), zero_division=0)``.
 
     Returns:
         Name -> array of shape (b,): ``accuracy``, ``balanced_accuracy``, ``macro_f1``,
@@ -75,7 +78,7 @@ def confusion_metrics(
         out["balanced_accuracy"] = np.nanmean(recall[:, labels], axis=1) if len(labels) else np.nan
         denom = support + predicted
         f1 = np.where(denom > 0, 2 * diag / np.where(denom > 0, denom, 1), 0.0)
-        out["macro_f1"] = f1[:, labels].mean(axis=1)
+        out["macro_f1"] = f1.mean(axis=1)
         i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
         wq = (i - j) ** 2.0
         expected = support[:, :, None] * predicted[:, None, :] / total[:, None, None]

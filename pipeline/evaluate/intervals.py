@@ -1,5 +1,5 @@
 """The reported form of a number and its intervals: ``value_ci``, the Wilson score interval of a
-proportion and the bias-shifted bootstrap percentile interval of binned calibration errors.
+proportion and the test-inversion interval of a non-negative error (binned calibration errors).
 
 The CI methods and conventions are described in :mod:`pipeline.evaluate.metrics`.
 """
@@ -7,12 +7,11 @@ The CI methods and conventions are described in :mod:`pipeline.evaluate.metrics`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
-
-from pipeline.evaluate.bootstrap import percentile_ci
 
 
 def _num(x: Any) -> float | None:
@@ -38,21 +37,87 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
+def inverted_ci(
+    observed: np.ndarray,
+    world: Callable[[float], tuple[np.ndarray, np.ndarray]],
+    level: float = 0.95,
+    step: float = 0.25,
+    u_max: float = 64.0,
+) -> list[tuple[float, float]]:
+    """Confidence intervals of non-negative parameters by inverting tests along a family of null worlds.
 
-def bias_shifted_ci(point: float, samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval shifted by the bootstrap bias estimate, clipped at 0.
+    ``world(u)`` for ``u >= 0`` returns ``(theta_u, samples_u)`` for M statistics at once: the parameter
+    values of a simulated world, shape (M,) (``theta_0 = 0``, increasing in ``u``), and draws of the
+    statistics in that world, shape (B, M). The interval of statistic m is ``{theta_u : observed[m] lies
+    in the acceptance region of world u}`` (a Neyman construction), where the region is the central
+    ``level`` part of the draws split ``s : (1 - s)`` between the lower and upper tail, with
+    ``s = 0.5 * min(1, theta_u / m_0)`` and ``m_0`` the median statistic of the perfect world ``u = 0``:
 
-    Binned calibration errors are biased upwards, and a resample's error is biased further, so the plain
-    percentile interval can lie entirely above the point estimate of a well-calibrated model. Shifting
-    the interval by ``mean(samples) - point`` (the bootstrap estimate of that bias) centres it on the
-    point estimate's scale: ``[q_lo - bias, q_hi - bias]`` clipped to ``>= 0``.
+    * at ``theta = 0`` the test is one-sided (``s = 0``): no parameter lies below 0, so a small observed
+      error is no evidence against ``theta = 0``. The lower bound is exactly 0 whenever the data are
+      consistent with a perfect model at level ``1 - level``, so a perfect model is covered with
+      probability ``level`` (an equal-tailed test would give ``1 - (1 - level) / 2``);
+    * from ``theta >= m_0`` (an error as large as a perfect model's typical error) the test is the usual
+      equal-tailed one; the ramp in between keeps the interval from collapsing to ``[0, 0]`` when the
+      observed error is unusually small.
+
+    Worlds are evaluated on the grid ``u = 0, step, 2 step, ...`` (steps double beyond ``u = 4``) until
+    every observed value lies below its acceptance region; a bound between two grid worlds is
+    interpolated linearly (quantile and ``theta`` curves are smooth in ``u`` when the worlds share their
+    random draws).
+
+    Returns:
+        One ``(lower, upper)`` per statistic; ``(nan, nan)`` for a non-finite observed value. When even
+        ``u_max`` cannot place the observed value below the region, the upper bound is ``theta(u_max)``.
     """
-    s = np.asarray(samples, dtype=np.float64)
-    lo, hi = percentile_ci(s, level)
-    finite = s[np.isfinite(s)]
-    if not finite.size or not math.isfinite(point):
-        return lo, hi
-    bias = float(finite.mean()) - point
-    return max(0.0, lo - bias), max(0.0, hi - bias)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: expected a confidence level in (0, 1), got {level!r}")
+    obs = np.atleast_1d(np.asarray(observed, dtype=np.float64))
+    a = 1.0 - level
+    thetas, lows, highs = [], [], []
+    u, m0 = 0.0, None
+    while True:
+        theta, samples = world(u)
+        theta = np.atleast_1d(np.asarray(theta, dtype=np.float64))
+        samples = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
+        if m0 is None:
+            m0 = np.median(samples, axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = np.where(m0 > 0, 0.5 * np.minimum(1.0, theta / np.where(m0 > 0, m0, 1.0)), 0.5)
+        lo = np.array([np.quantile(samples[:, m], a * s[m]) for m in range(len(obs))])
+        hi = np.array([np.quantile(samples[:, m], 1.0 - a * (1.0 - s[m])) for m in range(len(obs))])
+        thetas.append(theta)
+        lows.append(lo)
+        highs.append(hi)
+        if np.all((lo > obs) | ~np.isfinite(obs)) or u >= u_max:
+            break
+        u += step if u < 4.0 else u / 2
+    th, lo_q, hi_q = np.array(thetas), np.array(lows), np.array(highs)
+    return [_invert_one(float(obs[m]), th[:, m], lo_q[:, m], hi_q[:, m]) for m in range(len(obs))]
 
 
+def _crossing(x: float, curve: np.ndarray, values: np.ndarray, k: int) -> float:
+    """``values`` interpolated where ``curve`` passes ``x`` between grid points ``k - 1`` and ``k``."""
+    c0, c1 = curve[k - 1], curve[k]
+    f = 0.0 if c1 == c0 else min(1.0, max(0.0, (x - c0) / (c1 - c0)))
+    return float(values[k - 1] + f * (values[k] - values[k - 1]))
+
+
+def _invert_one(obs: float, theta: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[float, float]:
+    if not math.isfinite(obs):
+        return float("nan"), float("nan")
+    ok_hi = obs <= hi  # the region reaches up to the observed value
+    ok_lo = obs >= lo  # ... and down to it
+    if ok_hi[0]:
+        lower = 0.0
+    elif ok_hi.any():
+        k = int(np.argmax(ok_hi))
+        lower = _crossing(obs, hi, theta, k)
+    else:
+        return float(theta[-1]), float(theta[-1])
+    if not ok_lo[0]:
+        return lower, lower
+    if ok_lo.all():
+        return lower, float(theta[-1])
+    k = int(np.argmax(~ok_lo))
+    return lower, max(lower, _crossing(obs, lo, theta, k))

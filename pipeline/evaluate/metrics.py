@@ -2,7 +2,7 @@
 
 The work lives in three modules, and every name is re-exported here so callers keep importing
 ``pipeline.evaluate.metrics``: :mod:`pipeline.evaluate.intervals` (the reported form, Wilson and
-bias-shifted intervals), :mod:`pipeline.evaluate.discrimination` (AUROC, confusion metrics, ROC points,
+test-inversion intervals), :mod:`pipeline.evaluate.discrimination` (AUROC, confusion metrics, ROC points,
 the discrimination block) and :mod:`pipeline.evaluate.calibration_metrics` (Brier, NLL, ECE/MCE, debiased
 L2, reliability bins, calibration intercept/slope, the calibration block). The conventions below hold
 for all three.
@@ -39,16 +39,20 @@ Conventions:
   Van Calster et al. 2016). Ideal: intercept 0, slope 1. Binary tasks only.
 * Brier score: binary ``mean((p_pos - y_pos)^2)`` (scikit-learn's ``brier_score_loss``, range 0..1);
   multi-class ``mean(sum_k (p_k - 1[y = k])^2)`` (Brier's original, range 0..2).
-* Bootstrap CIs of binned metrics keep the bin edges of the full sample. Binned calibration errors
-  (ECE, MCE, debiased L2) are biased upwards and a resample's error more so, so their percentile
-  interval is shifted by the bootstrap bias estimate (``ci_method`` ends in ``_bias_shifted``; see
-  ``bias_shifted_ci``).
+* Intervals of binned metrics keep the bin edges of the full sample. Binned calibration errors (ECE,
+  debiased L2) are biased upwards and sit on the boundary 0 for a well-calibrated model, where no
+  percentile interval covers; their interval inverts tests along simulated worlds of growing
+  miscalibration (``ci_method`` ``parametric_bootstrap_inversion`` or
+  ``cluster_parametric_bootstrap_inversion``; see ``binned_error_ci`` and ``inverted_ci``), and its
+  lower bound is 0 when the data are consistent with perfect calibration. The MCE has no interval
+  (``ci`` is ``None``, ``ci_note`` says why).
 """
 
 from __future__ import annotations
 
 from pipeline.evaluate.calibration_metrics import (
     binned_calibration,
+    binned_error_ci,
     brier_score,
     calibration_block,
     calibration_intercept_slope,
@@ -65,10 +69,11 @@ from pipeline.evaluate.discrimination import (
     paired_auroc_difference,
     roc_points,
 )
-from pipeline.evaluate.intervals import bias_shifted_ci, value_ci, wilson_ci
+from pipeline.evaluate.intervals import inverted_ci, value_ci, wilson_ci
 
 __all__ = [
-    "bias_shifted_ci",
+    "binned_error_ci",
+    "inverted_ci",
     "auroc_with_ci",
     "paired_auroc_difference",
     "binned_calibration",
