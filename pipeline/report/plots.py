@@ -262,9 +262,9 @@ def flow_figure(boxes: list[tuple[str, list[str]]], exclusions: list[str], split
     ax.set_ylim(0, n_rows)
     ax.axis("off")
 
-    def box(x: float, y: float, w: float, text: str, fc: str = "#eef3f8") -> None:
+    def box(x: float, y: float, w: float, text: str, fc: str = "#dbe9f6", ec: str = "C0") -> None:
         ax.add_patch(
-            FancyBboxPatch((x - w / 2, y - 0.35), w, 0.7, boxstyle="round,pad=0.05", fc=fc, ec="#335")
+            FancyBboxPatch((x - w / 2, y - 0.35), w, 0.7, boxstyle="round,pad=0.05", fc=fc, ec=ec, lw=1.5)
         )
         ax.text(x, y, text, ha="center", va="center", fontsize=7.5, wrap=True)
 
@@ -272,12 +272,12 @@ def flow_figure(boxes: list[tuple[str, list[str]]], exclusions: list[str], split
         y = n_rows - 0.5 - i
         box(4.0, y, 5.0, "\n".join([title] + lines))
         if i < len(boxes) - 1 or splits:
-            ax.annotate("", (4.0, y - 0.95), (4.0, y - 0.4), arrowprops={"arrowstyle": "->", "color": "#335"})
+            ax.annotate("", (4.0, y - 0.95), (4.0, y - 0.4), arrowprops={"arrowstyle": "->", "color": "C0"})
         if i == 0 and exclusions:
-            box(8.4, y - 0.5, 3.0, "\n".join(["excluded, by code:"] + exclusions), fc="#fbeaea")
-            ax.annotate("", (6.85, y - 0.5), (4.0, y - 0.5), arrowprops={"arrowstyle": "->", "color": "#933"})
+            box(8.4, y - 0.5, 3.0, "\n".join(["excluded, by code:"] + exclusions), fc="#f9dcdc", ec="C3")
+            ax.annotate("", (6.85, y - 0.5), (4.0, y - 0.5), arrowprops={"arrowstyle": "->", "color": "C3"})
     w = 10.0 / max(len(splits), 1)
     for j, text in enumerate(splits):
-        box(w * (j + 0.5), 0.5, w - 0.25, text, fc="#eef8ee")
+        box(w * (j + 0.5), 0.5, w - 0.25, text, fc="#dcf0dc", ec="C2")
     fig.tight_layout()
     return fig
