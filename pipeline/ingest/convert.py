@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, IngestError
-from pipeline.ingest.decode_jobs import unexpected_failure
+from pipeline.ingest.decode_jobs import check_values, unexpected_failure
 from pipeline.ingest.deid import ensure_private_dir, pseudonym
 from pipeline.ingest.sources import LoadOptions, SourceItem, load_item, scan_sources
 from pipeline.io import write_json
@@ -77,9 +77,12 @@ def _sidecar(vol: Any, patient: str, item: SourceItem) -> dict[str, Any]:
 
 def _load(item: SourceItem, options: LoadOptions) -> Any:
     """:func:`load_item`, with an unexpected reader failure turned into a per-item ``decode_failed``
-    IngestError (as Ingest does): one odd file never ends the conversion with a traceback."""
+    IngestError (as Ingest does): one odd file never ends the conversion with a traceback. The stored
+    values get Ingest's check (:func:`check_values`: ``empty``, ``non_finite``, ``constant`` are refused)."""
     try:
-        return load_item(item, options)
+        vol = load_item(item, options)
+        check_values(vol.array, item.files[0] if len(item.files) == 1 else f"series starting {item.files[0]}")
+        return vol
     except IngestError:
         raise
     except (MemoryError, KeyboardInterrupt):

@@ -2,7 +2,8 @@
 
 One :class:`DecodeJob` per item: its volume is decoded (:func:`pipeline.ingest.sources.load_item`),
 masked when configured, and saved as ``<fingerprint>.npy`` with its public facts beside it as
-``<fingerprint>.json``. The fingerprint is keyed over the item's grouping, its files' content hashes and
+``<fingerprint>.json`` (with the sha256 of the ``.npy`` bytes: :mod:`pipeline.ingest.volume_cache`). The
+fingerprint is keyed over the item's grouping, its files' content hashes and
 the load options, so a later snapshot reuses an unchanged volume. A failed item comes back to the parent
 as the :class:`~pipeline.errors.IngestError` the worker raised, its ``code`` intact (medtl errors keep
 their code through pickling, :class:`~pipeline.errors.MedtlError`).
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import IngestError
-from pipeline.io import write_bytes, write_json
+from pipeline.ingest.volume_cache import REBUILT, sidecar_meta, write_recipe, write_volume
 
-#: Part of every volume fingerprint; 3: volumes are checked by :func:`check_values` before caching.
-CACHE_VERSION = 3
+#: Part of every volume fingerprint; 3: volumes are checked by :func:`check_values` before caching;
+#: 4: the side-car records the volume's sha256 (older volumes are decoded once more).
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,14 @@ class DecodeJob:
     cache_file: str
     options: Any  # LoadOptions
     mask_regions: tuple = ()
+    hashes: tuple = ()  # the source files' fingerprint parts (sha256 or size:mtime), for a later rebuild
 
 
 def cached_meta(cache_file: Path) -> dict[str, Any] | None:
-    """The public facts saved beside a cached volume, or None when the volume is not (fully) cached."""
-    meta_file = cache_file.with_suffix(".json")
-    if cache_file.exists() and meta_file.exists():
-        try:
-            return json.loads(meta_file.read_text())
-        except (OSError, ValueError):
-            return None
-    return None
+    """The public facts saved beside a cached volume, or None when the volume is not (intactly) cached:
+    no side-car, no digest in it, or a ``.npy`` of another length than recorded (stat only, see
+    :func:`pipeline.ingest.volume_cache.sidecar_meta`)."""
+    return sidecar_meta(cache_file)
 
 
 def apply_mask_regions(array: np.ndarray, regions: tuple | list) -> np.ndarray:
@@ -81,10 +80,17 @@ def mask_for(item: Any, cfg: Any) -> tuple:
     return regions if len(shape) >= 3 and shape[2] == 1 else ()
 
 
+def file_stamps(item: Any, hashes: list[str | None]) -> list[str]:
+    """The source files' part of a volume fingerprint: content hashes from the index scan, or size + mtime
+    of every file when one is missing (not from an index scan)."""
+    if any(h is None for h in hashes):
+        return [f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in item.files]
+    return list(hashes)
+
+
 def fingerprint(key: bytes, item: Any, options: Any, hashes: list[str | None], mask: tuple = ()) -> str:
     """Keyed fingerprint of a volume: item key (grouping + relative paths), file contents, options."""
-    if any(h is None for h in hashes):  # not from an index scan: fall back to size + mtime
-        hashes = [f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in item.files]
+    hashes = file_stamps(item, hashes)
     blob = json.dumps(
         [item.key, hashes, repr(options), [list(m) for m in mask], CACHE_VERSION], separators=(",", ":")
     )
@@ -165,17 +171,23 @@ def _decode_to_cache(job: DecodeJob) -> dict[str, Any]:
         array = apply_mask_regions(array, job.mask_regions)
         meta["flags"] = list(meta.get("flags") or []) + ["masked_regions"]
         meta["masked_regions"] = [list(r) for r in job.mask_regions]
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    write_bytes(cache_file, buf.getvalue())
     meta["affine"] = vol.affine.tolist()
     meta["shape"] = list(array.shape)
-    write_json(cache_file.with_suffix(".json"), meta)
+    write_volume(cache_file, array, meta)
     return json.loads(cache_file.with_suffix(".json").read_text())
 
 
-def run_jobs(jobs: list[DecodeJob], processes: int) -> tuple[list[Any], int]:
-    """Decode the jobs whose volume is not cached yet, in a pool of ``processes`` worker processes.
+def run_jobs(
+    jobs: list[DecodeJob], processes: int, recipes: Path | None = None, audit: Counter | None = None
+) -> tuple[list[Any], int]:
+    """Decode the jobs whose volume is not (intactly) cached yet, in a pool of ``processes`` processes.
+
+    Args:
+        jobs: One per item.
+        processes: Worker processes.
+        recipes: Private folder for each volume's rebuild recipe (:func:`volume_cache.write_recipe`).
+        audit: Counter updated with ``cache_rebuilt`` (and ``cache_unreadable``) for every volume that
+            was cached but is decoded again because its side-car or length is wrong.
 
     Returns:
         The meta dict of every job in order (the IngestError, code intact, in place of a failed one;
@@ -183,6 +195,24 @@ def run_jobs(jobs: list[DecodeJob], processes: int) -> tuple[list[Any], int]:
     """
     out: list[Any] = [cached_meta(Path(j.cache_file)) for j in jobs]
     todo = [i for i, m in enumerate(out) if m is None]
+    for i in todo:  # a broken cached volume: remove it so the worker decodes it again (not silent: audit)
+        f = Path(jobs[i].cache_file)
+        if f.exists() or f.with_suffix(".json").exists():
+            f.unlink(missing_ok=True)
+            f.with_suffix(".json").unlink(missing_ok=True)
+            if audit is not None:
+                audit[REBUILT] += 1
+                audit["cache_unreadable"] += 1
+    out, n = _decode(jobs, out, todo, processes)
+    if recipes is not None:
+        recipes.mkdir(parents=True, exist_ok=True)
+        for job, res in zip(jobs, out, strict=True):
+            if not isinstance(res, IngestError):
+                write_recipe(recipes, job)
+    return out, n
+
+
+def _decode(jobs: list[DecodeJob], out: list[Any], todo: list[int], processes: int) -> tuple[list[Any], int]:
     if processes <= 1 or len(todo) < 4:
         for i in todo:
             try:

@@ -10,6 +10,7 @@ opened read-only.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +74,8 @@ class Rejected:
 
     Codes: ``empty``, ``not_dicom``, ``dicomdir``, ``no_pixel_data``, ``truncated``,
     ``unsupported_transfer_syntax``, ``mixed_sizes``, ``bad_mosaic``, ``bad_nifti``, ``bad_image``,
-    ``skipped``, ``unreadable``.
+    ``skipped``, ``unreadable``; from the walk: ``hidden``, ``symlink_not_followed``, ``broken_symlink``,
+    ``unreadable_folder``, ``not_regular``, ``kind_not_selected``.
     """
 
     path: str
@@ -116,15 +118,90 @@ def _kind_of(path: str) -> str | None:
     return "dicom"
 
 
-def _walk(root: str) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            p = os.path.join(dirpath, fn)
-            if os.path.isfile(p):
-                out.append(os.path.abspath(p))
+#: How the scan treats symbolic links (stated in the ingest report's ``inputs``).
+SYMLINK_POLICY = (
+    "a symlink to a file is followed (read as the file it points to); a symlink to a folder is not "
+    "followed (code symlink_not_followed); a broken one is reported (code broken_symlink)"
+)
+
+
+def _classify(entry: os.DirEntry, out: list[str], dirs: list[str], rejected: list[Rejected]) -> str:
+    """Sort one folder entry: a file to read (``out``), a folder to walk (``dirs``) or a rejection.
+    Returns its census category."""
+    p = os.path.abspath(entry.path)
+    try:
+        if entry.name.startswith("."):
+            what = "folder" if entry.is_dir(follow_symlinks=False) else "file"
+            rejected.append(Rejected(p, f"{p}: hidden {what}, not read (names starting with '.')", "hidden"))
+            return f"hidden_{what}"
+        if entry.is_symlink():
+            if entry.is_dir():
+                rejected.append(
+                    Rejected(p, f"{p}: symlink to a folder, not followed; expected a real folder",
+                             "symlink_not_followed")
+                )
+                return "symlink_not_followed"
+            if entry.is_file():
+                out.append(p)
+                return "symlink_followed"
+            rejected.append(Rejected(p, f"{p}: broken symlink (its target does not exist)", "broken_symlink"))
+            return "broken_symlink"
+        if entry.is_dir(follow_symlinks=False):
+            dirs.append(p)
+            return "folder"
+        if entry.is_file(follow_symlinks=False):
+            out.append(p)
+            return "regular_file"
+    except OSError as err:
+        rejected.append(Rejected(p, f"{p}: cannot be examined ({err.strerror}); expected a readable entry",
+                                 "unreadable"))
+        return "unreadable"
+    rejected.append(
+        Rejected(p, f"{p}: not a regular file (a pipe, socket or device); expected files and folders",
+                 "not_regular")
+    )
+    return "not_regular"
+
+
+def _walk(root: str, rejected: list[Rejected], census: Counter) -> list[str]:
+    """Every file to read under ``root``, in ``os.walk`` top-down order (sorted names). Every other entry
+    (hidden, symlink not followed, broken symlink, not a regular file, folder that cannot be listed) is
+    added to ``rejected`` with a code, and every entry is counted in ``census`` by category: nothing under
+    ``root`` is dropped silently (os.walk drops unreadable folders and non-regular files without a word)."""
+    out: list[str] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            p = os.path.abspath(folder)
+            if folder == root:
+                raise IngestError(f"{p}: input folder cannot be listed ({err.strerror}); expected a readable "
+                                  "folder", "unreadable_folder") from err
+            census["folder"] -= 1
+            census["unreadable_folder"] += 1
+            rejected.append(Rejected(p, f"{p}: folder cannot be listed ({err.strerror}); its contents are "
+                                     "not counted; expected a readable folder", "unreadable_folder"))
+            continue
+        dirs: list[str] = []
+        for e in entries:
+            census[_classify(e, out, dirs, rejected)] += 1
+        stack.extend(reversed(dirs))
     return out
+
+
+def _census(census: Counter, n_rejected_by_code: Counter) -> dict[str, Any]:
+    """The public account of the entries under the source (counts and codes only)."""
+    cats = {k: v for k, v in sorted(census.items()) if v}
+    return {
+        "entries": sum(cats.values()),
+        "by_category": cats,
+        "rejected_by_code": dict(sorted(n_rejected_by_code.items())),
+        "symlinks": SYMLINK_POLICY,
+        "not_descended": "hidden folders and folders that cannot be listed: their contents are not counted",
+    }
 
 
 def _tuplify(value: Any) -> Any:
@@ -183,7 +260,11 @@ def probe_file(path: str, kind: str) -> Any:
 
 
 def scan_sources(
-    root: str | os.PathLike[str], kinds: tuple[str, ...] = KINDS, workers: int = 1, index: Any = None
+    root: str | os.PathLike[str],
+    kinds: tuple[str, ...] = KINDS,
+    workers: int = 1,
+    index: Any = None,
+    census: dict[str, Any] | None = None,
 ) -> tuple[list[SourceItem], list[Rejected]]:
     """Walk ``root`` recursively and return the usable units and the rejected files.
 
@@ -199,6 +280,13 @@ def scan_sources(
         index: Optional :class:`pipeline.ingest.index.SourceIndex`: files whose fingerprint is unchanged
             reuse their cached header instead of being opened; the others are read and stored. The
             caller calls ``index.finish()`` afterwards.
+        census: Optional dict filled with the account of every entry under ``root`` (counts per category:
+            regular files, hidden files and folders, symlinks followed or not, broken symlinks, folders
+            that cannot be listed, non-regular files; rejections per code; the symlink policy).
+
+    Every entry is accounted for: each one not assembled into an item is in ``rejected`` with a code
+    (``hidden``, ``symlink_not_followed``, ``broken_symlink``, ``unreadable_folder``, ``not_regular``,
+    ``skipped``, ``kind_not_selected``, or a reader's code).
 
     Returns:
         ``(items, rejected)``, both in a deterministic order (by kind, then path).
@@ -213,19 +301,23 @@ def scan_sources(
         raise IngestError(
             f"{root}: input folder does not exist; expected a folder of DICOM/NIfTI/images", "missing"
         )
-    paths = [os.path.abspath(root)] if os.path.isfile(root) else _walk(root)
     rejected: list[Rejected] = []
+    tally: Counter = Counter()
+    if os.path.isfile(root):
+        paths = [os.path.abspath(root)]
+        tally["regular_file"] += 1
+    else:
+        paths = _walk(root, rejected, tally)
     todo: list[tuple[str, str]] = []
     for p in paths:
         kind = _kind_of(p)
         if kind is None:
-            if "dicom" in kinds:
-                rejected.append(
-                    Rejected(p, f"{p}: skipped (side-car/document file name, not an image)", "skipped")
-                )
-            continue
-        if kind in kinds:
+            rejected.append(Rejected(p, f"{p}: skipped (side-car/document file name, not an image)", "skipped"))
+        elif kind in kinds:
             todo.append((p, kind))
+        else:
+            rejected.append(Rejected(p, f"{p}: a {kind} file; data.kinds does not include {kind}",
+                                     "kind_not_selected"))
 
     results: dict[str, Any] = {}
     misses: list[tuple[str, str]] = []
@@ -286,6 +378,8 @@ def scan_sources(
             items.append(SourceItem(key, "dicom", files, dict(first.ids), header))
     items.sort(key=lambda it: (KINDS.index(it.kind), it.files[0]))
     rejected.sort(key=lambda r: r.path)
+    if census is not None:
+        census.update(_census(tally, Counter(r.code for r in rejected)))
     return items, rejected
 
 

@@ -28,6 +28,7 @@ from pipeline.ingest.decode_jobs import (
     CACHE_VERSION,
     DecodeJob,
     apply_mask_regions,
+    file_stamps,
     fingerprint,
     mask_for,
     run_jobs,
@@ -129,6 +130,7 @@ class _Scanned:
     index: SourceIndex
     stats: Any
     t0: float
+    census: dict[str, Any] = field(default_factory=dict)  # every entry under the source, by code
 
 
 @dataclass
@@ -165,12 +167,17 @@ def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
     labels, label_problems = read_labels(cfg.data, cfg.task, cfg.split.stratify_by)
     index_dir = ensure_private_dir(private / "ingest")
     index_file = index_dir / f"index-{pseudonym(str(root.resolve()), key, prefix='R')}.sqlite"
+    census: dict[str, Any] = {}
     with SourceIndex(index_file, root.resolve()) as index:
         items, rejected = scan_sources(
-            root, kinds=tuple(cfg.data.kinds), workers=scan_workers(cfg.ingest.processes), index=index
+            root,
+            kinds=tuple(cfg.data.kinds),
+            workers=scan_workers(cfg.ingest.processes),
+            index=index,
+            census=census,
         )
         stats = index.finish()
-        return _ingest_items(run, _Scanned(items, rejected, labels, label_problems, index, stats, t0))
+        return _ingest_items(run, _Scanned(items, rejected, labels, label_problems, index, stats, t0, census))
 
 
 def scan_workers(processes: int) -> int:
@@ -205,7 +212,9 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
     jobs = _plan_jobs(run, scan, matched, ledger)
 
     t1 = time.perf_counter()
-    results, n_decoded = run_jobs([j for _, j in jobs], cfg.ingest.processes)
+    cache_audit: Counter = Counter()
+    recipes = ensure_private_dir(run.private / "cache")
+    results, n_decoded = run_jobs([j for _, j in jobs], cfg.ingest.processes, recipes, cache_audit)
     t_decode = time.perf_counter() - t1
 
     rows, source_map = _collect(run, scan, matched, jobs, results, ledger)
@@ -240,6 +249,8 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
         "decode_seconds": round(t_decode, 3),
         "total_seconds": round(time.perf_counter() - scan.t0, 3),
     }
+    report["inputs"] = scan.census
+    report["cache"] = dict(sorted(cache_audit.items()))  # cached volumes decoded again, by cause
     write_json(run.out_dir / "ingest_report.json", report)
 
     digest = run.out_dir.name.split(".tmp-")[0].lstrip(".")
@@ -365,8 +376,9 @@ def _plan_jobs(
                 )
             continue
         mask = mask_for(item, cfg)
-        fp = fingerprint(run.key, item, options, [scan.index.sha256(f) for f in item.files], mask)
-        jobs.append((idx, DecodeJob(item, str(run.cache_dir / f"{fp}.npy"), options, mask)))
+        stamps = tuple(file_stamps(item, [scan.index.sha256(f) for f in item.files]))
+        fp = fingerprint(run.key, item, options, list(stamps), mask)
+        jobs.append((idx, DecodeJob(item, str(run.cache_dir / f"{fp}.npy"), options, mask, stamps)))
     return jobs
 
 

@@ -60,9 +60,15 @@ def reference_profile(manifest_rows: list[dict[str, str]], workspace: Path) -> d
     sp = [s for s in (_parse_spacing(r["spacing"]) for r in train) if s]
     ndim = min((len(s) for s in sp), default=0)
     spacing = np.array([s[:ndim] for s in sp]) if ndim else np.zeros((0, 0))
+    from pipeline.ingest.volume_cache import load_volume
+
     lows, highs, slices = [], [], []
     for r in train[:REFERENCE_MAX_CASES]:
-        arr = np.load(workspace / "cache" / "volumes" / r["volume"], mmap_mode="r", allow_pickle=False)
+        try:  # verified; rebuilt from its source when unusable
+            arr, _ = load_volume(workspace, r["volume"])
+        except IngestError as err:  # cache_lost: the profile is drawn from the other cases
+            log.warning("reference profile: case %s left out (%s)", r["case_id"], err.code)
+            continue
         lo, hi = intensity_percentiles(arr)
         lows.append(lo)
         highs.append(hi)
@@ -220,6 +226,7 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
     """
     from pipeline.augment.preprocess import preprocess
     from pipeline.trained.artefact import preprocess_spec
+    from pipeline.ingest.decode_jobs import check_values, unexpected_failure
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
     from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
 
@@ -242,9 +249,17 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
         private_map.append({"case_id": case_id, "files": ";".join(item.files)})
         try:
             vol = load_item(item, options)
+            # the ingest check on the stored values (before windowing): non_finite, constant, empty are
+            # per-case rejections, the others are scored
+            check_values(vol.array, f"case {case_id}")
             x = preprocess(vol.array, vol.meta.get("axis4"), spec)
         except IngestError as err:
             problems.append({"case_id": case_id, "code": err.code})
+            continue
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - a reader failure on one scan: reported, the rest scored
+            problems.append({"case_id": case_id, "code": unexpected_failure(item, err).code})
             continue
         lo, hi = intensity_percentiles(vol.array)
         cases.append(

@@ -188,19 +188,30 @@ def first_model_check(
 def model_inputs(spec_dict: dict[str, Any], rows: list[dict[str, str]], workspace: Path) -> np.ndarray:
     """Preprocess manifest rows from the workspace's volume cache with a model's recorded spec.
 
+    Each volume is verified against its recorded sha256 and rebuilt from its source when unusable
+    (:func:`pipeline.ingest.volume_cache.load_volume`); the rebuilds are logged.
+
     Returns:
         float32 ``(N, C, *spatial)`` network inputs (see :mod:`pipeline.augment.preprocess` for the order).
+
+    Raises:
+        IngestError: code ``cache_lost``: a volume is unusable and its source is gone or changed (the
+            message names the volume file, never the source).
     """
+    from collections import Counter
+
     from pipeline.augment.preprocess import preprocess
+    from pipeline.ingest.volume_cache import load_volume
     from pipeline.trained.artefact import preprocess_spec
 
     spec = preprocess_spec(spec_dict)
-    cache = workspace / "cache" / "volumes"
+    audit: Counter = Counter()
     xs = []
     for r in rows:
-        vol = cache / r["volume"]
-        meta = json.loads(vol.with_suffix(".json").read_text())
-        xs.append(preprocess(np.load(vol, allow_pickle=False), meta.get("axis4"), spec))
+        arr, meta = load_volume(workspace, r["volume"], audit)
+        xs.append(preprocess(arr, meta.get("axis4"), spec))
+    if audit:
+        log.warning("model_inputs: cached volumes rebuilt from their sources: %s", dict(sorted(audit.items())))
     if not xs:
         return np.zeros((0,), np.float32)
     return np.stack(xs).astype(np.float32)

@@ -2,13 +2,20 @@
 
 Tensors come from the Augment stage (``tensors/<case_id>.npy``, channel-first ``(1, H, W)`` or
 ``(1, D, H, W)``). They are held in memory as float16 (BreastMNIST at 64 px: 5 MB; 1,000 CT volumes at
-64^3: 0.5 GB) so the training step never waits for disk.
+64^3: 0.5 GB) so the training step never waits for disk. Each tensor is checked against the sha256 the
+Augment stage recorded (``tensor_digests.json``) as it is loaded; an unusable one is rebuilt from its cached
+volume (itself verified, and rebuilt from the source when needed), and a case that cannot be rebuilt is left
+out with a code (:attr:`SplitData.repairs`), never used as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.augment.transforms import apply, sample_seed
+from pipeline.errors import IngestError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +37,9 @@ class SplitData:
     x: np.ndarray  # (N, 1, *spatial) float16
     y: np.ndarray  # (N,) int64
     rows: list[dict[str, str]]
+    #: Tensors found unusable at load: ``{"case_id", "code", "outcome"}`` (outcome ``rebuilt`` or
+    #: ``left_out``, code ``tensor_unreadable``, ``tensor_mismatch`` or the rebuild's ``cache_lost``).
+    repairs: list[dict[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -35,11 +48,82 @@ class SplitData:
 def load_split(augment_dir: Path, rows: list[dict[str, str]], split: str) -> SplitData:
     """Load the cached tensors of one split (rows from the Augment index)."""
     sel = [r for r in rows if r["split"] == split]
-    if not sel:
-        return SplitData([], [], np.zeros((0,), np.float16), np.zeros((0,), np.int64), [])
-    x = np.stack([np.load(augment_dir / "tensors" / f"{r['case_id']}.npy", allow_pickle=False) for r in sel])
-    y = np.array([int(r["label_index"]) for r in sel], dtype=np.int64)
-    return SplitData([r["case_id"] for r in sel], [r["patient_id"] for r in sel], x, y, sel)
+    digests = _tensor_digests(Path(augment_dir))
+    repairs: list[dict[str, str]] = []
+    xs, kept = [], []
+    for r in sel:
+        x = _load_tensor(Path(augment_dir), r["case_id"], digests, repairs)
+        if x is not None:
+            xs.append(x)
+            kept.append(r)
+    if repairs:
+        log.warning("load_split(%s): tensors repaired or left out: %s", split, repairs)
+    if not kept:
+        return SplitData([], [], np.zeros((0,), np.float16), np.zeros((0,), np.int64), [], repairs)
+    y = np.array([int(r["label_index"]) for r in kept], dtype=np.int64)
+    return SplitData([r["case_id"] for r in kept], [r["patient_id"] for r in kept], np.stack(xs), y, kept, repairs)
+
+
+def _tensor_digests(augment_dir: Path) -> dict[str, dict[str, str]] | None:
+    """The Augment stage's recorded tensor digests; None for a folder written before they were recorded."""
+    from pipeline.augment.stage import TENSOR_DIGESTS
+
+    try:
+        return json.loads((augment_dir / TENSOR_DIGESTS).read_text())["tensors"]
+    except FileNotFoundError:
+        return None
+
+
+def _load_tensor(
+    augment_dir: Path, case_id: str, digests: dict[str, dict[str, str]] | None, repairs: list[dict[str, str]]
+) -> np.ndarray | None:
+    """One case's tensor, verified (one hash per load); rebuilt when unusable; None when it cannot be."""
+    path = augment_dir / "tensors" / f"{case_id}.npy"
+    if digests is None:  # an Augment folder from before digests: nothing to check against
+        return np.load(path, allow_pickle=False)
+    entry = digests.get(case_id) or {}
+    try:
+        data = path.read_bytes()
+        code = None if hashlib.sha256(data).hexdigest() == entry.get("sha256") else "tensor_mismatch"
+    except OSError:
+        code = "tensor_unreadable"
+    if code is None:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    audit: Counter = Counter()
+    try:
+        x = _rebuild_tensor(augment_dir, path, entry, audit)
+    except IngestError as err:
+        repairs.append({"case_id": case_id, "code": code, "outcome": "left_out", "cause": err.code})
+        return None
+    repairs.append({"case_id": case_id, "code": code, "outcome": "rebuilt"})
+    if audit:  # its cached volume was unusable too, and rebuilt from the source
+        repairs[-1]["volume"] = "rebuilt"
+    return x
+
+
+def _rebuild_tensor(augment_dir: Path, path: Path, entry: dict[str, str], audit: Counter) -> np.ndarray:
+    """Preprocess the case's cached volume again with the folder's recorded spec; it must give the recorded
+    bytes (preprocessing is deterministic), which then replace the unusable file.
+
+    Raises:
+        IngestError: code ``cache_lost`` (no record, the volume cannot be rebuilt, or other bytes).
+    """
+    from pipeline.augment.preprocess import preprocess
+    from pipeline.augment.stage import tensor_bytes
+    from pipeline.ingest.volume_cache import LOST, load_volume
+    from pipeline.io import write_bytes
+    from pipeline.trained.artefact import preprocess_spec
+
+    if not entry.get("volume"):
+        raise IngestError(f"tensor {path.name}: no digest recorded for it; cannot be rebuilt", LOST)
+    workspace = augment_dir.parent.parent  # <workspace>/augment/<digest>
+    arr, meta = load_volume(workspace, entry["volume"], audit)
+    spec = preprocess_spec(json.loads((augment_dir / "transform_spec.json").read_text())["deterministic"])
+    data = tensor_bytes(preprocess(arr, meta.get("axis4"), spec))
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise IngestError(f"tensor {path.name}: rebuilt tensor differs from the recorded one", LOST)
+    write_bytes(path, data)
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def label_subset(data: SplitData, fraction: float, seed: int) -> SplitData:
