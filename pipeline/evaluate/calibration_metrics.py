@@ -209,7 +209,9 @@ def binned_error_ci(
         correct: Outcome per case (0/1), shape (N,).
         bootstrap: Resampler over the N cases: its seed, resample count (at most
             ``_WORLD_ELEMENTS / N`` are simulated per world, at least 200), clusters and ``ci_level``.
-        n_bins: Number of bins (edges of the full sample, as the point values).
+        n_bins: Number of bins. Equal-width bins are fixed; equal-mass bins are the rank-based
+            equal-mass bins of each simulated sample (and of the observed one: a case on a tie may fall
+            in the neighbouring bin of ``binned_calibration``'s percentile edges).
 
     Returns:
         ``{"ece": (lo, hi), "ece_equal_mass": (lo, hi), "l2_ce_debiased": (lo, hi)}``.
@@ -217,14 +219,9 @@ def binned_error_ci(
     conf = np.asarray(conf, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     n = len(conf)
-    onehots, full = [], []
-    for strategy in ("uniform", "quantile"):
-        bc = binned_calibration(conf, correct, n_bins, strategy)
-        oh = np.zeros((n, n_bins))
-        oh[np.arange(n), bc["bin_ids"]] = 1.0
-        onehots.append(oh)
-        full.append(_ece_from_sums(bc["count"][None], bc["sum_conf"][None], bc["sum_correct"][None])[0])
-    observed = np.array([full[0][0], full[1][0], full[1][2]])
+    uni = binned_calibration(conf, correct, n_bins, "uniform")
+    onehot = np.zeros((n, n_bins))
+    onehot[np.arange(n), uni["bin_ids"]] = 1.0
     x = logit(np.clip(conf, 1e-12, 1 - 1e-12))
     a, s = _recal_point(x, correct, offset=False)
     gap = expit(a + s * x) - conf if np.isfinite(a) and np.isfinite(s) else correct - conf
@@ -244,21 +241,42 @@ def binned_error_ci(
         u01 = np.where(together[:, codes], shared[:, codes], u01)
     scale = 1.0 / np.sqrt(2.0 - 1.0 / g)  # 1 / sqrt(E[count^2]) of a (cluster) bootstrap count
     n_star = w.sum(axis=1)
-    cnt = [w @ oh for oh in onehots]
-    sum_conf = [w @ (oh * conf[:, None]) for oh in onehots]
-    cnt0 = [oh.sum(axis=0) for oh in onehots]
-    conf0 = [oh.T @ conf for oh in onehots]
+    b_rows = len(w)
+    # Equal-mass bins are redrawn in every simulated sample (ranks of its cases, each drawn case placed
+    # at the middle of its copies), as a new test set would have its own quantiles; row 0 of ``mass_ids``
+    # is the observed sample itself (every case once).
+    order = np.argsort(conf, kind="stable")
+    ws = np.vstack([np.ones((1, n)), w])[:, order]
+    mid = (np.cumsum(ws, axis=1) - 0.5 * ws) / ws.sum(axis=1, keepdims=True)
+    mass_ids = np.empty(ws.shape, dtype=np.int64)
+    mass_ids[:, order] = np.minimum((mid * n_bins).astype(np.int64), n_bins - 1)
+    flat = (np.arange(b_rows + 1)[:, None] * n_bins + mass_ids).ravel()
+
+    def mass_sums(values: np.ndarray) -> np.ndarray:
+        """Per-bin sums of (rows + 1, N) values in each row's equal-mass bins: (rows + 1, n_bins)."""
+        return np.bincount(flat, weights=values.ravel(), minlength=(b_rows + 1) * n_bins).reshape(-1, n_bins)
+
+    wfull = np.vstack([np.ones((1, n)), w])
+    cnt_m, conf_m = mass_sums(wfull), mass_sums(wfull * conf)
+    conf_u = w @ (onehot * conf[:, None])
+    cnt0_u, conf0_u = onehot.sum(axis=0), onehot.T @ conf
+    obs_m = _ece_from_sums(cnt_m[:1], conf_m[:1], mass_sums(np.vstack([correct, np.zeros_like(w)]))[:1])[0]
+    observed = np.array(
+        [_ece_from_sums(cnt0_u[None], conf0_u[None], (onehot.T @ correct)[None])[0, 0], obs_m[0], obs_m[2]]
+    )
 
     def world(u: float) -> tuple[np.ndarray, np.ndarray]:
         pi = np.clip(conf + u * gap, 0.0, 1.0)
-        gaps = [oh.T @ pi - c for oh, c in zip(onehots, conf0, strict=True)]
-        nz = cnt0[1] > 0
-        l2 = np.sqrt(np.sum(np.where(nz, gaps[1] ** 2 / np.where(nz, cnt0[1], 1), 0.0)) / n)
-        theta = np.array([np.abs(gaps[0]).sum() / n, np.abs(gaps[1]).sum() / n, l2])
+        gap_u = onehot.T @ pi - conf0_u
         wy = w * (pi + ((u01 < pi) - pi) * scale)
-        ece_u = np.abs(wy @ onehots[0] - sum_conf[0]).sum(axis=1) / n_star
-        q = _ece_from_sums(cnt[1], sum_conf[1], wy @ onehots[1])
-        return theta, np.column_stack([ece_u, q[:, 0], q[:, 2]])
+        sy_m = mass_sums(np.vstack([pi, wy]))
+        gap_m = sy_m[0] - conf_m[0]
+        nz = cnt_m[0] > 0
+        l2 = np.sqrt(np.sum(np.where(nz, gap_m**2 / np.where(nz, cnt_m[0], 1), 0.0)) / n)
+        theta = np.array([np.abs(gap_u).sum() / n, np.abs(gap_m).sum() / n, l2])
+        ece_u = np.abs(wy @ onehot - conf_u).sum(axis=1) / n_star
+        m = _ece_from_sums(cnt_m[1:], conf_m[1:], sy_m[1:])
+        return theta, np.column_stack([ece_u, m[:, 0], m[:, 2]])
 
     bounds = inverted_ci(observed, world, bootstrap.ci_level)
     return dict(zip(("ece", "ece_equal_mass", "l2_ce_debiased"), bounds, strict=True))
