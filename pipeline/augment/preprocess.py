@@ -38,6 +38,7 @@ class PreprocessSpec:
     std: float | tuple[float, ...]
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     channels: int = 1
+    target_spacing: tuple[float, float, float] | None = None  # 3D: voxel size (mm) in RAS axis order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +69,9 @@ def channel_count(cfg: PreprocessConfig, colour_share: float, backbone_spec) -> 
     return 3 if colour_share >= 0.5 and getattr(backbone_spec, "in_chans", 1) == 3 else 1
 
 
-def make_spec(cfg: PreprocessConfig, backbone_spec, channels: int = 1) -> PreprocessSpec:
+def make_spec(
+    cfg: PreprocessConfig, backbone_spec, channels: int = 1, target_spacing: tuple[float, ...] | None = None
+) -> PreprocessSpec:
     """Derive the preprocessing from the config and the backbone's spec (``models.BackboneSpec``).
 
     ``intensity: auto`` follows the backbone: ``zscore_nonzero`` for MedicalNet, otherwise robust min-max
@@ -98,7 +101,65 @@ def make_spec(cfg: PreprocessConfig, backbone_spec, channels: int = 1) -> Prepro
         mean=mean,
         std=std,
         channels=channels,
+        target_spacing=tuple(float(v) for v in target_spacing) if target_spacing is not None else None,
     )
+
+
+#: Voxel sizes outside this range (mm) are not physical: the volume is rejected (code ``bad_spacing``).
+SPACING_RANGE = (0.01, 50.0)
+
+
+def ras_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along R, A, S of a volume with this RAS+ affine (axes matched by nibabel's
+    ``io_orientation``, the closest canonical orientation)."""
+    import nibabel as nib
+
+    a = np.asarray(affine, dtype=np.float64)
+    sizes = np.linalg.norm(a[:3, :3], axis=0)
+    ornt = nib.orientations.io_orientation(a)
+    out = np.empty(3)
+    for i, (axis, _flip) in enumerate(ornt):
+        out[int(axis)] = sizes[i]
+    return out
+
+
+def check_spacing(affine: Any, case: str = "volume") -> np.ndarray:
+    """The RAS voxel size of a 3D volume, or IngestError ``bad_spacing`` (missing, zero, out of range)."""
+    a = np.asarray(affine, dtype=np.float64) if affine is not None else None
+    if a is None or a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise IngestError(f"{case}: no usable affine; a 3D volume needs its voxel spacing", code="bad_spacing")
+    sp = np.linalg.norm(a[:3, :3], axis=0)
+    lo, hi = SPACING_RANGE
+    if np.any(sp < lo) or np.any(sp > hi):
+        raise IngestError(
+            f"{case}: voxel spacing {np.round(sp, 4).tolist()} mm outside [{lo}, {hi}] mm; expected a physical spacing",
+            code="bad_spacing",
+        )
+    return ras_spacing(a)
+
+
+def target_spacing_of(spacings: list[np.ndarray]) -> tuple[float, float, float]:
+    """The default target spacing: the per-axis median of the training cases' RAS spacings (as nnU-Net)."""
+    if not spacings:
+        raise IngestError("no training volume with a usable spacing to derive preprocess.target_spacing", code="bad_spacing")
+    med = np.median(np.stack(spacings), axis=0)
+    return tuple(float(round(v, 4)) for v in med)  # type: ignore[return-value]
+
+
+def to_physical(vol: np.ndarray, affine: Any, target: tuple[float, ...]) -> np.ndarray:
+    """Reorient a channel-last volume ``(X, Y, Z, C)`` to RAS and resample it to ``target`` mm (MONAI
+    ``Orientation`` + ``Spacing`` on a MetaTensor, bilinear for images); returns ``(R, A, S, C)``."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    t = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, -1, 0), dtype=np.float32)),
+        affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)),
+    )
+    t = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(t)
+    t = Spacing(pixdim=tuple(target), mode="bilinear", padding_mode="border")(t)
+    return np.moveaxis(np.asarray(t.as_tensor().numpy(), dtype=np.float32), 0, -1)
 
 
 def to_rgb(array: np.ndarray, axis4: str | None) -> np.ndarray:
@@ -142,13 +203,15 @@ def _intensity(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return (np.clip(x, lo, hi) - lo) / (hi - lo)
 
 
-def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec) -> np.ndarray:
+def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec, affine: Any = None) -> np.ndarray:
     """Turn a cached volume into a normalised float32 network input.
 
     Args:
         array: Voxels in NIfTI order ``(X, Y, Z[, C/T])``.
         axis4: What the 4th axis holds (``"rgb"``, ``"time"``, ...) or None.
         spec: The preprocessing spec.
+        affine: The volume's 4x4 RAS+ affine; 3D specs with a ``target_spacing`` reorient to RAS and
+            resample to it first (physical space, not array shape). 2D images need none.
 
     Returns:
         ``(C, S, S)`` for 2D or ``(C, S, S, S)`` for 3D, ``S = spec.image_size``, ``C = spec.channels``, in
@@ -178,6 +241,9 @@ def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec) -> np
                 f"preprocess.spatial_dims is 3 but the volume has shape {vol.shape[:3]}; expected a 3D volume",
                 code="wrong_dims",
             )
+        if spec.target_spacing is not None:
+            check_spacing(affine)
+            vol = to_physical(vol, affine, spec.target_spacing)  # (R, A, S, C) at the target voxel size
         img = np.transpose(vol, (3, 2, 1, 0))  # (C, Z, Y, X) = (C, D, H, W)
     img = _intensity(img, spec)
     t = torch.from_numpy(np.ascontiguousarray(img))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import io
 import logging
 from collections import Counter
@@ -49,7 +50,7 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     backbone = get_spec(cfg.model.backbone)
     colour = colour_counts(rows, cache)
     channels = channel_count(cfg.preprocess, colour["share"], backbone)
-    spec = make_spec(cfg.preprocess, backbone, channels)
+    spec = make_spec(cfg.preprocess, backbone, channels, target_spacing(cfg, rows, cache, workspace))
     tensor_dir = out_dir / "tensors"
     tensor_dir.mkdir(parents=True, exist_ok=True)
     kept, skipped = [], []
@@ -58,7 +59,7 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     for row in rows:
         try:  # verified against its recorded sha256; rebuilt from the source when unusable
             arr, meta = load_volume(workspace, row["volume"], audit)
-            x = preprocess(arr, meta.get("axis4"), spec)
+            x = preprocess(arr, meta.get("axis4"), spec, meta.get("affine"))
         except IngestError as err:  # incl. cache_lost: the volume is unusable and cannot be rebuilt
             skipped.append({"case_id": row["case_id"], "code": err.code, "reason": err.reason})
             continue
@@ -116,6 +117,43 @@ def tensor_bytes(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(x.astype(np.float16)), allow_pickle=False)
     return buf.getvalue()
+
+
+TARGET_SPACING_FILE = "target_spacing.json"
+
+
+def target_spacing(cfg: Config, rows: list[dict], cache: Path, workspace: Path) -> tuple[float, ...] | None:
+    """3D: the voxel size every volume is resampled to (``preprocess.target_spacing``).
+
+    ``auto`` is the median RAS spacing of the training cases, computed on the first Augment run of the
+    workspace and recorded in ``<workspace>/cache/target_spacing.json``; later runs reuse it, so a growing
+    cohort does not invalidate every cached tensor each night. A configured value wins; ``none`` and 2D
+    give None (resize by array shape).
+    """
+    from pipeline.augment.preprocess import check_spacing, target_spacing_of
+
+    ts = cfg.preprocess.target_spacing
+    if cfg.preprocess.spatial_dims != 3 or ts == "none":
+        return None
+    if isinstance(ts, tuple):
+        return ts
+    record = workspace / "cache" / TARGET_SPACING_FILE
+    if record.is_file():
+        return tuple(json.loads(record.read_text())["spacing"])
+    spacings = []
+    for r in rows:
+        if r.get("split") != "train":
+            continue
+        try:
+            meta = json.loads((cache / r["volume"]).with_suffix(".json").read_text())
+            spacings.append(check_spacing(meta.get("affine"), r["case_id"]))
+        except (OSError, ValueError, KeyError, IngestError):
+            continue  # such a case is rejected (with its code) by the preprocessing loop
+    value = target_spacing_of(spacings)
+    write_json(record, {"spacing": list(value), "rule": "median RAS voxel size of the training cases",
+                        "training_cases": len(spacings)})
+    log.info("Augment: target voxel size %s mm (median of %d training volumes), recorded", value, len(spacings))
+    return value
 
 
 def _preview(out_dir: Path, rows: list[dict], tf, cfg: Config, dims: int) -> None:

@@ -197,6 +197,11 @@ class PreprocessConfig(_Section):
             replicated to three channels). Colour keeps the backbone's three-channel stem and per-channel
             mean/std; its intensity is scaled jointly over the channels (``auto``: the 8-bit window
             [0, 255]), never per channel, so hues are kept.
+        target_spacing: 3D only: every volume is reoriented to RAS and resampled to this voxel size (mm,
+            R/A/S order) before it is padded and resized, so anatomy keeps its physical proportions.
+            ``auto``: the median spacing of the training cases (as nnU-Net), computed once and recorded
+            in ``<workspace>/cache/target_spacing.json`` (a growing cohort does not change it; set a value
+            here to change it); ``none``: resize by array shape (the former behaviour).
     """
 
     spatial_dims: Literal[2, 3] = 2
@@ -204,6 +209,7 @@ class PreprocessConfig(_Section):
     intensity: Literal["auto", "minmax", "window", "zscore_nonzero"] = "auto"
     window: tuple[float, float] | None = None
     channels: Literal["auto", "grey", "rgb"] = "auto"
+    target_spacing: Literal["auto", "none"] | tuple[float, float, float] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
@@ -211,6 +217,10 @@ class PreprocessConfig(_Section):
             raise ValueError("preprocess.window: required when preprocess.intensity is 'window'")
         if self.window is not None and not self.window[0] < self.window[1]:
             raise ValueError(f"preprocess.window: {list(self.window)} must be [low, high] with low < high")
+        if isinstance(self.target_spacing, tuple) and not all(0.01 <= v <= 50 for v in self.target_spacing):
+            raise ValueError(
+                f"preprocess.target_spacing: {list(self.target_spacing)} mm; expected three values in [0.01, 50]"
+            )
         return self
 
 
@@ -257,8 +267,20 @@ class ModelConfig(_Section):
         backbone: A registered backbone name (``medtl backbones`` lists them).
         pretrained: Start from pretrained weights (ImageNet for 2D) or from scratch.
         weights: Optional explicit weights file (overrides the offline search), relative to the config.
+        weights_sha256: Pin the pretrained file by content (64 hex digits): only a file with this sha256
+            is loaded (the explicit ``weights`` file, or the first such file in the offline search).
+        allow_unpinned: Accept a weights file with no pinned sha256 (neither in code nor
+            ``weights_sha256``); its digest is still recorded. Off: such a file is refused when given as
+            ``weights`` and skipped by the search (a pinned file later in the order is used instead).
     """
 
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     weights: Path | None = None
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    allow_unpinned: bool = False
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def _lower_sha(cls, v: str | None) -> str | None:
+        return v.lower() if v else v

@@ -232,8 +232,9 @@ class TrainedModel:
         """The deterministic preprocessing spec recorded at training (None for schema-1 models)."""
         return self.info.get("preprocessing")
 
-    def preprocess(self, array: np.ndarray, axis4: str | None) -> np.ndarray:
-        """One cached/decoded volume -> the network input, with the spec the model was trained with."""
+    def preprocess(self, array: np.ndarray, axis4: str | None, affine: Any = None) -> np.ndarray:
+        """One cached/decoded volume (its RAS+ ``affine`` for 3D) -> the network input, with the spec the
+        model was trained with (channels, target voxel size, intensity, size)."""
         from pipeline.augment.preprocess import preprocess
 
         if self.preprocessing is None:
@@ -241,7 +242,7 @@ class TrainedModel:
                 f"trained model {self.folder} records no preprocessing spec (saved by an older medtl); retrain it",
                 code="model_schema",
             )
-        return preprocess(array, axis4, preprocess_spec(self.preprocessing))
+        return preprocess(array, axis4, preprocess_spec(self.preprocessing), affine)
 
 
 def preprocess_spec(spec: dict[str, Any]):
@@ -251,6 +252,9 @@ def preprocess_spec(spec: dict[str, Any]):
     d = dict(spec)
     d["window"] = tuple(d["window"]) if d.get("window") else None
     d["clip_percentiles"] = tuple(d.get("clip_percentiles", (0.5, 99.5)))
+    for k in ("mean", "std", "target_spacing"):
+        if isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
     return PreprocessSpec(**d)
 
 
