@@ -176,3 +176,35 @@ def test_error_cases_are_the_most_confident_mistakes() -> None:
     )
     assert multi["b"]["false_positives"] == [0] and multi["a"]["false_negatives"] == [0]
     assert multi["c"]["false_negatives"] == [2] and multi["a"]["false_positives"] == [2]
+
+
+def test_explain_draws_the_error_analysis_cases(tmp_path) -> None:
+    import torch
+    from torch import nn
+
+    from pipeline.evaluate.stage import explain
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    ).eval()
+
+    class FakeScorer:  # the two members explain() uses
+        device = torch.device("cpu")
+
+        def explanation_network(self):
+            return net
+
+    rng = np.random.default_rng(4)
+    test = _split(rng, 40, "t", strength=0.5)
+    probs = softmax(test.logits, axis=1)
+    kept = {"scorer": FakeScorer(), "test_x": rng.random((40, 1, 16, 16)).astype(np.float32)}
+    cfg = _cfg(tmp_path, explain_cases=2)
+    out = explain(cfg, {"test": test}, {"test": probs}, kept)
+    assert len(out) == 2
+    errors = error_cases(test.y, probs, NAMES, 0, n=2)["malignant"]
+    idx = errors["false_positives"] + errors["false_negatives"]
+    assert [c.index for c in out[1].cases] == idx and not any(c.correct for c in out[1].cases)
+    assert [c.case_id for c in out[1].cases] == [str(test.case[i]) for i in idx]
+    assert all(c.pred_name != c.true_name for c in out[1].cases)
+    assert out[1].cams.shape[0] == len(idx) and "false positives and false negatives" in out[1].caption
