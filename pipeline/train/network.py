@@ -32,6 +32,8 @@ def build_model(
         spatial_dims=cfg.preprocess.spatial_dims,
         pretrained=use_pretrained,
         weights=str(cfg.model.weights) if (use_pretrained and cfg.model.weights) else None,
+        weights_sha256=cfg.model.weights_sha256,
+        allow_unpinned=cfg.model.allow_unpinned,
     )
     if use_pretrained:
         init_new_head(model, seed)
