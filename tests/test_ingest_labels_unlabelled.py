@@ -191,3 +191,38 @@ def test_a_new_unlabelled_file_is_decoded_incrementally(tmp_path: Path) -> None:
     report, manifest = _run(tmp_path, "b")
     assert report["incremental"]["volumes_decoded"] == 1 and report["incremental"]["volumes_reused"] == 20
     assert report["unlabelled"]["cases"] == 1 and sum(r["split"] == "unlabelled" for r in manifest) == 1
+
+
+def test_consumers_take_unlabelled_rows(tmp_path: Path) -> None:
+    """Augment caches them, supervised loading skips them, the semi-supervised loader finds them, and the
+    nightly drift figures count them apart from the labelled prevalence."""
+    from types import SimpleNamespace
+
+    from pipeline.augment.stage import read_index, run_augment
+    from pipeline.ops.nightly import monitor
+    from pipeline.ops.registry import Registry
+    from pipeline.train.data import load_split
+    from pipeline.train.semi import load_unlabelled
+
+    make_dataset(tmp_path, n_patients=24)
+    rows = _labels(tmp_path)
+    for r in rows[:5]:
+        r["diagnosis"] = ""
+    _write_labels(tmp_path, rows)
+    report, manifest = _run(tmp_path, "a", augment={"preview": 0})
+    cfg = load_config(tmp_path / "config.yaml")
+    ws = tmp_path / "ws"
+    aug = ws / "augment" / "a"
+    aug.mkdir(parents=True)
+    run_augment(cfg, ws / "ingest" / "a", aug, ws)
+    index = read_index(aug)
+    unl = [r for r in index if r["split"] == "unlabelled"]
+    assert len(unl) == 5 and all(r["label_index"] == "" for r in unl)
+    assert all((aug / "tensors" / f"{r['case_id']}.npy").is_file() for r in unl)
+    train = load_split(aug, index, "train")
+    assert not set(train.case_ids) & {r["case_id"] for r in unl}
+    data, left_out = load_unlabelled(aug, index)
+    assert len(data) + left_out == 5 and len(data) == 5
+    fig = monitor(cfg, SimpleNamespace(workspace=ws, ingest=ws / "ingest" / "a"), Registry(ws))
+    assert fig["n_unlabelled"] == 5 and fig["n_cases"] == 19
+    assert abs(sum(fig["prevalence"].values()) - 1.0) < 1e-9
