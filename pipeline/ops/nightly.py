@@ -219,15 +219,16 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
 def monitor(
     cfg: Config, plan: Any, registry: Registry, champion: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Drift figures of tonight's labelled data (unlabelled cases only counted), and the champion's calibration
-    on labelled cases it never saw.
+    """Drift figures of tonight's labelled data (unlabelled cases only counted), and the champion's
+    calibration on labelled cases it never saw.
 
     Args:
         champion: The registry row of the model to monitor (default: the current champion). A model
             promoted tonight trained on tonight's cases, so the run passes the champion before promotion.
 
     Returns:
-        ``{"n_cases", "prevalence", "new_cases", "new_prevalence", "input": {...}, "champion_on_new": {...}}``.
+        ``{"n_cases", "n_unlabelled", "prevalence", "new_cases", "new_prevalence", "input": {...},
+        "champion_on_new": {...}}`` (case counts are labelled cases).
     """
     import numpy as np  # not at module level: a no-op night imports this module only to name its record
 
