@@ -33,10 +33,10 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
         rows = []
         flat_u, flat_c = dict(metric_rows(bu)), dict(metric_rows(bc))
         for name in dict.fromkeys(list(flat_u) + list(flat_c)):
-            rows.append([nice(name), fmt(flat_u.get(name)), fmt(flat_c.get(name)) if bc else "n/a"])
+            rows.append([nice(name), fmt(flat_u.get(name))] + ([fmt(flat_c.get(name))] if bc else []))
         if rows:
             doc.p(f"{title}, test split ({d_unc.get('n', '?')} cases):")
-            doc.table(["metric", "uncalibrated", f"calibrated ({method})"], rows)
+            doc.table(["metric", "uncalibrated"] + ([f"calibrated ({method})"] if bc else []), rows)
     cm = (prim.get("discrimination") or {}).get("confusion_matrix")
     if isinstance(cm, dict) and cm.get("rows_true_cols_pred"):
         labels = cm.get("labels", names)
@@ -107,8 +107,12 @@ def explanations_section(doc: Doc, run: ReportInputs) -> None:
             "Some inputs were flagged at ingestion for possible burned-in text (see Data and splits): the "
             "overlays show the preprocessed pixels, so review them before sharing this report outside the team."
         )
-    for e in explanations:
-        doc.fig("gradcam", plots.to_png(plots.explanation_figure(e.images, e.cams, e.cases)), e.caption)
+    for i, e in enumerate(explanations):
+        doc.fig(
+            "gradcam" if i == 0 else f"gradcam-{i + 1}",
+            plots.to_png(plots.explanation_figure(e.images, e.cams, e.cases)),
+            e.caption,
+        )
 
 
 #: Calibration metrics compared before/after on test, and the direction that is better.
