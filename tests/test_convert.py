@@ -161,3 +161,23 @@ def test_matches_dcm2niix_series_by_series(tmp_path):
         np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-3)
         compared.append(f.name)
     assert len(compared) >= 3, compared
+
+
+def _bad_images(src: Path) -> None:
+    """One good NIfTI, one with a NaN voxel, one constant (values stored as float32)."""
+    src.mkdir(parents=True, exist_ok=True)
+    good = np.random.default_rng(0).normal(100, 10, (8, 8, 4)).astype(np.float32)
+    nan = good.copy()
+    nan[1, 2, 3] = np.nan
+    for name, arr in (("good", good), ("nan", nan), ("flat", np.full((8, 8, 4), 7, np.float32))):
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), src / f"{name}.nii.gz")
+
+
+def test_non_finite_and_constant_images_are_refused(tmp_path):
+    """Today: convert writes a NaN or blank volume as if it were an image; Ingest refuses both."""
+    _bad_images(tmp_path / "in")
+    summary = convert_tree(tmp_path / "in", tmp_path / "out", KEY)
+    assert summary["converted"] == 1 and summary["refused"] == 2
+    assert summary["codes"] == {"constant": 1, "non_finite": 1}
+    private = json.loads((tmp_path / "out" / "private" / "convert_summary.json").read_text())
+    assert {v["code"] for k, v in private["files"].items() if v["status"] == "refused"} == {"constant", "non_finite"}
