@@ -252,7 +252,7 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
             # the ingest check on the stored values (before windowing): non_finite, constant, empty are
             # per-case rejections, the others are scored
             check_values(vol.array, f"case {case_id}")
-            x = preprocess(vol.array, vol.meta.get("axis4"), spec)
+            x = preprocess(vol.array, vol.meta.get("axis4"), spec, vol.affine)
         except IngestError as err:
             problems.append({"case_id": case_id, "code": err.code})
             continue

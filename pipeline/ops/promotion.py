@@ -209,7 +209,7 @@ def model_inputs(spec_dict: dict[str, Any], rows: list[dict[str, str]], workspac
     xs = []
     for r in rows:
         arr, meta = load_volume(workspace, r["volume"], audit)
-        xs.append(preprocess(arr, meta.get("axis4"), spec))
+        xs.append(preprocess(arr, meta.get("axis4"), spec, meta.get("affine")))
     if audit:
         log.warning("model_inputs: cached volumes rebuilt from their sources: %s", dict(sorted(audit.items())))
     if not xs:
