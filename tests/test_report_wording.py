@@ -198,9 +198,14 @@ def test_size_warnings_and_detectable_difference_follow_the_reporting_block(run)
             "message": "the test split has 7 case(s) of its rarest class",
         }
     ]
-    assert "Split too small for its use (test_few_events): the test split has 7 case(s)" in _text(
-        cfg, plan, m, preds, cal
+    text2 = _text(cfg, plan, m, preds, cal)
+    assert "Split too small for its use (test_few_events): the test split has 7 case(s)" in text2
+    summary = text2.split("Data and splits")[0]
+    assert (
+        "Split too small for its use: the test split has 7 case(s) of its rarest class (code test_few_events)"
+        in summary
     )
+    assert "Split too small" not in text.split("Data and splits")[0]
 
 
 def test_fold_ensemble_provenance_is_reported_per_member(run, tmp_path) -> None:

@@ -46,6 +46,8 @@ def summary_section(doc: Doc, run: ReportInputs) -> None:
     doc.p(calibration_status(metrics))
     for w in metrics.get("warnings", []):
         doc.warn(w)
+    for w in ((metrics.get("reporting") or {}).get("sample_size") or {}).get("warnings") or []:
+        doc.warn(f"Split too small for its use: {w.get('message')} (code {w.get('code')}).")
 
 
 def calibration_status(metrics: dict) -> str:
