@@ -38,7 +38,7 @@ from scipy.stats import norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.evaluate.bootstrap import Bootstrap  # noqa: E402
-from pipeline.evaluate.calibration_metrics import calibration_block  # noqa: E402
+from pipeline.evaluate.calibration_metrics import binned_error_ci, calibration_block  # noqa: E402
 from pipeline.evaluate.conformal import SplitConformal  # noqa: E402
 from pipeline.evaluate.discrimination import discrimination_block  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
@@ -212,6 +212,7 @@ CALIBRATION = (
     "calibration_intercept",
     "calibration_slope",
 )
+ERRORS = ("ece", "ece_equal_mass", "l2_ce_debiased")
 CONFORMAL = (("lac", False, False), ("aps", False, False), ("aps", True, False), ("lac", False, True))
 CLASS_NAMES = ["negative", "positive"]
 
@@ -235,14 +236,26 @@ def _covers(entry: dict, truth: float) -> float:
 
 
 def replicate(
-    sc: Scenario, truth: dict[str, float], seq: np.random.SeedSequence, n_boot: int, alpha: float
+    sc: Scenario,
+    truth: dict[str, float],
+    seq: np.random.SeedSequence,
+    n_boot: int,
+    alpha: float,
+    errors_only: bool = False,
 ) -> dict:
-    """One simulated test (and calibration) set: 1.0 / 0.0 per interval (covered or not), conformal shares."""
+    """One simulated test (and calibration) set: 1.0 / 0.0 per interval (covered or not), conformal shares.
+
+    ``errors_only``: only the binned calibration errors' intervals (``binned_error_ci``, the same call
+    ``calibration_block`` makes), for runs that need many replicates of them quickly.
+    """
     draw_seq, boot_seq = seq.spawn(2)
     rng = np.random.default_rng(draw_seq)
     q, y, patient = draw(sc, sc.n, rng)
     probs = np.column_stack([1 - q, q])
     bs = Bootstrap(sc.n, n_boot, seed=boot_seq, clusters=patient)
+    if errors_only:
+        cis = binned_error_ci(q, y.astype(np.float64), bs, N_BINS)
+        return {m: float(cis[m][0] - 1e-12 <= truth[m] <= cis[m][1] + 1e-12) for m in ERRORS}
     disc = discrimination_block(probs, y, "binary", CLASS_NAMES, 1, bs)
     cal = calibration_block(probs, y, "binary", 1, bs, N_BINS)
     out = {m: _covers(disc[m], truth[m]) for m in DISCRIMINATION}
@@ -262,9 +275,9 @@ def replicate(
 
 
 def _work(args: tuple) -> list[dict]:
-    sc, truth, seed, index, first, count, n_boot, alpha = args
+    sc, truth, seed, index, first, count, n_boot, alpha, errors_only = args
     return [
-        replicate(sc, truth, np.random.SeedSequence([seed, index, r]), n_boot, alpha)
+        replicate(sc, truth, np.random.SeedSequence([seed, index, r]), n_boot, alpha, errors_only)
         for r in range(first, first + count)
     ]
 
@@ -277,6 +290,7 @@ def run(
     alpha: float,
     jobs: int,
     level: float = 0.95,
+    errors_only: bool = False,
 ) -> dict:
     """Coverage of every interval per scenario, pooled, and whether all lie in the band."""
     from multiprocessing import get_context
@@ -284,7 +298,7 @@ def run(
     truths = [population(sc) for sc in chosen]
     chunk = max(1, min(100, replicates // max(1, 4 * jobs)))
     tasks = [
-        (sc, truths[i], seed, i, first, min(chunk, replicates - first), n_boot, alpha)
+        (sc, truths[i], seed, i, first, min(chunk, replicates - first), n_boot, alpha, errors_only)
         for i, sc in enumerate(chosen)
         for first in range(0, replicates, chunk)
     ]
@@ -297,8 +311,9 @@ def run(
     rows: dict[str, list[dict]] = {sc.name: [] for sc in chosen}
     for t, part in zip(tasks, parts, strict=True):
         rows[t[0].name].extend(part)
-    nominal = {m: level for m in DISCRIMINATION + CALIBRATION}
-    nominal.update({k: 1.0 - alpha for k in conformal_keys()})
+    nominal = {m: level for m in (ERRORS if errors_only else DISCRIMINATION + CALIBRATION)}
+    if not errors_only:
+        nominal.update({k: 1.0 - alpha for k in conformal_keys()})
     by_scenario = {
         name: {m: float(np.nanmean([r[m] for r in rs])) for m in nominal} for name, rs in rows.items()
     }
@@ -306,6 +321,7 @@ def run(
     unpromised = {
         name: {m: float(np.nanmean([r[m] for r in rs])) for m in conformal_keys(promised=False)}
         for name, rs in rows.items()
+        if not errors_only
     }
     failures = [
         f"{name}: {m} {share:.3f} (nominal {nominal[m]:.2f})"
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings of scenario names to keep")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--errors-only", action="store_true", help="only the ECE / equal-mass ECE / debiased L2 intervals"
+    )
     args = ap.parse_args(argv)
     chosen = [
         sc
@@ -346,7 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.only or any(part in sc.name for part in args.only.split(","))
     ]
     t0 = time.perf_counter()
-    res = run(chosen, args.replicates, args.seed, args.bootstrap, args.alpha, args.jobs)
+    res = run(
+        chosen,
+        args.replicates,
+        args.seed,
+        args.bootstrap,
+        args.alpha,
+        args.jobs,
+        errors_only=args.errors_only,
+    )
     res["seconds"] = round(time.perf_counter() - t0, 1)
     names = list(res["by_scenario"])
     print(f"{'metric':<34}{'nominal':>8}" + "".join(f"{n:>28}" for n in names))
