@@ -353,22 +353,28 @@ def explain(cfg: Config, preds: dict[str, Any], calibrated: dict[str, np.ndarray
     groups = [
         (
             select_cases(y, probs, list(sp.case), names, n),
-            "Grad-CAM of the predicted class for the {ok} most confident correct and the {bad} most confident "
-            "wrong test predictions",
+            "Grad-CAM of the predicted class for the {ok} most confident correct and the {bad} most "
+            "confident wrong test predictions",
         )
     ]
     errors = []
     for cname, kinds in error_cases(y, probs, names, pos, n).items():
         k = names.index(cname)
         for i in kinds["false_positives"] + kinds["false_negatives"]:
-            pred = k if i in kinds["false_positives"] else (1 - k if pos is not None else int(probs[i].argmax()))
-            errors.append(CamCase(int(i), str(sp.case[i]), names[int(y[i])], names[pred], float(probs[i, k]), False))
+            if i in kinds["false_positives"]:
+                pred = k
+            else:
+                pred = 1 - k if pos is not None else int(probs[i].argmax())
+            errors.append(
+                CamCase(int(i), str(sp.case[i]), names[int(y[i])], names[pred], float(probs[i, k]), False)
+            )
     if errors:
         groups.append(
             (
                 errors,
-                "Error analysis: Grad-CAM of the predicted class for the most confident false positives and false "
-                "negatives (the cases listed in the error analysis; probability shown is that of the class in error)",
+                "Error analysis: Grad-CAM of the predicted class for the most confident false positives and "
+                "false negatives (the cases listed in the error analysis; probability shown is that of the "
+                "class in error)",
             )
         )
     out = []
@@ -382,9 +388,9 @@ def explain(cfg: Config, preds: dict[str, Any], calibrated: dict[str, np.ndarray
         n_ok = sum(c.correct for c in cases)
         caption = (
             words.format(ok=n_ok, bad=len(cases) - n_ok)
-            + " (preprocessed model inputs; red = regions that raised the predicted class's score; captions give "
-            "pseudonymous case ids only). A heat map shows where the model looked, not why, and is no proof of "
-            "clinically meaningful features."
+            + " (preprocessed model inputs; red = regions that raised the predicted class's score; captions "
+            "give pseudonymous case ids only). A heat map shows where the model looked, not why, and is no "
+            "proof of clinically meaningful features."
         )
         out.append(Explanation(images, maps, cases, caption))
     return out
