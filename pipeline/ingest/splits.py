@@ -68,43 +68,45 @@ class _Quota:
     ``share * n - 1 < c < share * n + 1`` for every split, and it can be continued forever iff for every
     horizon ``T >= 1`` the patients due by ``n + T`` (``sum max(0, floor(share * (n + T)) - c)``) number
     at most ``T`` (Hall's condition for unit jobs with windows of length ``1 / share``; only
-    ``T <= max(1 / share) + 1`` can bind, as the due count sums to at most ``T`` beyond that).
+    ``T <= max(1 / share) + 1`` can bind, as the due count sums to at most ``T`` beyond that). Shares are
+    kept as integers over a common denominator, so the arithmetic is exact and vectorised.
     """
 
     def __init__(self, split_shares: dict[str, Fraction]) -> None:
         self.f = {s: v for s, v in split_shares.items() if v > 0}
-        self.horizon = math.ceil(max(1 / v for v in self.f.values())) + 1
+        self.order = [s for s in SPLIT_ORDER if s in self.f]
+        self.den = math.lcm(*(v.denominator for v in self.f.values()))
+        self.num = np.array([int(self.f[s] * self.den) for s in self.order], dtype=np.int64)
+        self.horizon = np.arange(1, math.ceil(max(1 / v for v in self.f.values())) + 2, dtype=np.int64)
 
     def safe(self, counts: Counter, split: str) -> bool:
-        c = Counter(counts)
-        c[split] += 1
-        n = sum(c[s] for s in self.f)
-        if any(not (f * n - 1 < c[s] < f * n + 1) for s, f in self.f.items()):
+        c = np.array([counts[s] + (s == split) for s in self.order], dtype=np.int64)
+        n = int(c.sum())
+        scaled, an = c * self.den, self.num * n
+        if np.any(scaled <= an - self.den) or np.any(scaled >= an + self.den):
             return False
-        return all(
-            sum(max(0, math.floor(f * (n + t)) - c[s]) for s, f in self.f.items()) <= t
-            for t in range(1, self.horizon + 1)
-        )
+        due = (self.num[:, None] * (n + self.horizon)[None, :]) // self.den - c[:, None]
+        return bool(np.all(np.maximum(due, 0).sum(axis=0) <= self.horizon))
 
     def choose(self, class_counts: Counter, stratum_counts: Counter) -> str:
         """The split for the next patient: largest stratum deficit among the safe splits (then largest
         class deficit, then :data:`SPLIT_ORDER`). A ledger seeded off quota may have no safe split; the
         largest class deficit then brings it back towards its quotas."""
-        n_k = sum(class_counts[s] for s in self.f) + 1
-        n_g = sum(stratum_counts[s] for s in self.f) + 1
-        order = [s for s in SPLIT_ORDER if s in self.f]
+        n_k = sum(class_counts[s] for s in self.order) + 1
+        n_g = sum(stratum_counts[s] for s in self.order) + 1
 
-        def deficit(s: str) -> tuple[Fraction, Fraction, int]:
-            return (
-                self.f[s] * n_g - stratum_counts[s],
-                self.f[s] * n_k - class_counts[s],
-                -order.index(s),
-            )
+        def class_deficit(s: str) -> Fraction:
+            return self.f[s] * n_k - class_counts[s]
 
-        candidates = [s for s in order if self.safe(class_counts, s)]
-        if not candidates:
-            return max(order, key=lambda s: (self.f[s] * n_k - class_counts[s], -order.index(s)))
-        return max(candidates, key=deficit)
+        ranked = sorted(
+            self.order,
+            key=lambda s: (self.f[s] * n_g - stratum_counts[s], class_deficit(s), -self.order.index(s)),
+            reverse=True,
+        )
+        for s in ranked:
+            if self.safe(class_counts, s):
+                return s
+        return max(self.order, key=lambda s: (class_deficit(s), -self.order.index(s)))
 
 
 @dataclass
