@@ -8,10 +8,13 @@ atomic rename, a killed run never leaves an output Luigi would take as complete.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import pickle
+import re
 import shutil
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -96,8 +99,179 @@ class _Failures(list):
         super().clear()
 
 
-#: MedtlErrors raised by tasks of this run (in this process or in Luigi's worker processes).
+#: Failures of this run's tasks (in this process or in Luigi's worker processes): a task's MedtlError as
+#: raised, any other exception as a :class:`TaskFailure` (see :func:`failure_of`).
 FAILURES: list[tuple[str, MedtlError]] = _Failures()
+
+
+# ------------------------------------------------------------------------------------ what failed, and why
+class TaskFailure(MedtlError):
+    """A task failed with an exception that is not a MedtlError, told in one line with a code.
+
+    Attributes:
+        transient: True when it can pass by itself on a rerun (a busy file, a lost connection to the
+            scheduler); only such failures are retried (:func:`tasks.run.build_with_retries`).
+        exc_type: The original exception's class name (its message is not kept: it may quote inputs).
+    """
+
+    default_code = "internal_error"
+
+    def __init__(self, message: str = "", code: str | None = None, transient: bool = False, exc_type: str = ""):
+        super().__init__(message, code)
+        self.transient = transient
+        self.exc_type = exc_type
+
+
+#: errno values of a file that is busy now and free later (EAGAIN: a non-blocking lock taken elsewhere).
+_BUSY_ERRNOS = {errno.EBUSY, errno.ETXTBSY, errno.EAGAIN}
+
+
+def transient_code(exc: BaseException) -> str | None:
+    """``busy_file`` / ``scheduler_unreachable`` for a failure that can pass by itself, else None.
+
+    Deterministic failures (a NaN volume's ValueError, a full disk, bad input) are never transient:
+    running them again gives the same error three times.
+    """
+    if isinstance(exc, MedtlError):
+        return None
+    from luigi.rpc import RPCError
+
+    if isinstance(exc, (RPCError, ConnectionError)):
+        return "scheduler_unreachable" if isinstance(exc, RPCError) else "connection_lost"
+    if isinstance(exc, sqlite3.OperationalError) and any(w in str(exc) for w in ("locked", "busy")):
+        return "busy_file"
+    if isinstance(exc, OSError) and exc.errno in _BUSY_ERRNOS:
+        return "busy_file"
+    return None
+
+
+_TRANSIENT_WORDS = {
+    "busy_file": "a file was busy (locked by another process)",
+    "scheduler_unreachable": "the connection to the Luigi scheduler was lost",
+    "connection_lost": "a network connection was lost",
+}
+
+#: Codes whose message promises a per-file summary: the file, and what to do when it was never written.
+PROMISED_DETAILS = {
+    "nothing_ingested": (
+        lambda plan: plan.private / "ingest" / plan.ingest.name / "files.json",
+        "the per-file summary it refers to was not written (the run stopped before it); for each file's "
+        "reason run `medtl convert <data.source> <folder>` and read <folder>/private/convert_summary.json",
+    ),
+}
+
+
+def failure_of(task: Any, exc: BaseException) -> MedtlError:
+    """The one-line, coded account of a task's failure (what FAILURES records and the CLI prints).
+
+    Args:
+        task: The failed Luigi task (its ``config`` parameter, when it has one, gives the plan).
+        exc: What it raised.
+    """
+    family = getattr(task, "task_family", type(task).__name__)
+    plan = _plan_of(task)
+    if isinstance(exc, MedtlError):
+        return _with_missing_details(exc, plan)
+    code = transient_code(exc)
+    if code:
+        return TaskFailure(
+            f"{family}: {_TRANSIENT_WORDS[code]} ({type(exc).__name__}); retried with back-off "
+            "(ops.retries); if it persists, find what holds the workspace or the scheduler",
+            code=code,
+            transient=True,
+            exc_type=type(exc).__name__,
+        )
+    if isinstance(exc, pickle.UnpicklingError):
+        return TaskFailure(
+            f"{family}: a checkpoint holds Python objects other than tensors and was refused (checkpoints are "
+            "read with weights_only=True only); expected a plain state dict: for a FineTune checkpoint under "
+            "finetune/*.work delete that folder (training restarts), for a pretrained file re-save it with "
+            "torch.save(model.state_dict(), ...) from a trusted copy; then run again",
+            code="unsafe_checkpoint",
+            exc_type=type(exc).__name__,
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return TaskFailure(_disk_full_words(family, getattr(task, "stage", ""), plan, task), code="disk_full",
+                           exc_type=type(exc).__name__)
+    return TaskFailure(
+        f"{family}: unexpected {type(exc).__name__} (not retried: it would fail the same way); the traceback "
+        "is in the log above; report it with that traceback",
+        code="internal_error",
+        exc_type=type(exc).__name__,
+    )
+
+
+def _plan_of(task: Any) -> StagePlan | None:
+    config = getattr(task, "config", None)
+    if not isinstance(config, str):
+        return None
+    wanted = os.path.abspath(config)
+    for (path, _), (_, plan) in list(_CACHE.items()):  # never plans anew while reporting a failure
+        if path == wanted:
+            return plan
+    return None
+
+
+def _with_missing_details(err: MedtlError, plan: StagePlan | None) -> MedtlError:
+    promised = PROMISED_DETAILS.get(err.code)
+    if promised is None or plan is None:
+        return err
+    where, words = promised
+    try:
+        if where(plan).is_file():
+            return err
+    except OSError:
+        pass
+    text = re.sub(r"\s*See the [^.]*summary[^.]*\.", "", str(err)).rstrip(". ")
+    out = type(err).__new__(type(err))
+    Exception.__init__(out, f"{text}; {words}")
+    out.__dict__.update(err.__dict__)
+    return out
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _disk_full_words(family: str, stage: str, plan: StagePlan | None, task: Any) -> str:
+    """Which folder, how much is free, and about how much the stage needs (from what it wrote before)."""
+    if plan is None:
+        return (f"{family}: the disk is full (no space left on device); free space in the workspace's file "
+                "system (e.g. `medtl gc CONFIG`) and run again")
+    folder = Path(getattr(plan, stage)).parent if stage else plan.workspace
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 0
+    earlier = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")] if folder.is_dir() else []
+    earlier = [p for p in earlier if not p.name.endswith(".work")]
+    if earlier:
+        need, basis = max(_tree_bytes(p) for p in earlier), f"the largest earlier {stage or 'run'} folder"
+    else:
+        src = {"ingest": Path(task.cfg.data.source)} if stage == "ingest" and hasattr(task, "cfg") else {}
+        before = {"augment": plan.volume_cache, "finetune": plan.augment, "evaluate": plan.finetune}
+        base = src.get(stage) or before.get(stage) or plan.workspace
+        need, basis = _tree_bytes(base), "the size of its input"
+    mb = 1e6
+    return (
+        f"{family}: the disk holding {folder} is full ({free / mb:.0f} MB free); about {need / mb:.0f} MB "
+        f"needed ({basis}); nothing was published: free space (e.g. `medtl gc CONFIG`) and run again"
+    )
+
+
+def _record_failure(task: luigi.Task, exc: BaseException) -> None:
+    """Luigi FAILURE event of any task (run in the process that ran it: a worker child with workers > 1)."""
+    FAILURES.append((task.task_family, failure_of(task, exc)))
+
+
+luigi.Task.event_handler(luigi.Event.FAILURE)(_record_failure)
 
 
 def clear_plan_cache() -> None:
@@ -177,8 +351,8 @@ class StageTask(luigi.Task):
         raise NotImplementedError
 
     def on_failure(self, exception: BaseException) -> str:
+        # FAILURES is filled by the FAILURE event handler (_record_failure), for every task.
         if isinstance(exception, MedtlError):
-            FAILURES.append((self.task_family, exception))
             return f"{self.task_family} failed: {exception}"
         return super().on_failure(exception)
 

@@ -57,15 +57,20 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
         print(f"medtl: {err}", file=sys.stderr)
         return 2
     ws = Path(cfg.runtime.workspace)
-    print(result.summary_text, file=sys.stderr)
+    if result is not None:
+        print(result.summary_text, file=sys.stderr)
     for warning in summary.get("notify_warnings", []):
         print(f"medtl: warning: {warning}", file=sys.stderr)
     if FAILURES:
         for family, err in FAILURES:
-            print(f"medtl: {family} failed: {err}", file=sys.stderr)
+            print(failure_line(family, err), file=sys.stderr)
         return 1
-    if not result.scheduling_succeeded or result.status.name not in ("SUCCESS", "SUCCESS_WITH_RETRY"):
-        print(f"medtl: the run did not finish ({result.status.name}); see the messages above", file=sys.stderr)
+    if result is None or not result.scheduling_succeeded or result.status.name not in (
+        "SUCCESS",
+        "SUCCESS_WITH_RETRY",
+    ):
+        status = result.status.name if result is not None else "no result"
+        print(f"medtl: the run did not finish ({status}); see the messages above", file=sys.stderr)
         return 1
     if summary.get("status") == "noop":
         print(f"Nothing to do: tonight's record {ws / summary['record']} exists")
@@ -76,6 +81,13 @@ def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host:
 
         print(f"Report: {config_and_plan(str(config))[1].evaluate / 'report.html'}")
     return 0
+
+
+def failure_line(family: str, err: BaseException) -> str:
+    """One line per failed task: ``medtl: <task> failed (code <code>): <what happened and what to do>``."""
+    text = " ".join(str(err).split())  # one line, whatever the message held
+    text = text.removeprefix(f"{family}: ")
+    return f"medtl: {family} failed (code {getattr(err, 'code', 'error')}): {text}"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ same workspace refuses at once, before any planning), decides a no-op night from
 hash alone (tonight's record exists: no model registry, torch, MONAI or matplotlib is imported), otherwise
 plans the stages (key, weight digests, warm-start choice recorded under the lock), keeps the run history and
 the Luigi task events in the registry (Luigi's own SQLAlchemy task history is not used), reruns the chain
-with exponential back-off after transient (non-medtl) failures, and calls the notification hook.
+with exponential back-off only after failures that can pass by themselves (:func:`build_with_retries`), and
+calls the notification hook.
 """
 
 from __future__ import annotations
@@ -253,28 +254,18 @@ def _build_recorded(
         Path(task.output().path).name, socket.gethostname(), os.getpid(), lock_user(), plan.snapshot
     )
     CURRENT_RUN.update(id=run_id, workspace=str(plan.workspace))
-    attempts = cfg.ops.retries + 1
     result = None
     try:
-        for attempt in range(attempts):
-            FAILURES.clear()
-            result = luigi.build([task], **luigi_kwargs)
-            ok = result.scheduling_succeeded and result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
-            if ok or FAILURES or attempt == attempts - 1:
-                break
-            delay = cfg.ops.retry_backoff_s * (2**attempt)
-            log.warning(
-                "Run attempt %d of %d failed (%s); retrying in %.0f s",
-                attempt + 1,
-                attempts,
-                result.status.name,
-                delay,
-            )
+
+        def on_retry(attempt: int, attempts: int, why: str, delay: float) -> None:
             reg.task_event(
-                run_id, "RunPipeline", "retry", f"attempt {attempt + 1} failed; back-off {delay:.0f} s"
+                run_id, "RunPipeline", "retry", f"attempt {attempt} failed ({why}); back-off {delay:.0f} s"
             )
-            sleep(delay)
-        summary["attempts"] = attempt + 1
+
+        result, attempt = build_with_retries(
+            [task], luigi_kwargs, cfg.ops.retries, cfg.ops.retry_backoff_s, sleep, on_retry
+        )
+        summary["attempts"] = attempt
         ok = task.complete()
         summary["status"] = "success" if ok else "failed"
         if FAILURES:
@@ -293,6 +284,66 @@ def _build_recorded(
         CURRENT_RUN.update(id=None)
         reg.finish_run(run_id, summary.get("status", "failed"), summary.get("record"), summary)
     return result
+
+
+def build_with_retries(
+    tasks: list[luigi.Task],
+    luigi_kwargs: dict[str, Any],
+    retries: int,
+    backoff_s: float,
+    sleep=time.sleep,
+    on_retry=None,
+) -> tuple[Any, int]:
+    """``luigi.build`` again, with exponential back-off, only while what failed can pass by itself.
+
+    Retried: every failure of the attempt is transient (:attr:`tasks.base.TaskFailure.transient`: a busy
+    file, a lost scheduler connection), or ``luigi.build`` itself lost the scheduler (``RPCError``). Not
+    retried: a MedtlError, any other exception (deterministic: a NaN volume's ValueError fails the same way
+    every time), a worker process that died, or a run that failed without a recorded cause. Failures are
+    recorded in every worker mode (``tasks.base.FAILURES`` crosses Luigi's worker processes).
+
+    Args:
+        tasks: What to build.
+        luigi_kwargs: Arguments of ``luigi.build`` (``detailed_summary`` is forced on).
+        retries: Extra attempts allowed (``ops.retries``).
+        backoff_s: First back-off in seconds; attempt k waits ``backoff_s * 2**k``.
+        sleep: The sleep function (tests pass a fake).
+        on_retry: Called ``(attempt, attempts, why, delay)`` before each back-off.
+
+    Returns:
+        ``(last luigi result or None, attempts made)``. After an ``RPCError`` on the last attempt, the
+        result is None and FAILURES holds a ``scheduler_unreachable`` entry.
+    """
+    from luigi.rpc import RPCError
+
+    from tasks.base import FAILURES, TaskFailure, failure_of
+
+    attempts = retries + 1
+    result = None
+    for attempt in range(1, attempts + 1):
+        FAILURES.clear()
+        try:
+            result = luigi.build(tasks, **{**luigi_kwargs, "detailed_summary": True})
+        except (RPCError, ConnectionError) as err:  # luigi.build lost the central scheduler
+            result = None
+            FAILURES.append(("scheduler", failure_of(tasks[0], err)))
+        ok = result is not None and result.scheduling_succeeded and result.status.name in (
+            "SUCCESS",
+            "SUCCESS_WITH_RETRY",
+        )
+        failures = list(FAILURES)
+        transient = bool(failures) and all(
+            isinstance(e, TaskFailure) and e.transient for _, e in failures
+        )
+        if ok or not transient or attempt == attempts:
+            return result, attempt
+        delay = backoff_s * (2 ** (attempt - 1))
+        why = ", ".join(sorted({e.code for _, e in failures}))
+        log.warning("Run attempt %d of %d failed (%s); retrying in %.0f s", attempt, attempts, why, delay)
+        if on_retry is not None:
+            on_retry(attempt, attempts, why, delay)
+        sleep(delay)
+    return result, attempts  # pragma: no cover - the loop always returns
 
 
 def lock_user() -> str:

@@ -137,3 +137,31 @@ def test_config_package_exports_every_name_and_keeps_files_small() -> None:
     for path in Path(package.__file__).parent.glob("*.py"):
         n = len(path.read_text().splitlines())
         assert n < 450, f"{path.name}: {n} lines"
+
+
+def test_config_that_is_not_utf8_is_one_coded_line(project: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 15.7: a Latin-1 config ended in a UnicodeDecodeError traceback."""
+    from tasks.cli import main
+
+    config = write_config(project)
+    text = config.read_text(encoding="utf-8")
+    config.write_bytes(text.replace("name: tiny", "name: tiny # r\u00e9sum\u00e9").encode("latin-1"))
+    line_no = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.startswith("name: tiny"))
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert info.value.code == "config_not_utf8"
+    assert f"line {line_no}, column 15" in str(info.value) and "UTF-8" in str(info.value)
+    assert main(["check", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("medtl: ") and "iconv" in err and "Traceback" not in err
+
+
+def test_model_weights_options_are_validated_and_not_hashed(project: Path) -> None:
+    base = load_config(write_config(project))
+    sha = "AB" * 32
+    pinned = load_config(write_config(project, model={"weights_sha256": sha, "allow_unpinned": True}))
+    assert pinned.model.weights_sha256 == sha.lower() and pinned.model.allow_unpinned
+    # The content of the file is what the FineTune digest covers (workspace.py), not these options.
+    assert pinned.hashed("model", "train") == base.hashed("model", "train")
+    with pytest.raises(ConfigError, match="model.weights_sha256"):
+        load_config(write_config(project, model={"weights_sha256": "abc"}))

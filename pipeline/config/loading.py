@@ -57,8 +57,19 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist; expected a YAML file (see configs/)")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            f"Config file {path} is not UTF-8 text (byte {err.start} at line {line}, column {column} is not "
+            "valid UTF-8); expected a UTF-8 YAML file: re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+            code="config_not_utf8",
+        ) from err
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
