@@ -119,7 +119,7 @@ def _rebuild_tensor(augment_dir: Path, path: Path, entry: dict[str, str], audit:
     workspace = augment_dir.parent.parent  # <workspace>/augment/<digest>
     arr, meta = load_volume(workspace, entry["volume"], audit)
     spec = preprocess_spec(json.loads((augment_dir / "transform_spec.json").read_text())["deterministic"])
-    data = tensor_bytes(preprocess(arr, meta.get("axis4"), spec))
+    data = tensor_bytes(preprocess(arr, meta.get("axis4"), spec, meta.get("affine")))
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise IngestError(f"tensor {path.name}: rebuilt tensor differs from the recorded one", LOST)
     write_bytes(path, data)
