@@ -226,3 +226,20 @@ def test_consumers_take_unlabelled_rows(tmp_path: Path) -> None:
     fig = monitor(cfg, SimpleNamespace(workspace=ws, ingest=ws / "ingest" / "a"), Registry(ws))
     assert fig["n_unlabelled"] == 5 and fig["n_cases"] == 19
     assert abs(sum(fig["prevalence"].values()) - 1.0) < 1e-9
+
+
+def test_unlabelled_case_of_a_ledger_held_out_patient_is_left_out(tmp_path: Path) -> None:
+    make_dataset(tmp_path, n_patients=30)
+    _, first = _run(tmp_path, "a")
+    case = next(r for r in first if r["split"] == "test")
+    with open(tmp_path / "ws" / "private" / "ingest" / "a" / "source_map.csv", newline="") as fh:
+        files = {r["case_id"]: r["files"] for r in csv.DictReader(fh)}
+    rel = Path(files[case["case_id"]]).relative_to(tmp_path / "images").as_posix()
+    # the patient's only case loses its label; the ledger still holds the patient in test
+    _write_labels(
+        tmp_path, [dict(r, diagnosis="" if r["file"] == rel else r["diagnosis"]) for r in _labels(tmp_path)]
+    )
+    report, manifest = _run(tmp_path, "b")
+    assert case["patient_id"] not in {r["patient_id"] for r in manifest}
+    assert report["unlabelled"]["left_out_held_out_patient"] == 1 and report["unlabelled"]["cases"] == 0
+    assert _split_of(manifest) == {p: s for p, s in _split_of(first).items() if p != case["patient_id"]}

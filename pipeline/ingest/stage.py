@@ -275,7 +275,9 @@ def _seed_ledger(run: _Run) -> SplitLedger:
     return seed_from_manifests(read_manifest(f.parent) for f in published)
 
 
-def _assign(run: _Run, rows: list[dict[str, Any]], ledger: SplitLedger) -> tuple[list[dict[str, Any]], int]:
+def _assign(
+    run: _Run, rows: list[dict[str, Any]], split_ledger: SplitLedger
+) -> tuple[list[dict[str, Any]], int]:
     """Set every row's split through the ledger (updated in place). Unlabelled cases of a patient the ledger
     holds in val, calibration or test, with no labelled case in this snapshot, are left out (they must
     never be training data); returns the rows kept and how many were left out."""
@@ -291,7 +293,7 @@ def _assign(run: _Run, rows: list[dict[str, Any]], ledger: SplitLedger) -> tuple
         run.cfg.split,
         labels=labels,
         strata=strata,
-        ledger=ledger,
+        ledger=split_ledger,
     )
     for r, s in zip(rows, splits, strict=True):
         r["split"] = s
@@ -303,7 +305,7 @@ def _assign(run: _Run, rows: list[dict[str, Any]], ledger: SplitLedger) -> tuple
         for r in rows
         if r["split"] != UNLABELLED
         or r["patient_id"] in held_now
-        or ledger.entries.get(r["patient_id"], {}).get("split") not in HELD_OUT
+        or split_ledger.entries.get(r["patient_id"], {}).get("split") not in HELD_OUT
     ]
     return kept, len(rows) - len(kept)
 
