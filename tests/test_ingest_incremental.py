@@ -150,3 +150,21 @@ def test_mask_regions_blank_flagged_2d_images(tmp_path: Path) -> None:
         assert (arr[:8, :4] == arr.min()).all()
     with open(tmp_path / "labels.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 30
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_index_is_set_aside_and_rebuilt(project, damage) -> None:
+    """Today: a damaged index file makes every later Ingest run fail (sqlite3.DatabaseError)."""
+    cfg, ws, _ = project
+    _run(cfg, ws, "a")
+    (index_file,) = (ws / "private" / "ingest").glob("index-*.sqlite")
+    data = index_file.read_bytes()
+    index_file.write_bytes(b"not a database" * 100 if damage == "garbage" else data[: len(data) // 2])
+    report, _ = _run(cfg, ws, "b")
+    inc = report["incremental"]
+    assert inc["index_rebuilt"] == 1 and inc["headers_read"] == 30
+    assert (inc["volumes_decoded"], inc["volumes_reused"]) == (0, 30)  # volumes keyed by content
+    assert index_file.with_name(index_file.name + ".corrupt").is_file()
+    assert oct(index_file.stat().st_mode & 0o777) == oct(0o600)
+    report, _ = _run(cfg, ws, "c")
+    assert report["incremental"]["index_rebuilt"] == 0 and report["incremental"]["headers_read"] == 0

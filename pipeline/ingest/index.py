@@ -55,6 +55,9 @@ class IndexStats:
         vanished: Files in the index that are no longer on disk (newly vanished in this scan).
         returned: Files marked vanished earlier that are back.
         hashed_bytes: Bytes read to compute content hashes.
+        index_rebuilt: 1 when the index file was unreadable or corrupt: it was set aside (renamed
+            ``*.corrupt``) and rebuilt from this scan, every header read again (cached volumes are still
+            reused: their fingerprints hold the content hashes).
     """
 
     unchanged: int = 0
@@ -64,6 +67,7 @@ class IndexStats:
     vanished: int = 0
     returned: int = 0
     hashed_bytes: int = 0
+    index_rebuilt: int = 0
     vanished_paths: list[str] = field(default_factory=list, repr=False)  # PRIVATE
     vanished_before: list[str] = field(default_factory=list, repr=False)  # PRIVATE, earlier scans
 
@@ -98,17 +102,33 @@ class SourceIndex:
         self._seen: set[str] = set()
         self._hashes: dict[str, str] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._rows = self._open()
+        except sqlite3.DatabaseError as err:  # a corrupt/truncated file: set aside, never a crash loop
+            self._db.close()
+            aside = self.path.with_name(f"{self.path.name}.corrupt")
+            os.replace(self.path, aside)
+            log.warning("source index unreadable (%s): set aside as %s and rebuilt", err, aside.name)
+            self.stats.index_rebuilt = 1
+            self._rows = self._open()
+        self._pending: list[tuple] = []
+
+    def _open(self) -> dict[str, tuple]:
+        """Connect, check the file (``PRAGMA quick_check``), create the table; this root's rows."""
         fresh = not self.path.exists()
         self._db = sqlite3.connect(str(self.path), timeout=60.0)
         if fresh:
             os.chmod(self.path, 0o600)
+        check = self._db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
             "sha256 TEXT, result TEXT, version INTEGER, status TEXT, first_seen TEXT, last_seen TEXT, "
             "case_id TEXT)"
         )
         prefix = self.root.rstrip(os.sep) + os.sep
-        self._rows: dict[str, tuple] = {
+        return {
             r[0]: r
             for r in self._db.execute(
                 "SELECT path, size, mtime_ns, sha256, result, version, status, case_id FROM files "
@@ -116,7 +136,6 @@ class SourceIndex:
                 (len(prefix), prefix),
             )
         }
-        self._pending: list[tuple] = []
 
     def __enter__(self) -> SourceIndex:
         return self
