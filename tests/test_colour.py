@@ -91,3 +91,21 @@ def test_rgb_fundus_images_train_as_colour_end_to_end(tmp_path: Path) -> None:
     assert run_pipeline(grey) == 0
     gplan = plan_stages(load_config(grey))
     assert json.loads((gplan.finetune / "model_info.json").read_text())["in_chans"] == 1
+
+
+def test_colour_jitter_changes_hue_but_keeps_grey_grey() -> None:
+    import torch
+
+    from pipeline.augment.transforms import build_train_transform, colour_jitter
+    from pipeline.config import AugmentConfig
+
+    red = torch.zeros(3, 4, 4)
+    red[0] = 1.0
+    turned = colour_jitter(red, 0.0, 1.0, 1.0, 2 * np.pi / 3)  # 120 degrees: red -> green
+    assert torch.argmax(turned[:, 0, 0]) == 1
+    grey = torch.full((3, 4, 4), 0.3)
+    torch.testing.assert_close(colour_jitter(grey, 0.0, 1.0, 1.5, 1.0), grey)  # no chroma to turn or scale
+    std = AugmentConfig(preset="standard")
+    names = lambda tf: [type(t).__name__ for t in tf.transforms]  # noqa: E731
+    assert "RandColourJitter" in names(build_train_transform(std, 2, 32, channels=3))
+    assert "RandColourJitter" not in names(build_train_transform(std, 2, 32, channels=1))

@@ -80,7 +80,7 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     write_text(out_dir / "index.csv", buf.getvalue())
     write_json(out_dir / TENSOR_DIGESTS, {"schema_version": 1, "tensors": digests})
 
-    train_tf = build_train_transform(cfg.augment, spec.spatial_dims, spec.image_size)
+    train_tf = build_train_transform(cfg.augment, spec.spatial_dims, spec.image_size, spec.channels)
     write_json(
         out_dir / "transform_spec.json",
         {

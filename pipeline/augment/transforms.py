@@ -50,7 +50,8 @@ HU_WINDOWS: dict[str, tuple[float, float]] = {
 PRESETS: dict[str, dict[int, dict[str, Any]]] = {
     "light": {
         2: dict(
-            flip=0.5, rotate_deg=5.0, scale=0.05, translate=0.03, intensity=0.05, noise_std=0.0, prob=0.5
+            flip=0.5, rotate_deg=5.0, scale=0.05, translate=0.03, intensity=0.05, noise_std=0.0, colour=0.03,
+            prob=0.5,
         ),
         3: dict(
             flip=0.5,
@@ -64,7 +65,10 @@ PRESETS: dict[str, dict[int, dict[str, Any]]] = {
         ),
     },
     "standard": {
-        2: dict(flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.05, intensity=0.1, noise_std=0.0, prob=0.8),
+        2: dict(
+            flip=0.5, rotate_deg=10.0, scale=0.1, translate=0.05, intensity=0.1, noise_std=0.0, colour=0.05,
+            prob=0.8,
+        ),
         3: dict(
             flip=0.5,
             rotate_deg=10.0,
@@ -78,7 +82,8 @@ PRESETS: dict[str, dict[int, dict[str, Any]]] = {
     },
     "strong": {
         2: dict(
-            flip=0.5, rotate_deg=20.0, scale=0.15, translate=0.1, intensity=0.2, noise_std=0.05, prob=0.8
+            flip=0.5, rotate_deg=20.0, scale=0.15, translate=0.1, intensity=0.2, noise_std=0.05, colour=0.1,
+            prob=0.8,
         ),
         3: dict(
             flip=0.5,
@@ -177,13 +182,16 @@ def rewindow(img: Any, centre: float, width: float) -> Any:
     return out
 
 
-def build_train_transform(cfg: AugmentConfig, spatial_dims: int, image_size: int) -> Compose:
+def build_train_transform(
+    cfg: AugmentConfig, spatial_dims: int, image_size: int, channels: int = 1
+) -> Compose:
     """MONAI Compose of the random transforms configured in ``augment`` (preset resolved first).
 
     Spatial: left-right flip (last axis = X; all axes with ``flip_all_axes``), affine (rotation about the
     in-plane axis, or all three with ``rotate_3d``; zoom, shift). Intensity: window jitter (``ct``),
-    contrast (gamma on the [0, 1]-shifted range), scale and shift, optional Gaussian noise.
-    ``augment.translate`` is a fraction of ``image_size``; MONAI takes voxels.
+    contrast (gamma on the [0, 1]-shifted range), scale and shift, optional Gaussian noise; colour input
+    (``channels`` 3) also gets :class:`RandColourJitter`. ``augment.translate`` is a fraction of
+    ``image_size``; MONAI takes voxels.
     """
     cfg = resolve_preset(cfg, spatial_dims)
     ts: list[Any] = []
@@ -215,9 +223,75 @@ def build_train_transform(cfg: AugmentConfig, spatial_dims: int, image_size: int
         ts.append(RandAdjustContrast(prob=cfg.prob, gamma=(1 - cfg.intensity * 3, 1 + cfg.intensity * 3)))
         ts.append(RandScaleIntensity(prob=cfg.prob, factors=cfg.intensity))
         ts.append(RandShiftIntensity(prob=cfg.prob, offsets=cfg.intensity))
+    if channels == 3 and cfg.colour > 0:
+        ts.append(RandColourJitter(prob=cfg.prob, strength=cfg.colour))
     if cfg.noise_std > 0:
         ts.append(RandGaussianNoise(prob=cfg.prob, std=cfg.noise_std))
     return Compose(ts)
+
+
+class RandColourJitter(RandomizableTransform):
+    """Brightness, contrast, saturation and hue jitter of a three-channel image ``(3, ...)``.
+
+    Written here (not torchvision's ``ColorJitter``) so the draw comes from the pipeline-owned MONAI
+    random state like every other transform, and so it works on the normalised tensors of the cache (equal
+    mean/std per channel make these operations commute with the normalisation up to a shift). With
+    ``strength`` s: brightness adds ``u * s``, contrast and saturation scale by ``1 + u * s`` around the
+    image mean and the per-pixel grey value, and hue turns the chroma by ``u * s * 180`` degrees about the
+    grey axis (a rotation of RGB space about (1, 1, 1), the classic hue-rotation matrix). ``u`` in
+    [-1, 1] independently per operation.
+
+    Args:
+        prob: Probability of applying the transform.
+        strength: Jitter strength in ``[0, 0.5]``.
+    """
+
+    def __init__(self, prob: float = 0.8, strength: float = 0.05) -> None:
+        RandomizableTransform.__init__(self, prob)
+        if not 0.0 <= strength <= 0.5:
+            raise ValueError(f"RandColourJitter: strength={strength!r}; expected a number in [0, 0.5]")
+        self.strength = strength
+        self.params = (0.0, 1.0, 1.0, 0.0)
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        u = self.R.uniform(-1.0, 1.0, 4)
+        s = self.strength
+        self.params = (u[0] * s, 1 + u[1] * s, 1 + u[2] * s, u[3] * s * math.pi)
+
+    def __call__(self, img: Any, randomize: bool = True) -> Any:
+        if randomize:
+            self.randomize()
+        if not self._do_transform:
+            return img
+        return colour_jitter(img, *self.params)
+
+
+def colour_jitter(img: Any, brightness: float, contrast: float, saturation: float, hue: float) -> Any:
+    """The deterministic twin of :class:`RandColourJitter` on a ``(3, ...)`` tensor."""
+    import torch
+
+    t = torch.as_tensor(img)
+    if t.shape[0] != 3:
+        raise ValueError(f"colour jitter needs a three-channel image (3, ...); got shape {tuple(t.shape)}")
+    t = t + brightness
+    t = (t - t.mean()) * contrast + t.mean()
+    grey = t.mean(dim=0, keepdim=True)
+    t = grey + (t - grey) * saturation
+    c, s_ = math.cos(hue), math.sin(hue)
+    k = 1.0 / 3.0
+    r3 = math.sqrt(k)
+    rot = torch.tensor(  # rotation by ``hue`` about the (1, 1, 1) axis of RGB space
+        [
+            [c + (1 - c) * k, k * (1 - c) - r3 * s_, k * (1 - c) + r3 * s_],
+            [k * (1 - c) + r3 * s_, c + (1 - c) * k, k * (1 - c) - r3 * s_],
+            [k * (1 - c) - r3 * s_, k * (1 - c) + r3 * s_, c + (1 - c) * k],
+        ],
+        dtype=t.dtype,
+    )
+    return torch.einsum("ij,j...->i...", rot, t)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -242,6 +242,8 @@ class AugmentConfig(_Section):
         intensity: Strength of intensity jitter (contrast/gamma and scale; 0 disables).
         noise_std: Standard deviation of additive Gaussian noise on normalised intensities (0 disables).
         window_jitter: ``ct`` preset: maximum relative change of the window's level and width (0 disables).
+        colour: Colour input only (three channels): strength of brightness, contrast, saturation and hue
+            jitter (0 disables; hue turns by up to ``colour`` x 180 degrees); ignored for grey input.
         prob: Probability of applying each of the affine and intensity transforms.
         preview: Number of augmented training samples drawn on the preview sheet.
     """
@@ -256,6 +258,7 @@ class AugmentConfig(_Section):
     intensity: float = Field(0.1, ge=0.0, le=1.0)
     noise_std: float = Field(0.0, ge=0.0, le=1.0)
     window_jitter: float = Field(0.0, ge=0.0, le=0.5)
+    colour: float = Field(0.0, ge=0.0, le=0.5)
     prob: float = Field(0.8, ge=0.0, le=1.0)
     preview: int = Field(16, ge=0, le=64)
 

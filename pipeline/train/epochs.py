@@ -194,7 +194,9 @@ def train_epochs(
     pretrained = cfg.model.pretrained and strategy != "scratch"
     schedule = setup_trainable(model, strategy, tc)
     opt = make_optimizer(model, strategy, tc, pretrained)
-    transform = build_train_transform(cfg.augment, cfg.preprocess.spatial_dims, cfg.preprocess.image_size)
+    transform = build_train_transform(
+        cfg.augment, cfg.preprocess.spatial_dims, cfg.preprocess.image_size, channels=int(train.x.shape[1])
+    )
     dataset = AugmentedDataset(train, transform, tc.seed)
     bs = min(tc.batch_size, len(train))
     # small training sets: an epoch draws the cases several times to make train.min_steps_per_epoch steps
