@@ -124,6 +124,12 @@ def test_the_interval_method_named_is_the_one_used(run) -> None:
     for variant in ("uncalibrated", "calibrated"):
         m["evaluation"]["test"][variant]["discrimination"]["auroc"]["ci_method"] = "delong"
     assert "DeLong for AUROC" in _text(cfg, plan, m, preds, cal)
+    assert "with 90% paired patient-cluster bootstrap CIs (200 resamples" in text  # subgroup differences
+    for d in m["reporting"]["subgroup_differences"].values():
+        for e in d["groups"].values():
+            for x in e["differences"].values():
+                x["ci_method"] = "bootstrap"
+    assert "with 90% paired case bootstrap CIs" in _text(cfg, plan, m, preds, cal)
 
 
 def test_a_declined_calibrator_is_never_called_calibrated(run) -> None:

@@ -174,7 +174,7 @@ def limitations(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) ->
         lo, hi = auc["ci"]
         dd = ((rep.get("sample_size") or {}).get("detectable_difference") or {}).get("auroc") or {}
         out.append(
-            f"The {level} CI of the test AUROC runs from {fmt(lo)} to {fmt(hi)} (width {fmt(hi - lo)})"
+            f"The {level} CI of the test {'AUROC' if 'auroc' in disc else 'macro AUROC'} runs from {fmt(lo)} to {fmt(hi)} (width {fmt(hi - lo)})"
             + (
                 f"; a difference under {fmt(dd.get('difference'))} from a reference AUROC cannot be detected"
                 if dd

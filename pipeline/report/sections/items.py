@@ -88,7 +88,7 @@ def flow_section(doc: Doc, run: ReportInputs) -> None:
             "cases evaluated",
             "patients",
             "cases per class",
-            "rarest class",
+            "cases of rarest class",
             "use",
             "note",
         ],
@@ -215,8 +215,22 @@ def fairness_section(doc: Doc, metrics: dict[str, Any]) -> None:
     level = level_words(metrics)
     doc.h("Subgroup fairness and calibration differences (test split)")
     binary = metrics.get("task", {}).get("kind") == "binary"
+    methods = {
+        m.get("ci_method")
+        for d in diffs.values()
+        for e in (d.get("groups") or {}).values()
+        for m in (e.get("differences") or {}).values()
+    }
+    how = (
+        "patient-cluster"
+        if methods == {"cluster_bootstrap"}
+        else "case"
+        if methods == {"bootstrap"}
+        else "mixed"
+    )
     doc.p(
-        f"Each group minus the largest group of its column, with {level} paired patient-cluster bootstrap CIs. "
+        f"Each group minus the largest group of its column, with {level} paired {how} bootstrap CIs "
+        f"({metrics.get('options', {}).get('n_bootstrap')} resamples of the whole test split). "
         + (
             "Sensitivity gap = equal-opportunity difference; specificity gap = minus the false-positive-rate "
             "difference (0.5 rule); calibration-in-the-large = mean predicted risk minus observed frequency, "
