@@ -30,8 +30,12 @@ def fixed_key(monkeypatch) -> None:
 def ingested(tmp_path: Path):
     make_dataset(tmp_path, n_patients=12)
     cfg = load_config(
-        write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"}, augment={"preview": 0},
-                     split={"val": 0.25, "calibration": 0.2, "test": 0.25})
+        write_config(
+            tmp_path,
+            deid={"key_env": "MEDTL_TEST_KEY"},
+            augment={"preview": 0},
+            split={"val": 0.25, "calibration": 0.2, "test": 0.25},
+        )
     )
     ws = tmp_path / "ws"
     out = ws / "ingest" / "a"
@@ -68,7 +72,9 @@ def test_sidecar_records_digest(ingested) -> None:
         assert meta["volume"] == row["volume"]
     # the rebuild recipe (source paths) is private, never beside the volume
     recipes = ws / "private" / "cache"
-    assert (recipes.stat().st_mode & 0o077) == 0 and len(list(recipes.glob("*.json"))) == len(read_manifest(out))
+    assert (recipes.stat().st_mode & 0o077) == 0 and len(list(recipes.glob("*.json"))) == len(
+        read_manifest(out)
+    )
 
 
 def test_truncated_volume_is_rebuilt_by_augment(ingested) -> None:

@@ -40,7 +40,7 @@ def _odd_tree(img: Path) -> None:
 def _all_entries(root: Path, skip: set[str]) -> int:
     """Independent count: every name listed in every folder that is walked (not hidden, not skipped)."""
     n = 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    for _dirpath, dirnames, filenames in os.walk(root):
         n += len(dirnames) + len(filenames)
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip]
     return n
@@ -63,8 +63,13 @@ def test_every_entry_is_counted_with_a_code(tmp_path: Path, unlistable) -> None:
     make_dataset(tmp_path, n_patients=12)
     img = tmp_path / "images"
     _odd_tree(img)
-    cfg = load_config(write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"},
-                                   split={"val": 0.25, "calibration": 0.2, "test": 0.25}))
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            deid={"key_env": "MEDTL_TEST_KEY"},
+            split={"val": 0.25, "calibration": 0.2, "test": 0.25},
+        )
+    )
     out = tmp_path / "ws" / "ingest" / "a"
     out.mkdir(parents=True)
     report = run_ingest(cfg, out, tmp_path / "ws")
@@ -84,8 +89,14 @@ def test_every_entry_is_counted_with_a_code(tmp_path: Path, unlistable) -> None:
     }
     assert sum(cats.values()) == inputs["entries"]
     codes = report["problems_by_code"]
-    for code in ("hidden", "symlink_not_followed", "broken_symlink", "unreadable_folder", "not_regular",
-                 "skipped"):
+    for code in (
+        "hidden",
+        "symlink_not_followed",
+        "broken_symlink",
+        "unreadable_folder",
+        "not_regular",
+        "skipped",
+    ):
         assert codes.get(code), code
     assert codes["hidden"] == 2 and "followed" in inputs["symlinks"]
     # the followed symlink is read as the file it points to: one more case

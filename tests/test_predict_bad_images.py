@@ -46,15 +46,23 @@ def test_bad_images_are_per_case_rejections(tmp_path: Path, monkeypatch) -> None
     """Today: a NaN scan goes to the network (NaN probabilities) and a blank one is scored as an image."""
     (tmp_path / "images").mkdir()
     (tmp_path / "labels.csv").write_text("file,diagnosis\n")
-    cfg = load_config(write_config(tmp_path, deid={"key_env": "MEDTL_TEST_KEY"}, data={"kinds": ["nifti"]},
-                                   runtime={"workspace": str(tmp_path / "ws"), "threads": 1}))
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            deid={"key_env": "MEDTL_TEST_KEY"},
+            data={"kinds": ["nifti"]},
+            runtime={"workspace": str(tmp_path / "ws"), "threads": 1},
+        )
+    )
     monkeypatch.setattr(predict, "ModelScorer", _Scorer)
     src = tmp_path / "new"
     src.mkdir()
     rng = np.random.default_rng(0)
     for i in range(2):
-        nib.save(nib.Nifti1Image(rng.normal(100, 10, (32, 32, 1)).astype(np.float32), np.eye(4)),
-                 src / f"good{i}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(rng.normal(100, 10, (32, 32, 1)).astype(np.float32), np.eye(4)),
+            src / f"good{i}.nii.gz",
+        )
     nan = rng.normal(100, 10, (32, 32, 1)).astype(np.float32)
     nan[3, 4, 0] = np.inf
     nib.save(nib.Nifti1Image(nan, np.eye(4)), src / "inf.nii.gz")

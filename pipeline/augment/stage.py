@@ -2,8 +2,9 @@
 
 Outputs (in the stage folder): ``tensors/<case_id>.npy`` (float16, channel-first network inputs, see
 :mod:`pipeline.augment.preprocess` for the axis order), ``index.csv`` (case_id, patient_id, split,
-label_index and subgroup columns), ``tensor_digests.json`` (each tensor's sha256), ``transform_spec.json`` (deterministic preprocessing and the random
-training transforms with their parameters) and ``preview.png`` (augmented training samples for visual QA).
+label_index and subgroup columns), ``tensor_digests.json`` (each tensor's sha256),
+``transform_spec.json`` (deterministic preprocessing and the random training transforms with their
+parameters) and ``preview.png`` (augmented training samples for visual QA).
 Cases whose volume cannot be preprocessed (e.g. a 3D volume in a 2D task) are reported and left out. Cached
 volumes are verified against their digest and rebuilt from the source when unusable (``cache`` in the spec).
 """

@@ -312,7 +312,8 @@ def scan_sources(
     for p in paths:
         kind = _kind_of(p)
         if kind is None:
-            rejected.append(Rejected(p, f"{p}: skipped (side-car/document file name, not an image)", "skipped"))
+            reason = f"{p}: skipped (side-car/document file name, not an image)"
+            rejected.append(Rejected(p, reason, "skipped"))
         elif kind in kinds:
             todo.append((p, kind))
         else:

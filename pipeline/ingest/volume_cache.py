@@ -86,7 +86,7 @@ def verified_load(cache_file: Path) -> tuple[np.ndarray, dict[str, Any]]:
         data = cache_file.read_bytes()
     except (OSError, ValueError) as err:
         raise CacheFault(
-            f"cached volume {name}: cannot be read ({type(err).__name__}); expected a volume and its side-car",
+            f"cached volume {name}: cannot be read ({type(err).__name__}); expected a volume and side-car",
             "cache_unreadable",
         ) from err
     if not isinstance(meta, dict) or not meta.get("sha256") or meta.get("volume") != name:
@@ -154,7 +154,7 @@ def rebuild(workspace: Path, cache_file: Path) -> None:
         recipe = json.loads((recipe_dir(workspace) / (cache_file.stem + ".json")).read_text())
     except (OSError, ValueError) as err:
         raise CacheFault(
-            f"cached volume {name} is unusable and no rebuild recipe was recorded; expected Ingest to run again",
+            f"cached volume {name} is unusable and no rebuild recipe was recorded; expected Ingest to rerun",
             LOST,
         ) from err
     it = recipe["item"]
@@ -167,12 +167,18 @@ def rebuild(workspace: Path, cache_file: Path) -> None:
             same = False
         if not same:  # message: position only, never the path
             raise CacheFault(
-                f"cached volume {name} is unusable and its source file {i + 1} of {len(item.files)} is gone or "
+                f"cached volume {name} is unusable and its source file {i + 1} of {len(item.files)} is gone "
+                "or "
                 "changed since it was ingested; expected the source to rebuild it from",
                 LOST,
             )
-    job = DecodeJob(item, str(cache_file), LoadOptions(**recipe["options"]),
-                    tuple(tuple(r) for r in recipe["mask_regions"]), tuple(hashes))
+    job = DecodeJob(
+        item,
+        str(cache_file),
+        LoadOptions(**recipe["options"]),
+        tuple(tuple(r) for r in recipe["mask_regions"]),
+        tuple(hashes),
+    )
     for stale in (cache_file.with_suffix(".json"), cache_file):
         stale.unlink(missing_ok=True)
     try:
@@ -182,8 +188,9 @@ def rebuild(workspace: Path, cache_file: Path) -> None:
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - a reader failure is a per-case loss, as at ingest
-        raise CacheFault(f"cached volume {name}: rebuilding failed ({unexpected_failure(item, err).code})",
-                         LOST) from err
+        raise CacheFault(
+            f"cached volume {name}: rebuilding failed ({unexpected_failure(item, err).code})", LOST
+        ) from err
 
 
 def load_volume(

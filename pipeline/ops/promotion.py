@@ -211,7 +211,7 @@ def model_inputs(spec_dict: dict[str, Any], rows: list[dict[str, str]], workspac
         arr, meta = load_volume(workspace, r["volume"], audit)
         xs.append(preprocess(arr, meta.get("axis4"), spec, meta.get("affine")))
     if audit:
-        log.warning("model_inputs: cached volumes rebuilt from their sources: %s", dict(sorted(audit.items())))
+        log.warning("model_inputs: cached volumes rebuilt from their sources: %s", dict(audit))
     if not xs:
         return np.zeros((0,), np.float32)
     return np.stack(xs).astype(np.float32)

@@ -61,7 +61,8 @@ def load_split(augment_dir: Path, rows: list[dict[str, str]], split: str) -> Spl
     if not kept:
         return SplitData([], [], np.zeros((0,), np.float16), np.zeros((0,), np.int64), [], repairs)
     y = np.array([int(r["label_index"]) for r in kept], dtype=np.int64)
-    return SplitData([r["case_id"] for r in kept], [r["patient_id"] for r in kept], np.stack(xs), y, kept, repairs)
+    case_ids, patients = [r["case_id"] for r in kept], [r["patient_id"] for r in kept]
+    return SplitData(case_ids, patients, np.stack(xs), y, kept, repairs)
 
 
 def _tensor_digests(augment_dir: Path) -> dict[str, dict[str, str]] | None:
