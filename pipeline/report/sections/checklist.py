@@ -16,7 +16,8 @@ from pipeline.report.sections.inputs import ReportInputs
 
 CLAIM_NOTE = (
     "Item numbers: TRIPOD+AI 2024 (Collins et al., BMJ 2024); CLAIM as numbered in its 2020 checklist "
-    "(check against the CLAIM 2024 update before submission). 'not done' marks an item this run does not cover."
+    "(check against the CLAIM 2024 update before submission). 'not done' marks an item this run does not "
+    "cover."
 )
 
 
@@ -82,7 +83,8 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
             "Class imbalance",
             "13",
             "-",
-            f"Reference standard and class imbalance ({cfg.train.class_weighting} weighting, {cfg.train.sampler} sampler)",
+            f"Reference standard and class imbalance ({cfg.train.class_weighting} weighting, "
+            f"{cfg.train.sampler} sampler)",
         ],
         [
             "Fairness",
@@ -159,7 +161,8 @@ def limitations(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) ->
     if not metrics.get("external"):
         out.append(
             f"Internal validation only: the {test.get('cases', '?')} test cases ({per_class}) of "
-            f"{test.get('patients', '?')} patients come from the same source as the training data; performance on "
+            f"{test.get('patients', '?')} patients come from the same source as the training data; "
+            "performance on "
             "other scanners, sites or populations is unknown until measured."
         )
     ev = (metrics.get("evaluation") or {}).get("test") or {}
@@ -174,7 +177,8 @@ def limitations(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) ->
         lo, hi = auc["ci"]
         dd = ((rep.get("sample_size") or {}).get("detectable_difference") or {}).get("auroc") or {}
         out.append(
-            f"The {level} CI of the test {'AUROC' if 'auroc' in disc else 'macro AUROC'} runs from {fmt(lo)} to {fmt(hi)} (width {fmt(hi - lo)})"
+            f"The {level} CI of the test {'AUROC' if 'auroc' in disc else 'macro AUROC'} runs from {fmt(lo)} "
+            f"to {fmt(hi)} (width {fmt(hi - lo)})"
             + (
                 f"; a difference under {fmt(dd.get('difference'))} from a reference AUROC cannot be detected"
                 if dd
@@ -189,7 +193,8 @@ def limitations(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) ->
             f"{100 * n / csplit['cases']:.1f}% {c}" for c, n in (csplit.get("per_class") or {}).items()
         )
         out.append(
-            f"Calibration was fitted on {csplit['cases']} calibration cases ({prev}); a different prevalence at "
+            f"Calibration was fitted on {csplit['cases']} calibration cases ({prev}); a different prevalence "
+            "at "
             "deployment shifts predicted probabilities and predictive values."
         )
     elif cal.get("declined"):
@@ -199,7 +204,8 @@ def limitations(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) ->
     n_small = len((rep.get("sample_size") or {}).get("warnings") or [])
     if n_small:
         out.append(
-            f"{n_small} split-size warning(s) (see Participant flow and sample size) limit what those splits support."
+            f"{n_small} split-size warning(s) (see Participant flow and sample size) limit what those splits "
+            "support."
         )
     if cfg.preprocess.image_size <= 64:
         out.append(f"Inputs are resized to {cfg.preprocess.image_size} px, which discards fine detail.")

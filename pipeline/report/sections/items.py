@@ -55,7 +55,10 @@ def flow_section(doc: Doc, run: ReportInputs) -> None:
         ]
         note = ""
         if s == "test" and holdout.get("excluded_cases"):
-            note = f"{holdout['excluded_cases']} cases ({holdout.get('excluded_patients')} patients) held out for promotion"
+            note = (
+                f"{holdout['excluded_cases']} cases ({holdout.get('excluded_patients')} patients) "
+                "held out for promotion"
+            )
             lines.append(f"-{holdout['excluded_cases']} promotion holdout")
             lines.append(f"{holdout.get('reported_cases', rep.get('cases'))} reported")
         split_boxes.append("\n".join(lines))
@@ -78,7 +81,8 @@ def flow_section(doc: Doc, run: ReportInputs) -> None:
             plots.to_png(
                 plots.flow_figure(boxes, [f"{c}: {n}" for c, n in sorted(probs.items())], split_boxes)
             ),
-            f"Participant flow: {excluded} input(s) or label row(s) excluded at ingestion (by reason code), then "
+            f"Participant flow: {excluded} input(s) or label row(s) excluded at ingestion (by reason code), "
+            "then "
             "patient-level splits. Counts only; no patient appears in two splits.",
         )
     doc.table(
@@ -99,13 +103,15 @@ def flow_section(doc: Doc, run: ReportInputs) -> None:
     if a:
         alpha = dd.get("alpha")
         doc.p(
-            f"Sample-size rationale: the split sizes follow the configured shares of the available patients (no "
+            "Sample-size rationale: the split sizes follow the configured shares of the available patients "
+            "(no "
             f"sample size was fixed in advance). With these test cases, a true AUROC differing from a fixed "
             f"reference value by less than {fmt(a.get('difference'))} (AUROC {fmt(a.get('auroc'))}, class "
             f"{a.get('class')}, Hanley-McNeil SE {fmt(a.get('se'))}) cannot be detected with "
             f"{dd.get('power', 0.8):.0%} power at two-sided alpha {fmt(alpha, 2)}"
             + (
-                f"; for sensitivity (0.5 rule, {sens.get('n_positive')} positive cases) the smallest detectable "
+                f"; for sensitivity (0.5 rule, {sens.get('n_positive')} positive cases) the smallest "
+                "detectable "
                 f"difference is {fmt(sens.get('difference'))}"
                 if sens
                 else ""
@@ -182,7 +188,8 @@ def methods_section(doc: Doc, run: ReportInputs) -> None:
         + (
             ""
             if ref
-            else " How these labels were established (by whom, with which information, blinded or not) is not "
+            else " How these labels were established (by whom, with which information, blinded or not) is "
+            "not "
             "recorded in the run configuration and must be stated by the data provider."
         )
     )
@@ -202,7 +209,8 @@ def methods_section(doc: Doc, run: ReportInputs) -> None:
     doc.p(
         "Class imbalance: "
         + (f"training cases per class {dict(zip(run.names, counts, strict=False))}; " if counts else "")
-        + f"handled by {how}. The reported probabilities are calibrated (or not) on the calibration split's own "
+        + f"handled by {how}. The reported probabilities are calibrated (or not) on the calibration split's "
+        "own "
         "prevalence, and thresholds are chosen on validation, so the training correction does not shift them."
     )
 
@@ -236,7 +244,8 @@ def fairness_section(doc: Doc, metrics: dict[str, Any]) -> None:
             "difference (0.5 rule); calibration-in-the-large = mean predicted risk minus observed frequency, "
             "whose gap shows one group's risks systematically over- or under-estimated."
             if binary
-            else "Confidence gap = mean top-class probability minus accuracy (top-label calibration-in-the-large)."
+            else "Confidence gap = mean top-class probability minus accuracy (top-label "
+            "calibration-in-the-large)."
         )
         + " A CI that excludes 0 is marked; a CI containing 0 is not evidence of equal performance."
     )
@@ -247,7 +256,8 @@ def fairness_section(doc: Doc, metrics: dict[str, Any]) -> None:
             for name, m in dif.items():
                 if m.get("excludes_zero"):
                     flagged.append(
-                        f"{col} {g} vs {d.get('reference')}: {nice(name) if name != 'confidence_gap' else 'confidence gap'}"
+                        f"{col} {g} vs {d.get('reference')}: "
+                        f"{nice(name) if name != 'confidence_gap' else 'confidence gap'}"
                     )
             rows.append(
                 [col, f"{g} vs {d.get('reference')}", f"{e.get('cases')} / {d.get('reference_cases')}"]
@@ -289,9 +299,12 @@ def site_section(doc: Doc, metrics: dict[str, Any]) -> None:
         doc.p(f"No heterogeneity summary: {h['reason']}.")
         return
     doc.p(
-        f"Random-effects summary (DerSimonian-Laird) over {h.get('df', 0) + 1} sites in column '{h.get('column')}': "
-        f"pooled {metric} {fmt(h.get('pooled'))} ({level_words(metrics)} CI); Cochran's Q = {fmt(h.get('q'), 2)} on "
-        f"{h.get('df')} df (p = {fmt(h.get('p_value'))}); I^2 = {100 * (h.get('i2') or 0):.0f}% of the variation "
+        f"Random-effects summary (DerSimonian-Laird) over {h.get('df', 0) + 1} sites in column "
+        f"'{h.get('column')}': "
+        f"pooled {metric} {fmt(h.get('pooled'))} ({level_words(metrics)} CI); Cochran's Q = "
+        f"{fmt(h.get('q'), 2)} on "
+        f"{h.get('df')} df (p = {fmt(h.get('p_value'))}); I^2 = {100 * (h.get('i2') or 0):.0f}% of the "
+        "variation "
         f"between sites is beyond chance; tau^2 = {fmt(h.get('tau2'), 4)}."
     )
 
@@ -306,7 +319,8 @@ def error_section(doc: Doc, metrics: dict[str, Any]) -> None:
     counts = []
     for cname, c in (ea.get("classes") or {}).items():
         counts.append(
-            f"{cname}: {c.get('n_false_positives')} false positive(s), {c.get('n_false_negatives')} false negative(s)"
+            f"{cname}: {c.get('n_false_positives')} false positive(s), {c.get('n_false_negatives')} false "
+            "negative(s)"
         )
         for kind, label in (("false_positives", "false positive"), ("false_negatives", "false negative")):
             for rank, e in enumerate(c.get(kind) or [], 1):
@@ -324,9 +338,12 @@ def error_section(doc: Doc, metrics: dict[str, Any]) -> None:
                 )
     doc.p(
         f"Rule: {ea.get('rule')} on the primary probabilities. " + "; ".join(counts) + ". Listed: up to "
-        f"{ea.get('per_class')} most confident errors of each kind (false positives by highest, false negatives by "
-        "lowest probability of the class), by pseudonymous case and patient id; the Grad-CAM figures below show "
-        "them when explanations are enabled. Review these cases against the images and the reference standard."
+        f"{ea.get('per_class')} most confident errors of each kind (false positives by highest, false "
+        "negatives by "
+        "lowest probability of the class), by pseudonymous case and patient id; the Grad-CAM figures below "
+        "show "
+        "them when explanations are enabled. Review these cases against the images and the reference "
+        "standard."
     )
     if rows:
         doc.table(["class", "error", "rank", "case", "patient", "true", "predicted", "p(class)"], rows)
@@ -340,7 +357,8 @@ def external_section(doc: Doc, metrics: dict[str, Any]) -> None:
     doc.h("Robustness and external validation")
     doc.p(
         f"Second test source '{ext.get('source', 'external')}' ({ext.get('cases', '?')} cases, "
-        f"{ext.get('patients', '?')} patients), scored with the same model and calibrator, {level_words(metrics)} CIs."
+        f"{ext.get('patients', '?')} patients), scored with the same model and calibrator, "
+        f"{level_words(metrics)} CIs."
     )
     rows = []
     for blk in ("discrimination", "calibration"):
