@@ -191,3 +191,18 @@ def test_load_split_leaves_out_a_tensor_that_cannot_be_rebuilt(ingested) -> None
             {"case_id": cid, "code": "tensor_mismatch", "outcome": "left_out", "cause": "cache_lost"}
         ]
         assert len(data) == sum(r["split"] == split for r in rows) - 1
+
+
+@pytest.mark.parametrize("recipe", ["missing", "garbled"])
+def test_no_usable_recipe_is_cache_lost(ingested, recipe) -> None:
+    _, ws, out = ingested
+    row = read_manifest(out)[0]
+    path = ws / "private" / "cache" / (Path(row["volume"]).stem + ".json")
+    if recipe == "missing":
+        path.unlink()
+    else:
+        path.write_text('{"item": 3}')
+    _vol(ws, row).write_bytes(b"")
+    with pytest.raises(CacheFault) as err:
+        load_volume(ws, row["volume"])
+    assert err.value.code == "cache_lost" and str(ws) not in str(err.value)

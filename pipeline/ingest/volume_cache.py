@@ -152,14 +152,17 @@ def rebuild(workspace: Path, cache_file: Path) -> None:
     name = cache_file.name
     try:
         recipe = json.loads((recipe_dir(workspace) / (cache_file.stem + ".json")).read_text())
-    except (OSError, ValueError) as err:
+        it = recipe["item"]
+        item = SourceItem(it["key"], it["kind"], tuple(it["files"]), dict(it["ids"]), dict(it["header"]))
+        hashes = list(recipe.get("hashes") or [None] * len(item.files))
+        options = LoadOptions(**recipe["options"])
+        mask = tuple(tuple(int(v) for v in r) for r in recipe["mask_regions"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise CacheFault(
-            f"cached volume {name} is unusable and no rebuild recipe was recorded; expected Ingest to rerun",
+            f"cached volume {name} is unusable and no readable rebuild recipe was recorded; expected "
+            "Ingest to run again",
             LOST,
         ) from err
-    it = recipe["item"]
-    item = SourceItem(it["key"], it["kind"], tuple(it["files"]), dict(it["ids"]), dict(it["header"]))
-    hashes = recipe.get("hashes") or [None] * len(item.files)
     for i, (f, h) in enumerate(zip(item.files, hashes, strict=True)):
         try:
             same = source_stamp(f, h) == h if h is not None else os.path.isfile(f)
@@ -168,17 +171,10 @@ def rebuild(workspace: Path, cache_file: Path) -> None:
         if not same:  # message: position only, never the path
             raise CacheFault(
                 f"cached volume {name} is unusable and its source file {i + 1} of {len(item.files)} is gone "
-                "or "
-                "changed since it was ingested; expected the source to rebuild it from",
+                "or changed since it was ingested; expected the source to rebuild it from",
                 LOST,
             )
-    job = DecodeJob(
-        item,
-        str(cache_file),
-        LoadOptions(**recipe["options"]),
-        tuple(tuple(r) for r in recipe["mask_regions"]),
-        tuple(hashes),
-    )
+    job = DecodeJob(item, str(cache_file), options, mask, tuple(hashes))
     for stale in (cache_file.with_suffix(".json"), cache_file):
         stale.unlink(missing_ok=True)
     try:
