@@ -102,5 +102,8 @@ def write_nightly_report(
 ) -> None:
     """Write the nightly report HTML to ``path`` (atomically)."""
     doc = nightly_document(record, drift_history)
-    subtitle = f"night {record.get('night', '?')}, data snapshot {record.get('data_snapshot', '?')}, run '{record.get('name', '')}'"
+    subtitle = (
+        f"night {record.get('night', '?')}, data snapshot {record.get('data_snapshot', '?')}, "
+        f"run '{record.get('name', '')}'"
+    )
     write_text(path, doc.html(f"medtl nightly report: {record.get('name', '')}", subtitle))

@@ -65,7 +65,8 @@ def write_reports(
         preds: Split name -> ``SplitPredictions`` (for the figures).
         calibrated: Split name -> calibrated probabilities, (N, K).
         out_dir: Output folder.
-        explanations: Optional Grad-CAM maps to draw (``pipeline.evaluate.gradcam.Explanation``: ``images``, ``cams``, ``cases``, ``caption``).
+        explanations: Optional Grad-CAM maps to draw (``pipeline.evaluate.gradcam.Explanation``: ``images``,
+            ``cams``, ``cases``, ``caption``).
         raw: Optional split name -> uncalibrated probabilities, (N, K); a split missing here uses the
             softmax of its logits.
     """
@@ -73,7 +74,8 @@ def write_reports(
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = (
         f"medtl run '{cfg.name}', generated {now}; data snapshot {plan.snapshot}; "
-        f"stages ingest {Path(plan.ingest).name}, finetune {Path(plan.finetune).name}, evaluate {Path(plan.evaluate).name}"
+        f"stages ingest {Path(plan.ingest).name}, finetune {Path(plan.finetune).name}, "
+        f"evaluate {Path(plan.evaluate).name}"
     )
     write_text(out_dir / "report.html", doc.html(cfg.report.title, subtitle))
     doc.pdf(out_dir / "report.pdf", cfg.report.title, subtitle)

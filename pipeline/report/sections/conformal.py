@@ -23,14 +23,17 @@ def conformal_section(doc: Doc, metrics: dict[str, Any]) -> None:
         return
     doc.p(
         f"Split-conformal sets fitted on the {conf.get('n_calibration')} calibration cases "
-        f"({conf.get('fitted_on')}), aiming at coverage >= {fmt(conf.get('target_coverage'))} (alpha = {alpha}). "
-        "A set lists every class the model cannot rule out; a set with more than one class flags a case to review. "
+        f"({conf.get('fitted_on')}), aiming at coverage >= {fmt(conf.get('target_coverage'))} (alpha = "
+        f"{alpha}). "
+        "A set lists every class the model cannot rule out; a set with more than one class flags a case to "
+        "review. "
         "Coverage = share of test cases whose true class is in their set."
     )
     if (conf.get("n_calibration") or 0) < (conf.get("min_calibration_cases") or 0):
         doc.warn(
             f"Only {conf.get('n_calibration')} calibration cases, fewer than 1/alpha - 1 = "
-            f"{conf.get('min_calibration_cases')}: every set contains all classes and the coverage is trivial."
+            f"{conf.get('min_calibration_cases')}: every set contains all classes and the coverage is "
+            "trivial."
         )
     rows, per_class = [], []
     for name, d in methods.items():
@@ -63,7 +66,8 @@ def conformal_section(doc: Doc, metrics: dict[str, Any]) -> None:
     )
     if per_class:
         doc.p(
-            "Per true class, test split (the guarantee is marginal: a class can be under-covered, see the note):"
+            "Per true class, test split (the guarantee is marginal: a class can be under-covered, see the "
+            "note):"
         )
         doc.table(
             [

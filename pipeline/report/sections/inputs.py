@@ -32,7 +32,8 @@ class ReportInputs:
         calibrated: Split name -> calibrated probabilities, (N, K).
         raw: Split name -> uncalibrated probabilities, (N, K); a split missing here is the softmax of its
             logits.
-        explanations: Grad-CAM maps to draw (``pipeline.evaluate.gradcam.Explanation``: ``images``, ``cams``, ``cases``, ``caption``).
+        explanations: Grad-CAM maps to draw (``pipeline.evaluate.gradcam.Explanation``: ``images``, ``cams``,
+            ``cases``, ``caption``).
         ingest: ``ingest_report.json`` of the ingest stage (``{}`` when absent).
         train: ``train_summary.json`` of the finetune stage (``{}`` when absent).
     """

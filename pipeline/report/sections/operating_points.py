@@ -38,7 +38,8 @@ def operating_points_section(
     if ops:
         doc.p(
             f"Each threshold on the {primary} probability of {pos_name} was chosen on the validation split "
-            f"({n_val} cases, {n_val_pos} {pos_name}) and applied unchanged to the test split ({n_test_pos} {pos_name}). "
+            f"({n_val} cases, {n_val_pos} {pos_name}) and applied unchanged to the test split ({n_test_pos} "
+            f"{pos_name}). "
             "Validation and test rows are shown side by side: the test row is the estimate to rely on."
         )
         doc.p(threshold_rationale(ops, pos_name))
@@ -47,8 +48,10 @@ def operating_points_section(
             if n_val_pos < 100:
                 doc.warn(
                     f"The validation split has only {n_val_pos} {pos_name} cases: one case moves validation "
-                    f"sensitivity by {step:.1%}, so a threshold chosen there transfers poorly to new data and a "
-                    "sensitivity target met on validation is often missed on test. Prefer the test row and its CI."
+                    f"sensitivity by {step:.1%}, so a threshold chosen there transfers poorly to new data "
+                    "and a "
+                    "sensitivity target met on validation is often missed on test. Prefer the test row and "
+                    "its CI."
                 )
         header = [
             "operating point",
@@ -107,7 +110,8 @@ def operating_points_section(
         doc.fig(
             "decision_curve",
             plots.to_png(plots.decision_curve_figure(dc)),
-            f"Decision curve, test split: net benefit of acting on the model ({primary} probabilities) against "
+            f"Decision curve, test split: net benefit of acting on the model ({primary} probabilities) "
+            "against "
             "treating everyone and no one, over threshold probabilities (Vickers & Elkin 2006). The model is "
             "useful where its curve lies above both.",
         )
@@ -127,17 +131,20 @@ def threshold_rationale(ops: dict[str, Any], pos_name: str) -> str:
             )
         elif rule.startswith("sens") and t is not None:
             parts.append(
-                f"'sensitivity >= {t:.0%}' ({thr}) is the highest threshold whose validation sensitivity reaches "
+                f"'sensitivity >= {t:.0%}' ({thr}) is the highest threshold whose validation sensitivity "
+                "reaches "
                 f"{t:.0%}: a rule-out use, where missing {pos_name} costs more than a false alarm"
             )
         elif rule.startswith("spec") and t is not None:
             parts.append(
-                f"'specificity >= {t:.0%}' ({thr}) is the lowest threshold whose validation specificity reaches "
+                f"'specificity >= {t:.0%}' ({thr}) is the lowest threshold whose validation specificity "
+                "reaches "
                 f"{t:.0%}: a rule-in use, where false alarms cost more"
             )
     return (
         "Threshold rationale: "
         + "; ".join(parts)
-        + ". No threshold was chosen on test; the default rule 'p >= 0.5' of the other tables is not tuned and "
+        + ". No threshold was chosen on test; the default rule 'p >= 0.5' of the other tables is not tuned "
+        "and "
         "serves comparison only. Which rule suits a clinical use is a decision for the clinical team."
     )

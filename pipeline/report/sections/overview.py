@@ -60,7 +60,8 @@ def calibration_status(metrics: dict) -> str:
             f"declined ({cal['declined']}); every probability in this report is uncalibrated."
         )
     if applied in (None, "none"):
-        return f"Calibration: none applied ({cal.get('reason', 'not requested')}); probabilities are uncalibrated."
+        reason = cal.get("reason", "not requested")
+        return f"Calibration: none applied ({reason}); probabilities are uncalibrated."
     flags = [w for w in cal.get("warnings") or [] if "declined" not in w]
     return f"Calibration: {applied} fitted on the {n} calibration cases and applied" + (
         f", flagged: {'; '.join(flags)}." if flags else "."
@@ -94,7 +95,8 @@ def data_section(doc: Doc, run: ReportInputs) -> None:
         probs = ingest.get("problems_by_code", {})
         if probs:
             doc.p(
-                "Inputs and label rows left out, by reason (details per file in the workspace's private folder):"
+                "Inputs and label rows left out, by reason (details per file in the workspace's private "
+                "folder):"
             )
             examples = {}
             for pr in ingest.get("problems", []):
@@ -108,8 +110,10 @@ def data_section(doc: Doc, run: ReportInputs) -> None:
         review = ingest.get("pixel_review", [])
         if review:
             doc.warn(
-                f"{len(review)} case(s) are ultrasound/secondary-capture images or declare burned-in annotation: "
-                "their pixels may show text (names, dates) and should be reviewed before the images are shared."
+                f"{len(review)} case(s) are ultrasound/secondary-capture images or declare burned-in "
+                "annotation: "
+                "their pixels may show text (names, dates) and should be reviewed before the images are "
+                "shared."
             )
         doc.p(f"De-identification: {ingest.get('deidentification', '')}")
 
@@ -176,7 +180,8 @@ def model_section(doc: Doc, run: ReportInputs) -> None:
 
 
 def weights_words(train: dict) -> str:
-    """The starting weights as ``train_summary.json`` records them (never "from scratch" for a pretrained run)."""
+    """The starting weights as ``train_summary.json`` records them (never "from scratch" for a pretrained "
+    "run)."""
     members = [m for m in train.get("weights_per_member") or [] if m]
     w = train.get("weights") or (members[0] if members else None)
     pretrained = train.get("pretrained", bool(w))

@@ -23,10 +23,12 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
         (
             f"Every figure is given before and after post-hoc calibration ({method}), with {level} CIs by "
             if c_cal
-            else f"No calibrator was applied: every figure is from the uncalibrated probabilities, with {level} CIs by "
+            else "No calibrator was applied: every figure is from the uncalibrated probabilities, with "
+            f"{level} CIs by "
         )
         + f"{'patient-cluster' if test.get('ci_resampling') == 'patient_cluster' else 'case'} resampling "
-        f"where a bootstrap is used. {ci_methods_sentence([d_unc, c_unc], metrics.get('options', {}).get('n_bootstrap'))} "
+        "where a bootstrap is used. "
+        f"{ci_methods_sentence([d_unc, c_unc], metrics.get('options', {}).get('n_bootstrap'))} "
         "Rules at a fixed threshold use 'positive if p >= 0.5' (binary) or the arg-max."
     )
     for title, bu, bc in (("Discrimination", d_unc, d_cal), ("Calibration", c_unc, c_cal)):
@@ -79,8 +81,10 @@ def performance_section(doc: Doc, run: ReportInputs) -> None:
                 "reliability",
                 plots.to_png(plots.reliability_figure(rel_u, rel_c or None, xlabel, level)),
                 ("" if rel_c else "No calibrator applied: uncalibrated probabilities only. ")
-                + f"Reliability diagrams, test split ({c_unc.get('n_bins', cfg.evaluate.ece_bins)} equal-width bins; "
-                f"numbers are bin counts; bars are {level} Wilson intervals). Points on the diagonal are well "
+                + f"Reliability diagrams, test split ({c_unc.get('n_bins', cfg.evaluate.ece_bins)} "
+                "equal-width bins; "
+                f"numbers are bin counts; bars are {level} Wilson intervals). Points on the diagonal are "
+                "well "
                 "calibrated.",
             )
         thr = {}
@@ -105,7 +109,8 @@ def explanations_section(doc: Doc, run: ReportInputs) -> None:
     if ingest.get("pixel_review"):
         doc.warn(
             "Some inputs were flagged at ingestion for possible burned-in text (see Data and splits): the "
-            "overlays show the preprocessed pixels, so review them before sharing this report outside the team."
+            "overlays show the preprocessed pixels, so review them before sharing this report outside the "
+            "team."
         )
     for i, e in enumerate(explanations):
         doc.fig(
@@ -116,7 +121,7 @@ def explanations_section(doc: Doc, run: ReportInputs) -> None:
 
 
 #: Calibration metrics compared before/after on test, and the direction that is better.
-_HARM = (("nll", "lower"), ("calibration_slope", "closer to 1"), ("ece", "lower"), ("brier", "lower"))
+_HARM = ("nll", "calibration_slope", "ece", "brier")  # better: lower; the slope: closer to 1
 
 
 def calibration_paragraphs(doc: Doc, calinfo: dict, c_unc: dict, c_cal: dict, method: str) -> None:
@@ -143,8 +148,10 @@ def calibration_paragraphs(doc: Doc, calinfo: dict, c_unc: dict, c_cal: dict, me
         )
     if calinfo.get("declined"):
         doc.warn(
-            f"Calibration declined: {calinfo.get('fitted', 'the calibrator')} was fitted on the calibration split "
-            f"({n} cases) but not applied: {calinfo['declined']}.{cv_words} The probabilities in this report are "
+            f"Calibration declined: {calinfo.get('fitted', 'the calibrator')} was fitted on the calibration "
+            "split "
+            f"({n} cases) but not applied: {calinfo['declined']}.{cv_words} The probabilities in this report "
+            "are "
             "uncalibrated."
         )
     elif method in (None, "none"):
@@ -163,7 +170,7 @@ def calibration_paragraphs(doc: Doc, calinfo: dict, c_unc: dict, c_cal: dict, me
     if not c_cal:
         return
     worse, better = [], []
-    for key, direction in _HARM:
+    for key in _HARM:
         u, c = (c_unc.get(key) or {}).get("value"), (c_cal.get(key) or {}).get("value")
         if not isinstance(u, (int, float)) or not isinstance(c, (int, float)):
             continue

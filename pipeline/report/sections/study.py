@@ -106,7 +106,8 @@ def study_section(doc: Doc, metrics: dict[str, Any]) -> None:
             "Negative transfer: at "
             + ", ".join(f"{f:.0%}" for f in st["negative_transfer_at"])
             + " of the labels the pretrained model selected on validation is worse than training from "
-            f"scratch on test (the {level} CI of the paired difference lies below 0); the pretrained weights may "
+            f"scratch on test (the {level} CI of the paired difference lies below 0); the pretrained weights "
+            "may "
             "not suit this modality."
         )
 
@@ -129,9 +130,12 @@ def comparison_section(doc: Doc, metrics: dict[str, Any]) -> None:
     level = level_words(metrics)
     doc.h("Comparison with the previous model")
     doc.p(
-        f"Previous model: {cmp_.get('previous')} ({cmp_.get('previous_kind')} folder). Matched by pseudonymous "
-        f"case id on the test split: {cmp_.get('n_matched')} cases in common, {cmp_.get('n_current_only')} only in "
-        f"this run, {cmp_.get('n_previous_only')} only in the previous one, {cmp_.get('n_label_mismatch')} left out "
+        f"Previous model: {cmp_.get('previous')} ({cmp_.get('previous_kind')} folder). Matched by "
+        "pseudonymous "
+        f"case id on the test split: {cmp_.get('n_matched')} cases in common, {cmp_.get('n_current_only')} "
+        "only in "
+        f"this run, {cmp_.get('n_previous_only')} only in the previous one, {cmp_.get('n_label_mismatch')} "
+        "left out "
         f"because their label changed. Scores: {cmp_.get('scores')}; difference = {cmp_.get('difference')}."
     )
     if cmp_.get("reason"):

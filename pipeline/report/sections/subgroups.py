@@ -39,8 +39,10 @@ def subgroup_section(doc: Doc, metrics: dict[str, Any]) -> None:
     binary = metrics.get("task", {}).get("kind") == "binary"
     min_n = metrics.get("options", {}).get("min_subgroup")
     doc.p(
-        f"The same metrics per value of each subgroup column recorded at ingestion (primary probabilities, {level_words(metrics)} CIs). "
-        f"Groups with fewer than {min_n} cases are marked 'too small': their intervals are too wide to show a difference."
+        "The same metrics per value of each subgroup column recorded at ingestion (primary probabilities, "
+        f"{level_words(metrics)} CIs). "
+        f"Groups with fewer than {min_n} cases are marked 'too small': their intervals are too wide to show "
+        "a difference."
     )
     rows = []
     for col, groups in subs.items():
@@ -63,7 +65,8 @@ def subgroup_section(doc: Doc, metrics: dict[str, Any]) -> None:
     for col, groups in subs.items():
         if isinstance(groups, dict) and len(groups) == 1:
             doc.p(
-                f"Column '{col}' has a single value in the test split: no comparison between groups is possible."
+                f"Column '{col}' has a single value in the test split: no comparison between groups is "
+                "possible."
             )
 
 
@@ -75,7 +78,8 @@ def patient_section(doc: Doc, metrics: dict[str, Any]) -> None:
     doc.p(
         f"{pl.get('n_patients')} patients; a patient's probabilities are the "
         f"{str(pl.get('aggregation')).replace('_', ' ')} over their cases "
-        f"({pl.get('probabilities')} probabilities); patient label rule: {str(pl.get('label_rule')).replace('_', ' ')}; "
+        f"({pl.get('probabilities')} probabilities); patient label rule: "
+        f"{str(pl.get('label_rule')).replace('_', ' ')}; "
         f"{pl.get('n_patients_with_mixed_labels')} patient(s) have cases with different labels."
     )
     rows = [
