@@ -381,24 +381,28 @@ def subgroup_differences(
             continue
         sizes = {g: int((v == g).sum()) for g in present}
         ref = max(present, key=lambda g: (sizes[g], g))
-        ref_mask = (v == ref).astype(np.float64)
+        ref_stats = _restricted(base, v == ref)
+        ref_samples = bs.run(ref_stats)  # the same resamples on every run: differences are paired
+        ref_point = {k: float(f(ones)[0]) for k, f in ref_stats.items()}
         col_out: dict[str, Any] = {"reference": ref, "reference_cases": sizes[ref], "groups": {}}
         for g in present:
             if g == ref:
                 continue
-            mask = (v == g).astype(np.float64)
-            stats_ = {
-                k: (lambda w, f=f, a=mask * wt, b=ref_mask * wt: f(w * a[None, :]) - f(w * b[None, :]))
-                for k, (f, wt) in base.items()
-            }
+            stats_ = _restricted(base, v == g)
             samples = bs.run(stats_)
-            point = {k: float(s(ones)[0]) for k, s in stats_.items()}
-            col_out["groups"][g] = {
-                "cases": sizes[g],
-                "differences": {k: _metric(samples[k], point[k], bs) for k in base},
+            diffs = {
+                k: _metric(samples[k] - ref_samples[k], float(f(ones)[0]) - ref_point[k], bs)
+                for k, f in stats_.items()
             }
+            col_out["groups"][g] = {"cases": sizes[g], "differences": diffs}
         out[col] = col_out
     return out
+
+
+def _restricted(base: dict[str, tuple[Any, np.ndarray]], mask: np.ndarray) -> dict[str, Any]:
+    """Each statistic of ``base`` on the cases of ``mask`` only (count weights outside it set to 0)."""
+    m = mask.astype(np.float64)
+    return {k: (lambda w, f=f, a=m * wt: f(w * a[None, :])) for k, (f, wt) in base.items()}
 
 
 # ----------------------------------------------------------------------------------- site heterogeneity
