@@ -308,7 +308,8 @@ def locate_weights(
             )
         if want is not None:
             if digest == want:
-                return _chosen(source, path, where, digest, "pinned_in_code" if pinned else "config_sha256", skipped)
+                trust = "pinned_in_code" if pinned else "config_sha256"
+                return _chosen(source, path, where, digest, trust, skipped)
             reason = "sha256 differs from model.weights_sha256"
         elif pinned is not None:
             return _chosen(source, path, where, digest, "pinned_in_code", skipped)

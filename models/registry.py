@@ -24,8 +24,8 @@ from typing import Protocol
 
 from torch import nn
 
-from models.spec import BackboneSpec
 from models.errors import WeightsError
+from models.spec import BackboneSpec
 from models.weights import ResolvedWeights, resolve_weights
 
 __all__ = [

@@ -10,7 +10,8 @@ Resolution order (the first file trusted by content wins; nothing is ever downlo
 Every candidate is hashed BEFORE it is deserialised. A file whose name has a sha256 pinned in code must
 match it (a mismatch raises :class:`~pipeline.errors.WeightsError` naming the file, the expected and the
 actual digest); a file without a pinned digest is skipped unless the config pins its digest
-(``model.weights_sha256``) or opts in (``model.allow_unpinned``): see :func:`models.locate.locate_weights`. Checkpoints are deserialised with ``torch.load(..., weights_only=True)`` or safetensors only.
+(``model.weights_sha256``) or opts in (``model.allow_unpinned``): see :func:`models.locate.locate_weights`.
+Checkpoints are deserialised with ``torch.load(..., weights_only=True)`` or safetensors only.
 
 The file-system half (where the file is, its sha256) lives in :mod:`models.locate`, which imports
 neither torch nor timm; its names are re-exported here.

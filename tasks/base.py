@@ -116,7 +116,9 @@ class TaskFailure(MedtlError):
 
     default_code = "internal_error"
 
-    def __init__(self, message: str = "", code: str | None = None, transient: bool = False, exc_type: str = ""):
+    def __init__(
+        self, message: str = "", code: str | None = None, transient: bool = False, exc_type: str = ""
+    ) -> None:
         super().__init__(message, code)
         self.transient = transient
         self.exc_type = exc_type
@@ -183,10 +185,10 @@ def failure_of(task: Any, exc: BaseException) -> MedtlError:
         )
     if isinstance(exc, pickle.UnpicklingError):
         return TaskFailure(
-            f"{family}: a checkpoint holds Python objects other than tensors and was refused (checkpoints are "
-            "read with weights_only=True only); expected a plain state dict: for a FineTune checkpoint under "
-            "finetune/*.work delete that folder (training restarts), for a pretrained file re-save it with "
-            "torch.save(model.state_dict(), ...) from a trusted copy; then run again",
+            f"{family}: a checkpoint holds Python objects other than tensors and was refused (checkpoints "
+            "are read with weights_only=True only); expected a plain state dict: for a FineTune checkpoint "
+            "under finetune/*.work delete that folder (training restarts), for a pretrained file re-save it "
+            "with torch.save(model.state_dict(), ...) from a trusted copy; then run again",
             code="unsafe_checkpoint",
             exc_type=type(exc).__name__,
         )
@@ -250,8 +252,11 @@ def _disk_full_words(family: str, stage: str, plan: StagePlan | None, task: Any)
         free = shutil.disk_usage(folder).free
     except OSError:
         free = 0
-    earlier = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")] if folder.is_dir() else []
-    earlier = [p for p in earlier if not p.name.endswith(".work")]
+    earlier = [
+        p
+        for p in (folder.iterdir() if folder.is_dir() else [])
+        if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".work")
+    ]
     if earlier:
         need, basis = max(_tree_bytes(p) for p in earlier), f"the largest earlier {stage or 'run'} folder"
     else:

@@ -8,8 +8,8 @@ import torch
 
 import models
 from models import BackboneSpec, create_backbone, freeze, get_spec, list_backbones, param_groups
-from pipeline.errors import WeightsError
 from models.locate import sha256_file
+from pipeline.errors import WeightsError
 
 torch.set_num_threads(2)
 

