@@ -270,6 +270,7 @@ def _build_recorded(
         summary["status"] = "success" if ok else "failed"
         if FAILURES:
             summary["error"] = "; ".join(f"{f}: {e}" for f, e in FAILURES)[:500]
+            summary["failure_codes"] = sorted({getattr(e, "code", "error") for _, e in FAILURES})
         if ok:
             record = json.loads(Path(task.output().path).read_text())
             summary.update(
