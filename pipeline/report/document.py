@@ -116,6 +116,9 @@ CI_METHOD_WORDS = {
     "cluster_bootstrap": "patient-cluster bootstrap",
     "bootstrap_bias_shifted": "case bootstrap, bias-shifted",
     "cluster_bootstrap_bias_shifted": "patient-cluster bootstrap, bias-shifted",
+    "parametric_bootstrap_inversion": "parametric-bootstrap test inversion (may lie below the plug-in value)",
+    "cluster_parametric_bootstrap_inversion": "patient-cluster parametric-bootstrap test inversion (may lie "
+    "below the plug-in value)",
 }
 
 
