@@ -109,3 +109,32 @@ def test_colour_jitter_changes_hue_but_keeps_grey_grey() -> None:
     names = lambda tf: [type(t).__name__ for t in tf.transforms]  # noqa: E731
     assert "RandColourJitter" in names(build_train_transform(std, 2, 32, channels=3))
     assert "RandColourJitter" not in names(build_train_transform(std, 2, 32, channels=1))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_rgb_jpeg_gdcm.dcm",  # RGB, JPEG baseline
+        "SC_rgb_rle.dcm",  # RGB, RLE lossless
+        "SC_rgb_dcmtk_+eb+cy+n2.dcm",  # YBR_FULL, JPEG
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",  # YBR_FULL_422, JPEG
+        "SC_ybr_full_422_uncompressed.dcm",  # YBR_FULL_422 native (2 bytes per pixel, was "truncated")
+    ],
+)
+def test_colour_dicom_decodes_to_rgb(name: str, tmp_path: Path) -> None:
+    """pydicom's own colour test files (real encoder output): every one decodes to RGB, first pixel red."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
+
+    src = get_testdata_file(name, download=False)
+    assert src is not None, f"pydicom's bundled test file {name} is missing"
+    shutil.copy(src, tmp_path / name)
+    items, rejected = scan_sources(tmp_path, kinds=("dicom",))
+    assert not rejected, [r.code for r in rejected]
+    vol = load_item(items[0], LoadOptions())
+    assert vol.meta.get("axis4") == "rgb" and vol.array.shape[-1] == 3
+    first = vol.array.reshape(-1, 3)[0].astype(int)
+    assert first[0] > 240 and first[1] < 15 and first[2] < 15, first.tolist()

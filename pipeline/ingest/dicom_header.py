@@ -207,6 +207,8 @@ def read_header(path: str) -> HeaderRecord | tuple[str, str]:
         bits = _i(ds.get("BitsAllocated"), 16) or 16
         spp = _i(ds.get("SamplesPerPixel"), 1) or 1
         expected = rows * cols * n_frames * spp * bits // 8
+        if _s(ds.get("PhotometricInterpretation")) == "YBR_FULL_422":
+            expected = expected * 2 // 3  # chroma subsampled 2:1 horizontally: 2 samples per pixel, not 3
         have = size - pixel_offset - 12 if pixel_tag[4:6].isalpha() else size - pixel_offset - 8
         if have < expected:
             return "truncated", (
