@@ -108,3 +108,23 @@ def test_clustered_patients_use_the_cluster_bootstrap_not_delong() -> None:
     patients = np.array([f"p{i // 3}" for i in range(120)])  # three cases per patient
     res = compare(y, champ, chall, patients, PromotionPolicy(n_bootstrap=200), 1)
     assert res["method"] == "bootstrap" and "cluster" in res["method_note"] and res["p_value"] is None
+
+
+def test_promotion_compares_on_the_cases_both_models_could_score() -> None:
+    """A case one model could not score (its cached volume lost) is left out of both, never a crash."""
+    from pipeline.ops.promotion import Scored, _common_cases
+
+    def scored(cases: list[str], seed: int) -> Scored:
+        rng = np.random.default_rng(seed)
+        p = rng.dirichlet([1, 1], len(cases))
+        y = np.array([int(c[1:]) % 2 for c in cases])
+        return Scored(
+            raw={"test": p}, calibrated={"test": p}, logits={"test": np.log(p)}, y={"test": y},
+            patients={"test": np.array(cases)}, cases={"test": np.array(cases)}, calibrator={},
+        )
+
+    a = scored([f"c{i}" for i in range(10)], 0)
+    b = scored([f"c{i}" for i in range(10) if i != 3][::-1], 1)  # one lost, another order
+    a2, b2 = _common_cases(a, b)
+    assert a2.cases["test"].tolist() == b2.cases["test"].tolist() and "c3" not in a2.cases["test"]
+    assert len(a2.y["test"]) == 9 and np.array_equal(a2.y["test"], b2.y["test"])

@@ -234,7 +234,7 @@ def monitor(
 
     from pipeline.ingest.stage import read_manifest
     from pipeline.ops.predict import intensity_percentiles
-    from pipeline.ops.promotion import brier, model_inputs
+    from pipeline.ops.promotion import brier, usable_inputs
 
     ws = Path(plan.workspace)
     all_rows = read_manifest(Path(plan.ingest))
@@ -254,16 +254,26 @@ def monitor(
     }
     sample = sorted(new, key=lambda r: r["case_id"])[:200]
     if sample:
-        p99 = [
-            intensity_percentiles(np.load(ws / "cache" / "volumes" / r["volume"], mmap_mode="r"))[1]
-            for r in sample
-        ]
-        fig["new_intensity_p99_median"] = float(np.median(p99))
+        from pipeline.errors import IngestError
+        from pipeline.ingest.volume_cache import load_volume
+
+        p99 = []
+        for r in sample:  # verified reads (rebuilt when unusable); a lost volume is left out of the figure
+            try:
+                p99.append(intensity_percentiles(load_volume(ws, r["volume"])[0])[1])
+            except IngestError:
+                continue
+        if p99:
+            fig["new_intensity_p99_median"] = float(np.median(p99))
     if champ and new:
         from pipeline.ops.predict import ModelScorer
 
         scorer = ModelScorer(ws, champ, cfg)
-        res = scorer.score(model_inputs(scorer.spec, new, ws))
+        x, kept, _lost = usable_inputs(scorer.spec, new, ws)
+        new = [new[i] for i in kept]
+        if not new:
+            return fig
+        res = scorer.score(x)
         y = np.array([int(r["label_index"]) for r in new])
         p = res["calibrated"]
         fig["champion_on_new"] = {

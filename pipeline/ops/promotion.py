@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, PromotionPolicy
-from pipeline.stats.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
+from pipeline.errors import IngestError
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
 from pipeline.ingest.splits import holdout_mask, usable_holdout
+from pipeline.stats.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,20 @@ def model_inputs(spec_dict: dict[str, Any], rows: list[dict[str, str]], workspac
         IngestError: code ``cache_lost``: a volume is unusable and its source is gone or changed (the
             message names the volume file, never the source).
     """
+    x, _kept, lost = usable_inputs(spec_dict, rows, workspace)
+    if lost:
+        raise lost[0]
+    return x
+
+
+def usable_inputs(
+    spec_dict: dict[str, Any], rows: list[dict[str, str]], workspace: Path
+) -> tuple[np.ndarray, list[int], list[IngestError]]:
+    """As :func:`model_inputs`, but a case whose volume is lost is left out instead of stopping the night.
+
+    Returns:
+        The inputs of the usable rows, their indices in ``rows``, and the errors of the others.
+    """
     from collections import Counter
 
     from pipeline.augment.preprocess import preprocess
@@ -206,15 +221,20 @@ def model_inputs(spec_dict: dict[str, Any], rows: list[dict[str, str]], workspac
 
     spec = preprocess_spec(spec_dict)
     audit: Counter = Counter()
-    xs = []
-    for r in rows:
-        arr, meta = load_volume(workspace, r["volume"], audit)
-        xs.append(preprocess(arr, meta.get("axis4"), spec, meta.get("affine")))
+    xs, kept, lost = [], [], []
+    for i, r in enumerate(rows):
+        try:
+            arr, meta = load_volume(workspace, r["volume"], audit)
+            xs.append(preprocess(arr, meta.get("axis4"), spec, meta.get("affine")))
+            kept.append(i)
+        except IngestError as err:
+            lost.append(err)
     if audit:
         log.warning("model_inputs: cached volumes rebuilt from their sources: %s", dict(audit))
-    if not xs:
-        return np.zeros((0,), np.float32)
-    return np.stack(xs).astype(np.float32)
+    if lost:
+        log.warning("model_inputs: %d case(s) left out: %s", len(lost), sorted({e.code for e in lost}))
+    x = np.stack(xs).astype(np.float32) if xs else np.zeros((0,), np.float32)
+    return x, kept, lost
 
 
 def score_model(
@@ -241,7 +261,7 @@ def score_model(
     """
     from pipeline.augment.stage import read_index
     from pipeline.ingest.stage import read_manifest
-    from pipeline.train.data import load_split
+    from pipeline.train.data import load_split, subset
     from pipeline.trained.artefact import TrainedModel
     from pipeline.trained.scorer import Scorer
 
@@ -260,11 +280,17 @@ def score_model(
     out: dict[str, dict[str, np.ndarray]] = {
         k: {} for k in ("raw", "calibrated", "logits", "y", "patients", "cases")
     }
+    lost: dict[str, int] = {}
     for split in splits:
         data = load_split(current_augment, rows, split)
         if len(data) == 0:
             continue
-        x = data.x if own == cur else model_inputs(own, [manifest[c] for c in data.case_ids], workspace)
+        x = data.x
+        if own != cur:  # another preprocessing: from the cached volumes (a lost one is left out, counted)
+            x, kept, errs = usable_inputs(own, [manifest[c] for c in data.case_ids], workspace)
+            if errs:
+                lost[split] = len(errs)
+                data = subset(data, np.array(kept, dtype=np.int64))
         sc = scorer.score(x)
         out["logits"][split], out["raw"][split], out["calibrated"][split] = sc.logits, sc.raw, sc.calibrated
         out["y"][split] = data.y
@@ -277,9 +303,26 @@ def score_model(
         "fitted_on": doc.get("fitted_on"),
         "source": f"evaluate/{model_stages['evaluate']}/calibrator.json",
     }
+    if lost:
+        info["cases_left_out"] = lost
     return Scored(
         out["raw"], out["calibrated"], out["logits"], out["y"], out["patients"], out["cases"], info
     )
+
+
+def _common_cases(a: Scored, b: Scored) -> tuple[Scored, Scored]:
+    """Both models restricted to the test cases both could score (in ``a``'s order); a case one of them
+    could not score (its cached volume lost) is left out of the comparison, never guessed."""
+    common = set(a.cases["test"].tolist()) & set(b.cases["test"].tolist())
+    ia = np.array([i for i, c in enumerate(a.cases["test"]) if c in common], dtype=np.int64)
+    pos_b = {c: i for i, c in enumerate(b.cases["test"])}
+    ib = np.array([pos_b[c] for c in a.cases["test"][ia]], dtype=np.int64)
+
+    def take(s: Scored, idx: np.ndarray) -> Scored:
+        pick = {k: dict(getattr(s, k), test=getattr(s, k)["test"][idx]) for k in ("raw", "calibrated", "logits", "y", "patients", "cases")}
+        return Scored(**pick, calibrator=s.calibrator)
+
+    return take(a, ia), take(b, ib)
 
 
 def decide(
@@ -294,6 +337,8 @@ def decide(
         A JSON-able dict: ``promote``, ``evaluated_on`` (``holdout`` or ``test``), the numbers and reasons.
     """
     policy = cfg.ops.promotion
+    if champion is not None and not np.array_equal(champion.cases["test"], challenger.cases["test"]):
+        challenger, champion = _common_cases(challenger, champion)
     y = challenger.y["test"]
     patients = challenger.patients["test"]
     n_classes = challenger.raw["test"].shape[1]
@@ -314,8 +359,6 @@ def decide(
             y[sel], challenger.calibrated["test"][sel], patients[sel], policy, pos, cfg.train.seed
         )
     else:
-        if not np.array_equal(champion.cases["test"], challenger.cases["test"]):
-            raise ValueError("champion and challenger were not scored on the same test cases")
         res = compare(
             y[sel],
             champion.calibrated["test"][sel],
