@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,21 @@ def test_promotion_compares_on_the_cases_both_models_could_score() -> None:
     a2, b2 = _common_cases(a, b)
     assert a2.cases["test"].tolist() == b2.cases["test"].tolist() and "c3" not in a2.cases["test"]
     assert len(a2.y["test"]) == 9 and np.array_equal(a2.y["test"], b2.y["test"])
+
+
+def test_gc_removes_an_unreferenced_volume_with_its_private_recipe(tmp_path: Path) -> None:
+    from pipeline.config import RetentionPolicy
+    from pipeline.ops.gc import plan_gc
+
+    vols = tmp_path / "cache" / "volumes"
+    vols.mkdir(parents=True)
+    (tmp_path / "private" / "cache").mkdir(parents=True)
+    for stem in ("old", "fresh"):
+        (vols / f"{stem}.npy").write_bytes(b"x")
+        (vols / f"{stem}.json").write_text("{}")
+        (tmp_path / "private" / "cache" / f"{stem}.json").write_text("{}")
+    past = time.time() - 400 * 86400
+    for f in ("old.npy", "old.json"):
+        os.utime(vols / f, (past, past))
+    plan = plan_gc(tmp_path, RetentionPolicy())
+    assert set(plan["remove"]) == {"cache/volumes/old.npy", "cache/volumes/old.json", "private/cache/old.json"}

@@ -95,6 +95,9 @@ def plan_gc(workspace: Path, policy: RetentionPolicy, now: float | None = None) 
                 continue
             if f.name.startswith(".") or f.stat().st_mtime < horizon:
                 remove.append(f"cache/volumes/{f.name}")
+                recipe = ws / "private" / "cache" / f"{stem}.json"  # how to rebuild it: goes with it
+                if f.name.endswith(".npy") and recipe.is_file():
+                    remove.append(f"private/cache/{recipe.name}")
     return {"keep": {s: sorted(v) for s, v in keep.items()}, "remove": remove, "reasons": why}
 
 
