@@ -1,7 +1,7 @@
 """MedMNIST benchmark through the real pipeline (the same code as ``medtl run``).
 
     python bench/medmnist.py --npz ../shared/data/medmnist/breastmnist.npz [--config CONFIG]
-        [--label-fraction F] [--seeds N] [--out results.json] [--workdir DIR]
+        [--label-fraction F [--supervised-only]] [--seeds N] [--out results.json] [--workdir DIR]
 
 Converts a MedMNIST-format ``.npz`` (``{train,val,test}_images`` uint8, 2D ``(N, H, W[, 3])`` or 3D
 ``(N, D, H, W)``; ``{split}_labels`` ``(N, 1)``) into a medtl dataset: 2D images as PNG files, 3D volumes
@@ -11,6 +11,12 @@ with the official split column and one pseudo-patient per image. Then, for each 
 AUC and ACC are recomputed from the run's ``predictions.csv`` with MedMNIST's definitions (binary: AUC of
 the class-1 score, ACC of the arg-max; multi-class/ordinal: macro one-vs-rest AUC, arg-max ACC), from the
 uncalibrated probabilities (``p_raw_*``) as MedMNIST does, and from the calibrated ones (``p_cal_*``).
+
+``--label-fraction F`` keeps a stratified share F of the training and of the validation images labelled
+(per class, seeded by the seed) and gives the rest as unlabelled cases: their label cells are left empty
+in that seed's labels CSV, so the pipeline never sees those labels and its defaults use the cases
+(semi-supervised training). ``--supervised-only`` runs the same setting with ``train.semi_supervised: off``
+for the supervised-only figure. Test labels are always kept.
 
 ``results.json`` keys: ``dataset``, ``npz``, ``label_fraction``, ``config`` (the effective config of seed
 0), ``seeds`` (list of ``{seed, test_auc, test_acc, test_acc_calibrated, pipeline_auroc, val_auroc,
@@ -195,8 +201,33 @@ def make_config(
     }
     cfg = _merge(cfg, DEFAULTS[dims])
     cfg = _merge(cfg, user)
-    cfg["train"] = dict(cfg["train"], seed=seed, label_fraction=fraction)
+    cfg["train"] = dict(cfg["train"], seed=seed)
+    if fraction < 1.0:
+        cfg["data"]["labels_csv"] = str(data_dir / f"labels_f{fraction:g}_s{seed}.csv")
     return cfg
+
+
+def withhold_labels(data_dir: Path, fraction: float, seed: int) -> Path:
+    """``labels_f<F>_s<seed>.csv``: a stratified share F of the train and of the val rows keeps its label
+    (per class, at least one, in a seeded order); the other train/val rows get an empty label cell."""
+    import hashlib
+
+    out = data_dir / f"labels_f{fraction:g}_s{seed}.csv"
+    with open(data_dir / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for split in ("train", "val"):
+        for label in sorted({r["label"] for r in rows if r["split"] == split}):
+            group = [r for r in rows if r["split"] == split and r["label"] == label]
+            group.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['path']}".encode()).digest())
+            keep = max(1, int(np.ceil(fraction * len(group))))
+            for r in group[keep:]:
+                r["label"] = ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["path", "label", "split", "patient"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    out.write_text(buf.getvalue())
+    return out
 
 
 def test_scores(
@@ -245,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         "--config", type=Path, help="YAML merged over the defaults (same sections as a medtl config)"
     )
     ap.add_argument(
-        "--label-fraction", type=float, default=1.0, help="share of training labels used (default 1)"
+        "--label-fraction",
+        type=float,
+        default=1.0,
+        help="share of train and val labels kept; the rest become unlabelled cases (default 1)",
+    )
+    ap.add_argument(
+        "--supervised-only", action="store_true", help="with --label-fraction: train.semi_supervised off"
     )
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
     ap.add_argument("--out", type=Path, help="results JSON")
@@ -272,8 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         n_test = len(z["test_labels"])
     results = []
     for seed in range(args.seeds):
+        if args.label_fraction < 1.0:
+            withhold_labels(work / "data", args.label_fraction, seed)
         cfg = make_config(info, dims, work / "data", work / "ws", seed, args.label_fraction, user)
-        path = work / f"config_f{args.label_fraction:g}_s{seed}.yaml"
+        if args.supervised_only:
+            cfg["train"]["semi_supervised"] = "off"
+        tag = "_sup" if args.supervised_only else ""
+        path = work / f"config_f{args.label_fraction:g}{tag}_s{seed}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         t0 = time.perf_counter()
         rc = run_pipeline(path)
@@ -294,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         metrics = json.loads((plan.evaluate / "metrics.json").read_text())
         summary = json.loads((plan.finetune / "train_summary.json").read_text())
-        auroc = metrics["evaluation"]["test"]["uncalibrated"]["discrimination"]["auroc"]["value"]
+        disc = metrics["evaluation"]["test"]["uncalibrated"]["discrimination"]
+        auroc = (disc.get("auroc") or disc.get("macro_auroc") or {}).get("value")
         results.append(
             {
                 "seed": seed,
@@ -304,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                 "strategy": summary["strategy"],
                 "strategy_selection": summary.get("strategy_selection"),
                 "train_cases": summary["train_cases"],
+                "semi_supervised": (summary.get("semi_supervised") or {}).get("harm_guard"),
                 "seconds": seconds,
             }
         )
@@ -332,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                     "dataset": info["name"],
                     "npz": npz.name,
                     "label_fraction": args.label_fraction,
+                    "supervised_only": args.supervised_only,
                     "config": make_config(info, dims, Path("data"), Path("ws"), 0, args.label_fraction, user),
                     "seeds": results,
                     "mean": mean,
