@@ -250,7 +250,10 @@ def test_hf_cache_snapshot_is_found_offline(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    model = create_backbone("medicalnet_resnet10", num_classes=2)
+    # MedicalNet publishes no sha256 to pin in code: the file is used once the user pins it by content
+    with pytest.raises(WeightsError, match="weights_sha256"):
+        create_backbone("medicalnet_resnet10", num_classes=2)
+    model = create_backbone("medicalnet_resnet10", num_classes=2, weights_sha256=digest)
     assert model.pretrained_weights.source == "hf_cache"
     assert model.pretrained_weights.sha256 == digest
     assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], file_sd["module.layer4.0.conv2.weight"])
