@@ -25,7 +25,11 @@ def test_problems_are_reported_with_line_and_reason(tmp_path: Path) -> None:
     assert rows["b.dcm"].label == "" and not rows["b.dcm"].labelled and rows["b.dcm"].line == 3
     codes = {p.code: p for p in problems}
     assert "missing_label" not in codes
-    assert "'7'" in codes["unknown_label"].reason and "['0', '1']" in codes["unknown_label"].reason
+    # the published reason names the line, the column and what was expected, never the cell's value (a CSV
+    # cell may hold a name); the value is kept in the private ``detail``
+    assert "'7'" not in codes["unknown_label"].reason and "['0', '1']" in codes["unknown_label"].reason
+    assert "line 4" in codes["unknown_label"].reason and "'label'" in codes["unknown_label"].reason
+    assert codes["unknown_label"].detail == "label '7'" and codes["unknown_label"].ref == "c.dcm"
     assert codes["empty_id"].row == 5
     assert "d.dcm" not in rows and codes["conflicting_duplicate"].row == 7
     assert codes["duplicate"].row == 9
@@ -38,9 +42,13 @@ def test_missing_column_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_split_aliases_and_bad_split(tmp_path: Path) -> None:
-    rows, problems = read_labels(_data(tmp_path, "path,label,s\na,0,Validation\nb,1,holdout\n", split_column="s"), TASK)
+    text = "path,label,s\na,0,Validation\nb,1,Holdout Marigold\n"
+    rows, problems = read_labels(_data(tmp_path, text, split_column="s"), TASK)
     assert rows["a"].split == "val"
-    assert problems[0].code == "bad_split"
+    assert problems[0].code == "bad_split" and problems[0].row == 3
+    # neither the cell nor its lower-cased form is in the published reason; the private detail keeps it
+    assert "marigold" not in problems[0].reason.lower() and "holdout" not in problems[0].reason.lower()
+    assert problems[0].detail == "split 'Holdout Marigold'"
 
 
 def test_unlabelled_row_ignores_its_split_and_keeps_strata(tmp_path: Path) -> None:

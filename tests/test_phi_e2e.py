@@ -1,7 +1,10 @@
 """De-identification end to end: PHI planted in every identifying DICOM tag, a private tag, the file and
-folder names; the whole Luigi chain and ``medtl convert`` run; every byte they write outside ``private/``
-(decompressed .nii.gz, zip members of checkpoints, inflated PDF/PNG streams, SQLite files) and the captured
-console output are scanned for each planted value."""
+folder names, and free-text cells of the labels CSV (an unknown label value, an unknown split value, a group
+value too rare to show, an ignored notes column); the whole Luigi chain and ``medtl convert`` run; every byte
+they write outside ``private/`` (manifests, ingest report, augment index, training summary, metrics,
+predictions, report HTML/PDF (text extracted in reading order), model card, run records, registry SQLite,
+logs; decompressed .nii.gz, zip members of checkpoints, inflated PNG streams) and the captured console output
+are scanned, case-insensitively, for each planted value."""
 
 from __future__ import annotations
 
@@ -45,6 +48,15 @@ PLANTED = {
 }
 PRIVATE_TAG_VALUE = "PRIVZX-Hemlock-Vanderbilt"
 PATIENT_ID_PREFIX = "PIDZX"
+# free text planted in labels CSV cells (issue 15, point 1): none of it may leave private/
+CSV_PLANTED = {
+    "unknown_label": "Thistlewood Pemberton",  # a label cell that is no configured class
+    "unknown_split": "Ravensclaw-Dunmore",  # a split cell that is no split (lower-cased by the parser)
+    "rare_group": "Wexcombe Hollis Clinic",  # a site shared by 3 patients only (< 5: pooled as other)
+    "ignored_note": "called by Ottoline Fairweather",  # a column the config never names
+}
+CSV_WORDS = [b"Thistlewood", b"Pemberton", b"Ravensclaw", b"Dunmore", b"Wexcombe", b"Hollis", b"Ottoline",
+             b"Fairweather"]
 
 
 def _needles() -> list[bytes]:
@@ -70,6 +82,7 @@ def _needles() -> list[bytes]:
         b"OPIDZX",
         b"ACCZX",
     }
+    out |= {v.encode() for v in CSV_PLANTED.values()} | set(CSV_WORDS)
     return sorted(out)
 
 
@@ -88,6 +101,10 @@ def _write(path: Path, img: np.ndarray, i: int) -> None:
     write_dicom_file(path, ds)
 
 
+RARE_SITE_CASES = (4, 17, 29)  # three patients share the rare site value
+UNKNOWN_LABEL_CASE, UNKNOWN_SPLIT_CASE = 1, 2  # rows left out: these cases are ingested unlabelled
+
+
 def _make(root: Path, n: int = 48) -> Path:
     rng = np.random.default_rng(7)
     rows = []
@@ -95,28 +112,46 @@ def _make(root: Path, n: int = 48) -> Path:
         label = int(i % 3 == 0)
         rel = f"{NAME_WORD}_Marigold_{i:03d}/{NAME_WORD}_{PLANTED['StudyDate']}.dcm"
         _write(root / "images" / rel, square_image(rng, bool(label)), i)
-        rows.append({"file": rel, "diagnosis": "lesion" if label else "normal"})
+        diagnosis = "lesion" if label else "normal"
+        site = CSV_PLANTED["rare_group"] if i in RARE_SITE_CASES else ("north" if i % 2 else "south")
+        rows.append(
+            {
+                "file": rel,
+                "diagnosis": CSV_PLANTED["unknown_label"] if i == UNKNOWN_LABEL_CASE else diagnosis,
+                "split": CSV_PLANTED["unknown_split"] if i == UNKNOWN_SPLIT_CASE else "",
+                "site": site,
+                "notes": CSV_PLANTED["ignored_note"] if i % 4 == 0 else "",
+            }
+        )
     with open(root / "labels.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["file", "diagnosis"], lineterminator="\n")
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    return write_config(root, ingest={"mask_regions": [[0, 0, 6, 3]]})
+    return write_config(
+        root,
+        ingest={"mask_regions": [[0, 0, 6, 3]]},
+        data={
+            "source": "images",
+            "labels_csv": "labels.csv",
+            "id_column": "file",
+            "id_type": "path",
+            "label_column": "diagnosis",
+            "split_column": "split",
+            "group_columns": ["site"],
+        },
+    )
 
 
-class _Lower(bytes):
-    """A lower-cased text view, matched case-insensitively."""
-
-
-def _pdf_text(data: bytes) -> _Lower:
-    """The PDF's text as a reader sees it (``pdftotext -layout``, reading order), lower-cased: PDF text is
-    stored as font glyph codes, so its raw bytes would not show a planted value. Fails (does not skip)
+def _pdf_text(data: bytes) -> bytes:
+    """The PDF's text as a reader sees it (``pdftotext -layout``, reading order): PDF text is stored as font
+    glyph codes, so its raw bytes would not show a planted value. Fails (does not skip)
     without pdftotext: ``.ci/run`` installs poppler-utils."""
     exe = shutil.which("pdftotext")
     assert exe, "pdftotext is required for this test: apt-get install poppler-utils (.ci/run does it)"
     cmd = [exe, "-layout", "-enc", "UTF-8", "-", "-"]
     proc = subprocess.run(cmd, input=data, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-500:]
-    return _Lower(proc.stdout.lower())
+    return proc.stdout
 
 
 def _expanded(path: Path, data: bytes) -> list[bytes]:
@@ -151,7 +186,10 @@ def _expanded(path: Path, data: bytes) -> list[bytes]:
 
 
 def _scan(folder: Path, needles: list[bytes]) -> tuple[int, int, list[str]]:
+    """Every file outside ``folder/private`` (each view of it) and every file/folder name, matched
+    case-insensitively: a value may come back upper- or lower-cased (a parser normalising a split cell)."""
     private = folder / "private"
+    needles = [n.lower() for n in needles]
     files = n_bytes = 0
     hits = []
     for p in sorted(folder.rglob("*")):
@@ -160,14 +198,13 @@ def _scan(folder: Path, needles: list[bytes]) -> tuple[int, int, list[str]]:
         files += 1
         for view in _expanded(p, p.read_bytes()):
             n_bytes += len(view)
-            low = isinstance(view, _Lower)
-            hits += [f"{n!r} in {p.relative_to(folder)}" for n in needles
-                     if (n.lower() if low else n) in view]
+            low = view.lower()
+            hits += [f"{n!r} in {p.relative_to(folder)}" for n in needles if n in low]
         # file and folder names count as output too
         hits += [
             f"{n!r} in the name {p.relative_to(folder)}"
             for n in needles
-            if n in str(p.relative_to(folder)).encode()
+            if n in str(p.relative_to(folder)).lower().encode()
         ]
     return files, n_bytes, hits
 
@@ -201,7 +238,7 @@ def test_no_planted_phi_leaves_private(tmp_path: Path, capfd) -> None:
     ws = tmp_path / "ws"
     files_ws, bytes_ws, hits_ws = _scan(ws, needles)
     files_cv, bytes_cv, hits_cv = _scan(out, needles)
-    log_hits = [n for n in needles if n in (console.out + console.err).encode()]
+    log_hits = [n for n in needles if n.lower() in (console.out + console.err).lower().encode()]
     print(
         f"\nPHI scan: workspace {files_ws} files / {bytes_ws} bytes, convert output {files_cv} files / "
         f"{bytes_cv} bytes, console {len(console.out) + len(console.err)} chars; {len(needles)} planted "
@@ -240,3 +277,17 @@ def test_no_planted_phi_leaves_private(tmp_path: Path, capfd) -> None:
     for r in masked:
         arr = np.load(ws / "cache" / "volumes" / r["volume"])
         assert (arr[:6, :3] == arr.min()).all()
+
+    # the labels CSV's free text: problems carry codes and row numbers only, rare group values are pooled,
+    # and the values themselves are kept under private/ (what the row said, and each case's raw value)
+    rows_by_code = {p["code"]: p["row"] for p in report["problems"] if "row" in p}
+    assert rows_by_code["unknown_label"] == UNKNOWN_LABEL_CASE + 2  # CSV line: header = 1
+    assert rows_by_code["bad_split"] == UNKNOWN_SPLIT_CASE + 2
+    assert sorted(r["group_site"] for r in manifest).count("other") == len(RARE_SITE_CASES)
+    assert {r["group_site"] for r in manifest} == {"north", "south", "other"}
+    assert report["subgroup_values"]["pooled"]["group_site"] == {"values": 1, "cases": len(RARE_SITE_CASES)}
+    private_ingest = b"".join(
+        f.read_bytes().lower() for f in (ws / "private" / "ingest").rglob("*.[cj]s*") if f.is_file()
+    )
+    for key in ("unknown_label", "unknown_split", "rare_group"):
+        assert CSV_PLANTED[key].lower().encode() in private_ingest, key

@@ -6,11 +6,47 @@ never a source path or identifier.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import IngestError
+
+#: A subgroup value (a labels CSV group cell, or a DICOM tag such as Manufacturer) is published only when at
+#: least this many patients share it; rarer values are pooled as :data:`OTHER` (a rare free-text value can
+#: identify a patient, or be one: a CSV cell may hold a name).
+MIN_PATIENTS_PER_VALUE = 5
+OTHER = "other"
+POOLING_RULE = (
+    f"values shared by fewer than {MIN_PATIENTS_PER_VALUE} patients are pooled as {OTHER!r} "
+    "(subgroup columns, sex, modality, manufacturer); the raw values are kept only under private/"
+)
+
+
+def pool_rare_values(
+    rows: list[dict[str, Any]], columns: Sequence[str], min_patients: int = MIN_PATIENTS_PER_VALUE
+) -> dict[str, dict[str, int]]:
+    """Replace, in place, each value of ``columns`` that fewer than ``min_patients`` distinct patients
+    (``patient_id``) share by :data:`OTHER`; empty cells stay empty (missing, never imputed).
+
+    Returns:
+        Per column: how many distinct values and cases were pooled (counts only, no values).
+    """
+    pooled: dict[str, dict[str, int]] = {}
+    for col in columns:
+        patients: dict[str, set[str]] = defaultdict(set)
+        for r in rows:
+            if r.get(col):
+                patients[r[col]].add(r["patient_id"])
+        rare = {v for v, ps in patients.items() if len(ps) < min_patients and v != OTHER}
+        n_cases = 0
+        for r in rows:
+            if r.get(col) in rare:
+                r[col] = OTHER
+                n_cases += 1
+        pooled[col] = {"values": len(rare), "cases": n_cases}
+    return pooled
 
 
 def age_band(age_years: Any) -> str:

@@ -5,6 +5,11 @@ optionally a fixed split, a patient identifier, subgroup and stratification colu
 never silently dropped: an unknown label value, an empty identifier, duplicate rows that disagree. A row with
 an empty label cell is kept as an unlabelled case (``label == ""``; its split cell is ignored, as unlabelled
 cases never go to val, calibration or test).
+
+Privacy: a CSV cell is free text and may hold a patient's name. A problem's ``reason`` (published in the
+ingest report, the run report and logs) names only the line number, the configured column and what was
+expected, never a cell's value; the offending value goes to ``detail``, which is written under ``private/``
+only.
 """
 
 from __future__ import annotations
@@ -54,12 +59,16 @@ class LabelRow:
 
 @dataclass
 class LabelProblem:
-    """A row that was not used, with the reason (``ref``: the case it names, PRIVATE, never published)."""
+    """A row that was not used, with the reason (no cell values: safe to publish).
+
+    ``ref`` (the case it names) and ``detail`` (the offending cell values) are PRIVATE, never published.
+    """
 
     row: int
     code: str
     reason: str
     ref: str = ""
+    detail: str = ""
 
 
 def normalise_ref(value: str, id_type: str) -> str:
@@ -129,8 +138,10 @@ def read_labels(
                 LabelProblem(
                     line,
                     "unknown_label",
-                    f"line {line}: label {row.get(data.label_column)!r} in column {data.label_column!r} is not a "
-                    f"configured class; expected one of {sorted(allowed)} (task.classes)",
+                    f"line {line}: the value in column {data.label_column!r} is not a configured class; "
+                    f"expected one of {sorted(allowed)} (task.classes)",
+                    ref,
+                    detail=f"label {row.get(data.label_column)!r}",
                 )
             )
             continue
@@ -144,8 +155,10 @@ def read_labels(
                         LabelProblem(
                             line,
                             "bad_split",
-                            f"line {line}: split {raw_split!r} in column {data.split_column!r}; expected one of "
-                            f"{list(SPLITS)} or empty",
+                            f"line {line}: the value in column {data.split_column!r} is not a split; "
+                            f"expected one of {list(SPLITS)} (or an alias such as 'validation') or empty",
+                            ref,
+                            detail=f"split {row.get(data.split_column)!r}",
                         )
                     )
                     continue

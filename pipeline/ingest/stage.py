@@ -35,7 +35,7 @@ from pipeline.ingest.decode_jobs import (
 )
 from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
 from pipeline.ingest.index import SourceIndex
-from pipeline.ingest.ingest_report import age_band, build_report, check_splits
+from pipeline.ingest.ingest_report import POOLING_RULE, age_band, build_report, check_splits, pool_rare_values
 from pipeline.ingest.labels import LabelRow, normalise_ref, read_labels
 from pipeline.ingest.sources import LoadOptions, scan_sources
 from pipeline.ingest.splits import HELD_OUT, UNLABELLED, SplitLedger, assign_splits, seed_from_manifests
@@ -61,6 +61,9 @@ MANIFEST_COLUMNS = [
     "flags",
     "volume",
 ]
+#: Manifest columns whose values are copied from the inputs (DICOM tags; with the ``group_*`` columns from
+#: the labels CSV): rare values are pooled (:func:`pipeline.ingest.ingest_report.pool_rare_values`).
+POOLED_COLUMNS = ["modality", "manufacturer", "sex"]
 __all__ = [
     "CACHE_VERSION",
     "MANIFEST_COLUMNS",
@@ -139,6 +142,7 @@ class _Ledger:
 
     files_status: list[dict[str, Any]] = field(default_factory=list)
     problems: list[dict[str, Any]] = field(default_factory=list)
+    label_rows: list[dict[str, Any]] = field(default_factory=list)  # PRIVATE: CSV problems with cell values
 
 
 def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
@@ -238,9 +242,12 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
     check_splits(rows, cfg)
 
     group_cols = [f"group_{c}" for c in cfg.data.group_columns]
+    raw_values = [{c: r.get(c, "") for c in ["case_id", *POOLED_COLUMNS, *group_cols]} for r in rows]
+    pooled = pool_rare_values(rows, POOLED_COLUMNS + group_cols)
     _write_csv(run.out_dir / "manifest.csv", rows, MANIFEST_COLUMNS + group_cols)
     report = build_report(cfg, rows, ledger.problems, n_inputs, len(scan.labels))
     report["unlabelled"]["left_out_held_out_patient"] = n_held_unlabelled
+    report["subgroup_values"] = {"rule": POOLING_RULE, "pooled": pooled}
     report["incremental"] = {
         **stats.public(),
         "volumes_decoded": n_decoded,
@@ -256,6 +263,8 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
     digest = run.out_dir.name.split(".tmp-")[0].lstrip(".")
     priv = ensure_private_dir(run.private / "ingest" / digest)
     write_json(priv / "files.json", ledger.files_status, mode=0o600)
+    write_json(priv / "label_rows.json", ledger.label_rows, mode=0o600)
+    _write_csv(priv / "subgroup_values.csv", raw_values, list(raw_values[0]), mode=0o600)
     _write_csv(priv / "source_map.csv", source_map, ["case_id", "files"], mode=0o600)
     split_ledger.save(ledger_file)
     log.info(
@@ -355,7 +364,9 @@ def _match_labels(run: _Run, scan: _Scanned, ledger: _Ledger) -> dict[int, Label
         if idx not in matched:
             matched[idx] = row
     for p in scan.label_problems:
+        # the shared reason names the line and column only; the cell values stay in private/
         ledger.problems.append({"code": p.code, "row": p.row, "reason": f"labels CSV {p.reason}"})
+        ledger.label_rows.append({"row": p.row, "code": p.code, "case": p.ref, "detail": p.detail})
     strata = ("",) * len(run.cfg.split.stratify_by)
     for idx in range(len(scan.items)):
         matched.setdefault(idx, LabelRow("", "", None, None, {}, 0, strata))
