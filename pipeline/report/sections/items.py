@@ -151,6 +151,9 @@ def characteristics_section(doc: Doc, run: ReportInputs) -> None:
             [f"{col}: missing"] + [_pct(parts[s]["missing"].get(col, 0), parts[s]["cases"]) for s in splits]
         )
     doc.table(["characteristic"] + splits, rows)
+    pooling = (run.ingest or {}).get("subgroup_values") or {}
+    if cols and pooling.get("rule"):
+        doc.p(f"Subgroup values as recorded at ingestion: {pooling['rule']}.")
     missing = _rep(run.metrics).get("missing_subgroup_values") or {}
     total = {col: sum(v.values()) for col, v in missing.items()}
     if any(total.values()):

@@ -116,6 +116,9 @@ def data_section(doc: Doc, run: ReportInputs) -> None:
                 "shared."
             )
         doc.p(f"De-identification: {ingest.get('deidentification', '')}")
+        pooling = ingest.get("subgroup_values") or {}
+        if pooling.get("rule"):
+            doc.p(f"Subgroup values: {pooling['rule']}.")
 
 
 def model_section(doc: Doc, run: ReportInputs) -> None:
