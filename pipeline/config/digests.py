@@ -13,7 +13,7 @@ from pipeline.config.schema import Config
 __all__ = ["STAGE_VERSIONS", "finetune_digest"]
 
 #: Bump when a stage's code changes what it writes, so old folders are not reused.
-STAGE_VERSIONS = {"ingest": 1, "augment": 1, "finetune": 1, "evaluate": 1}
+STAGE_VERSIONS = {"ingest": 2, "augment": 1, "finetune": 1, "evaluate": 1}
 
 
 def finetune_digest(cfg: Config, augment_digest: str, weights_sha256: str, warm_start: str | None) -> str:
