@@ -58,7 +58,9 @@ def test_finetune_task_launches_torchrun_only_for_several_devices(tmp_path: Path
     calls = []
     monkeypatch.setattr(ft, "launch_distributed", lambda *a, **k: calls.append(("ddp", a[-1])))
     monkeypatch.setattr(ft, "run_finetune", lambda *a, **k: calls.append(("local", None)))
-    plan = SimpleNamespace(finetune=tmp_path / "finetune" / "abc", augment=tmp_path / "augment")
+    plan = SimpleNamespace(
+        finetune=tmp_path / "finetune" / "abc", augment=tmp_path / "augment", weights_path=None, weights_sha256="none"
+    )
     task = ft.FineTune(config=str(tmp_path / "unused.yaml"))
     for devices in (1, 3):
         cfg = load_config(write_train_config(tmp_path, devices=devices))
