@@ -150,7 +150,8 @@ def test_predict_calibrated_sets_and_ood(project: Path, tmp_path: Path) -> None:
     sets = [set(filter(None, r["conformal_set"].split("|"))) for r in rows]
     assert all(st <= {"normal", "lesion"} for st in sets) and any(sets)  # LAC sets may be empty
     flagged = [r for r in rows if r["ood_flags"]]
-    assert len(flagged) == 1 and "modality MR" in flagged[0]["ood_flags"]
+    assert len(flagged) == 1 and "modality not seen in training" in flagged[0]["ood_flags"]
+    assert "MR" not in flagged[0]["ood_flags"]  # the new case's tag value is never copied out
     # the refitted calibrator is the one the Evaluate stage reported
     scorer = ModelScorer(ws, model, cfg)
     metrics = json.loads(next((ws / "evaluate").glob(f"{model['evaluate']}/metrics.json")).read_text())

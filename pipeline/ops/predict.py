@@ -190,16 +190,20 @@ def _lac_from_saved(conf: dict[str, Any], n_classes: int):
 
 
 def ood_flags(meta: dict[str, Any], kind: str, array: np.ndarray, ref: dict[str, Any]) -> list[str]:
-    """Reasons why an input is unlike the training data (empty when it looks familiar)."""
+    """Reasons why an input is unlike the training data (empty when it looks familiar).
+
+    The reasons name what differs, never the new case's tag values (shared outputs carry no value copied
+    from an input). Modality and manufacturer are compared with the training values the manifest kept:
+    when training pooled rare values as "other", an unseen value may be one of them and is not flagged.
+    """
     flags = []
     if ref.get("kinds") and kind not in ref["kinds"]:
-        flags.append(f"kind {kind} not seen in training ({', '.join(ref['kinds'])})")
-    mod = meta.get("modality") or ""
-    if ref.get("modalities") and mod not in ref["modalities"]:
-        flags.append(f"modality {mod or 'unknown'} not seen in training ({', '.join(ref['modalities'])})")
-    man = meta.get("manufacturer") or ""
-    if ref.get("manufacturers") and man not in ref["manufacturers"]:
-        flags.append(f"manufacturer {man or 'unknown'} not seen in training")
+        flags.append(f"file kind not seen in training ({', '.join(ref['kinds'])})")
+    for field, label in (("modality", "modalities"), ("manufacturer", "manufacturers")):
+        seen = ref.get(label) or []
+        value = meta.get(field) or ""
+        if seen and value not in seen and "other" not in seen:
+            flags.append(f"{field} not seen in training")
     spacing = meta.get("spacing") or []
     if ref.get("spacing_min") and spacing:
         for axis, (s, lo, hi) in enumerate(
