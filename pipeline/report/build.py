@@ -23,6 +23,7 @@ from pipeline.report.sections.items import (
 from pipeline.report.sections.operating_points import operating_points_section
 from pipeline.report.sections.overview import data_section, model_section, summary_section
 from pipeline.report.sections.performance import explanations_section, performance_section
+from pipeline.report.sections.scarce import scarce_labels_section
 from pipeline.report.sections.study import comparison_section, study_section
 from pipeline.report.sections.subgroups import patient_section, subgroup_section
 
@@ -57,6 +58,7 @@ def build_document(
     error_section(doc, metrics)
     explanations_section(doc, run)
     external_section(doc, metrics)
+    scarce_labels_section(doc, run)
     study_section(doc, metrics)
     comparison_section(doc, metrics)
     checklist_section(doc, run)
