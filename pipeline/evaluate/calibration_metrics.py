@@ -204,9 +204,9 @@ def binned_error_ci(
     intervals"): ECE 93-97% for well-calibrated and over-confident models at 150 and 500 cases, with and
     without patient clusters; 93-94% (92-93% with patient clusters) for a strongly under-confident
     model (population ECE 0.105), whose intervals are a little too narrow; equal-mass ECE and debiased
-    L2 similar, the L2 down to 90% there. It assumes the miscalibration is close to a logistic recalibration of the model's
-    probabilities (the shape temperature/Platt scaling fix); a strongly non-monotone miscalibration is a
-    different direction and may be covered less often.
+    L2 similar, the L2 down to 90% there. It assumes the miscalibration is close to a logistic
+    recalibration of the model's probabilities (the shape temperature/Platt scaling fix); a strongly
+    non-monotone miscalibration is a different direction and may be covered less often.
 
     Args:
         conf: Predicted probability per case (positive-class or top-label), shape (N,).
