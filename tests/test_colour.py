@@ -138,3 +138,15 @@ def test_colour_dicom_decodes_to_rgb(name: str, tmp_path: Path) -> None:
     assert vol.meta.get("axis4") == "rgb" and vol.array.shape[-1] == 3
     first = vol.array.reshape(-1, 3)[0].astype(int)
     assert first[0] > 240 and first[1] < 15 and first[2] < 15, first.tolist()
+
+
+def test_gradcam_overlay_shows_colour_inputs_in_colour() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.report.plots import explanation_figure
+
+    case = SimpleNamespace(case_id="C1", correct=True, true_name="a", pred_name="a", prob=0.9)
+    rgb = explanation_figure(np.random.rand(1, 3, 8, 8), np.random.rand(1, 8, 8), [case])
+    grey = explanation_figure(np.random.rand(1, 1, 8, 8), np.random.rand(1, 8, 8), [case])
+    assert rgb.axes[0].images[0].get_array().shape == (8, 8, 3)
+    assert grey.axes[0].images[0].get_array().shape == (8, 8)

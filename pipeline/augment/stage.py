@@ -174,9 +174,13 @@ def _preview(out_dir: Path, rows: list[dict], tf, cfg: Config, dims: int) -> Non
         x = np.load(out_dir / "tensors" / f"{rows[i]['case_id']}.npy").astype(np.float32)
         y = apply(tf, x, sample_seed(cfg.train.seed, 0, i))
         r, c = 2 * (i // cols), i % cols
-        for k, img in enumerate((x, y)):
-            sl = img[0] if dims == 2 else img[0, img.shape[1] // 2]
-            axes[r + k, c].imshow(sl, cmap="gray", vmin=float(x.min()), vmax=float(x.max()))
+        lo, hi = float(x.min()), float(x.max())
+        for k, img in enumerate((x, np.asarray(y, dtype=np.float32))):
+            sl = img if dims == 2 else img[:, img.shape[1] // 2]
+            if sl.shape[0] == 3:  # colour: shown in colour, one scale for all channels (hues kept)
+                axes[r + k, c].imshow(np.clip((np.moveaxis(sl, 0, -1) - lo) / max(hi - lo, 1e-6), 0, 1))
+            else:
+                axes[r + k, c].imshow(sl[0], cmap="gray", vmin=lo, vmax=hi)
         axes[r, c].set_title(f"label {rows[i]['label_index']}", fontsize=7)
     fig.suptitle("Training samples: original (upper) / augmented (lower)", fontsize=9)
     fig.tight_layout()

@@ -207,7 +207,8 @@ def _middle_slices(vol: np.ndarray) -> list[np.ndarray]:
 
 
 def explanation_figure(images: np.ndarray, cams: np.ndarray, cases: Sequence[Any]):
-    """Overlay figure: each case's (first-channel) input in grey with its Grad-CAM map in colour.
+    """Overlay figure: each case's input (grey, or in colour for three-channel 2D input) with its Grad-CAM
+    map.
 
     Args:
         images: Inputs, (N, C, H, W) or (N, C, D, H, W), in the order of ``cases``.
@@ -229,7 +230,11 @@ def explanation_figure(images: np.ndarray, cams: np.ndarray, cases: Sequence[Any
     for ax in axes.ravel():
         ax.axis("off")
     for i, case in enumerate(cases):
-        img = np.asarray(images[i][0], dtype=np.float32)
+        colour = not three_d and np.shape(images[i])[0] == 3
+        img = np.asarray(images[i] if colour else images[i][0], dtype=np.float32)
+        if colour:  # (3, H, W) -> (H, W, 3), one scale for all channels so hues are kept
+            img = np.moveaxis(img, 0, -1)
+            img = np.clip((img - img.min()) / max(float(img.max() - img.min()), 1e-6), 0, 1)
         pairs = (
             list(zip(_middle_slices(img), _middle_slices(cams[i]), strict=True))
             if three_d
@@ -237,7 +242,7 @@ def explanation_figure(images: np.ndarray, cams: np.ndarray, cases: Sequence[Any
         )
         panel = axes[i] if three_d else [axes.ravel()[i]]
         for j, (ax, (im, cam)) in enumerate(zip(panel, pairs, strict=False)):
-            ax.imshow(im, cmap="gray", interpolation="nearest")
+            ax.imshow(im, cmap=None if colour else "gray", interpolation="nearest")
             ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1, interpolation="bilinear")
             if j == 0:
                 mark = "correct" if case.correct else "WRONG"
