@@ -105,10 +105,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.errors import MedtlError
 
+    from pipeline.preflight import preflight
+
     try:
         cfg = load_config(args.config)
     except MedtlError as err:
         print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    problems = preflight(cfg)
+    if problems:
+        print(f"medtl: {args.config} cannot run:", file=sys.stderr)
+        for p in problems:
+            print(p.line(), file=sys.stderr)
         return 2
     print(f"{args.config}: valid ({cfg.task.kind} task, classes {cfg.task.class_names}, backbone {cfg.model.backbone})")
     return 0

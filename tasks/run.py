@@ -236,10 +236,27 @@ def nightly_build(
             summary["status"] = "noop"
             summary["record"] = os.path.relpath(task.output().path, ws)
         else:
+            refuse_problems(cfg)  # what would fail later fails now, before any stage starts
             _, plan = config_and_plan(config)  # under the lock: creates the key, records the plan's choices
             result = _build_recorded(task, cfg, plan, luigi_kwargs, summary, sleep)
     summary["notify_warnings"] = notify(cfg.ops.notify, summary)
     return result, summary
+
+
+def refuse_problems(cfg: Any) -> None:
+    """Raise one ConfigError listing every preflight problem (:mod:`pipeline.preflight`), if any; problems
+    of single CSV rows are logged (counts and line numbers) and left to Ingest, which reports them."""
+    from pipeline.errors import ConfigError
+    from pipeline.preflight import preflight
+
+    problems = preflight(cfg)
+    for p in (p for p in problems if p.per_row):  # a batch goes on: Ingest reports those rows by line
+        log.warning("preflight: %s: %s", p.field, p.message)
+    problems = [p for p in problems if not p.per_row]
+    if problems:
+        raise ConfigError(
+            "the config cannot run:\n" + "\n".join(p.line() for p in problems), code=problems[0].code
+        )
 
 
 def _build_recorded(

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own package and any lower layer, never a higher one):
 ``models`` < the base modules (``pipeline.errors``, ``io``, ``config``, ``stats``, ``demo``) < ``ingest`` <
-``augment`` < ``trained`` < ``train`` < ``evaluate`` < ``active`` < ``report`` < ``ops`` < ``workspace`` < ``tasks``.
+``augment`` < ``trained`` < ``train`` < ``evaluate`` < ``active`` < ``report`` < ``ops`` < ``workspace`` (and ``preflight``) < ``tasks``.
 Lazy imports inside functions count too.
 """
 
@@ -25,7 +25,7 @@ LAYERS = [
     ["pipeline.active"],
     ["pipeline.report"],
     ["pipeline.ops"],
-    ["pipeline.workspace"],
+    ["pipeline.workspace", "pipeline.preflight"],
     ["tasks"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,167 @@
+"""Refuse what would fail later: ``medtl check`` and ``medtl run`` (before any stage) run these checks.
+
+Each problem names the config field, what is wrong and what is expected, with a stable code; CSV cells are
+never quoted (counts and CSV line numbers only). Checks: the backbone exists and matches
+``preprocess.spatial_dims``; pretrained weights are on this machine when ``model.pretrained`` (which file
+and where to put it); the labels CSV has the id, label, split, patient and group columns; every
+``task.classes`` key occurs in the label column; every label in the CSV is a class; the source folder holds
+files. The backbone and weights checks import the model registry (torch): ``medtl run`` runs them only on a
+night that will do work.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config
+
+__all__ = ["Problem", "preflight"]
+
+#: At most this many CSV line numbers are listed per problem.
+MAX_LINES = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One refusal: the config field, the message, a stable code. ``per_row`` problems concern some CSV
+    rows only: ``medtl check`` refuses them, ``medtl run`` lets Ingest report those rows and go on."""
+
+    field: str
+    message: str
+    code: str
+    per_row: bool = False
+
+    def line(self) -> str:
+        return f"  - {self.field}: {self.message} (code {self.code})"
+
+
+def _backbone(cfg: Config) -> list[Problem]:
+    from models import get_spec, list_backbones
+
+    name = cfg.model.backbone
+    try:
+        spec = get_spec(name)
+    except (ValueError, KeyError):
+        near = [b for b in list_backbones() if name.split("_")[0].lower() in b.lower()][:5]
+        return [
+            Problem(
+                "model.backbone",
+                f"unknown backbone {name!r}; expected one of `medtl backbones`" + (f" (e.g. {near})" if near else ""),
+                "unknown_backbone",
+            )
+        ]
+    dims = cfg.preprocess.spatial_dims
+    if spec.spatial_dims != dims and f"inflated_{name}" not in list_backbones():
+        return [
+            Problem(
+                "preprocess.spatial_dims",
+                f"{dims}, but backbone {name!r} is {spec.spatial_dims}D; expected a {dims}D backbone "
+                f"(`medtl backbones`) or preprocess.spatial_dims: {spec.spatial_dims}",
+                "dims_mismatch",
+            )
+        ]
+    return []
+
+
+def _weights(cfg: Config) -> list[Problem]:
+    from models.errors import WeightsError
+    from pipeline.workspace import pretrained_weights
+
+    if not cfg.model.pretrained:
+        return []
+    try:
+        pretrained_weights(cfg, {})
+    except WeightsError as err:
+        return [Problem("model.pretrained", str(err), err.code)]
+    return []
+
+
+def _lines(rows: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:MAX_LINES])
+    return shown + (f" and {len(rows) - MAX_LINES} more" if len(rows) > MAX_LINES else "")
+
+
+def _labels_csv(cfg: Config) -> list[Problem]:
+    data = cfg.data
+    path = Path(data.labels_csv)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError) as err:
+        return [Problem("data.labels_csv", f"cannot be read as UTF-8 CSV ({type(err).__name__})", "labels_unreadable")]
+    out = []
+    wanted = {"data.id_column": data.id_column, "data.label_column": data.label_column}
+    if data.split_column:
+        wanted["data.split_column"] = data.split_column
+    if data.patient_column:
+        wanted["data.patient_column"] = data.patient_column
+    for i, col in enumerate(data.group_columns):
+        wanted[f"data.group_columns[{i}]"] = col
+    for stratum in getattr(cfg.split, "stratify_by", ()) or ():
+        wanted["split.stratify_by"] = stratum
+    for field, col in wanted.items():
+        if col not in header:
+            out.append(
+                Problem(field, f"column {col!r} is not in the labels CSV's header ({len(header)} columns: {header})",
+                        "missing_column")
+            )
+    if any(p.field == "data.label_column" for p in out):
+        return out
+    keys = {str(k) for k in cfg.task.classes}
+    seen, unknown = set(), []
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        v = (r.get(data.label_column) or "").strip()
+        if not v:
+            continue  # an unlabelled case: allowed
+        if v in keys:
+            seen.add(v)
+        else:
+            unknown.append(line)
+    if unknown:
+        out.append(
+            Problem(
+                "data.label_column",
+                f"{len(unknown)} row(s) hold a label that is not a key of task.classes (CSV lines {_lines(unknown)}); "
+                "expected one of the keys, or an empty cell for an unlabelled case",
+                "unknown_label",
+                per_row=True,
+            )
+        )
+    missing = sorted(keys - seen)
+    if missing:
+        out.append(
+            Problem(
+                "task.classes",
+                f"{len(missing)} class key(s) never occur in the label column ({missing}); expected every class to have "
+                "labelled cases",
+                "class_without_cases",
+            )
+        )
+    return out
+
+
+def _source(cfg: Config) -> list[Problem]:
+    src = Path(cfg.data.source)
+    try:
+        for _root, _dirs, files in os.walk(src):
+            if any(not f.startswith(".") for f in files):
+                return []
+    except OSError:
+        pass
+    return [Problem("data.source", "the folder holds no file; expected the images to ingest", "empty_source")]
+
+
+def preflight(cfg: Config, models: bool = True) -> list[Problem]:
+    """Every problem found (empty when the config can run). ``models=False`` skips the torch-importing
+    backbone and weights checks."""
+    out = _source(cfg) + _labels_csv(cfg)
+    if models:
+        out += _backbone(cfg)
+        if not out or all(p.field != "model.backbone" for p in out):
+            out += _weights(cfg)
+    return out
