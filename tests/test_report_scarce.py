@@ -57,3 +57,12 @@ def test_no_section_without_unlabelled_cases() -> None:
         {}, {"semi_supervised": {"method": "off", "unlabelled_available": 0}}
     )
     assert "was not used" in _render({"unlabelled": {"cases": 5}}, {"semi_supervised": {"method": "off"}})
+
+
+def test_input_census_reads_as_a_sentence_not_a_dict() -> None:
+    from pipeline.report.sections.overview import _inputs_sentence
+
+    census = {"by_category": {"folder": 3, "regular_file": 780}, "entries": 783, "rejected_by_code": {"hidden": 2}}
+    text = _inputs_sentence(census)
+    assert text == "783 entries under the source (3 folder(s), 780 regular file(s)); not used: 2 hidden."
+    assert "{" not in text

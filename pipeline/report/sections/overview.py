@@ -68,13 +68,23 @@ def calibration_status(metrics: dict) -> str:
     )
 
 
+def _inputs_sentence(inputs) -> str:
+    """Every entry under the source, by category and rejection code (``ingest_report.json["inputs"]``)."""
+    if not isinstance(inputs, dict):
+        return f"{inputs if inputs is not None else '?'} inputs read."
+    cats = ", ".join(f"{n} {k.replace('_', ' ')}(s)" for k, n in sorted((inputs.get("by_category") or {}).items()))
+    rejected = inputs.get("rejected_by_code") or {}
+    rej = "; not used: " + ", ".join(f"{n} {code}" for code, n in sorted(rejected.items())) if rejected else ""
+    return f"{inputs.get('entries', '?')} entries under the source ({cats}){rej}."
+
+
 def data_section(doc: Doc, run: ReportInputs) -> None:
     """Inputs, cases, splits per class, what was left out and why, de-identification."""
     ingest, metrics, names = run.ingest, run.metrics, run.names
     doc.h("Data and splits")
     if ingest:
         doc.p(
-            f"{ingest.get('inputs', '?')} inputs read, {ingest.get('cases', '?')} cases from "
+            f"{_inputs_sentence(ingest.get('inputs'))} {ingest.get('cases', '?')} cases from "
             f"{ingest.get('patients', '?')} patients ingested. Split rule: {ingest.get('split_rule', '?')}. "
             "No patient appears in two splits."
         )
