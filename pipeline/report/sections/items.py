@@ -35,7 +35,9 @@ def flow_section(doc: Doc, run: ReportInputs) -> None:
     holdout = metrics.get("promotion_holdout") or {}
     boxes = []
     if ingest:
-        boxes.append((f"{ingest.get('inputs', '?')} inputs read", []))
+        inputs = ingest.get("inputs")
+        n_in = inputs.get("entries", "?") if isinstance(inputs, dict) else inputs if inputs is not None else "?"
+        boxes.append((f"{n_in} entries under the source", []))
         boxes.append(
             (
                 f"{ingest.get('cases', '?')} cases of {ingest.get('patients', '?')} patients ingested",
