@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["models"],
-    ["pipeline.errors", "pipeline.io", "pipeline.config", "pipeline.stats", "pipeline.demo"],
+    ["pipeline.errors", "pipeline.io", "pipeline.config", "pipeline.stats", "pipeline.demo", "pipeline.progress"],
     ["pipeline.ingest"],
     ["pipeline.augment"],
     ["pipeline.trained"],

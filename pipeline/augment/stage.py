@@ -57,7 +57,9 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     kept, skipped = [], []
     audit: Counter = Counter()
     digests: dict[str, dict[str, str]] = {}
-    for row in rows:
+    from pipeline.progress import track
+
+    for row in track(rows, len(rows), "Augment: preprocessing"):
         try:  # verified against its recorded sha256; rebuilt from the source when unusable
             arr, meta = load_volume(workspace, row["volume"], audit)
             x = preprocess(arr, meta.get("axis4"), spec, meta.get("affine"))

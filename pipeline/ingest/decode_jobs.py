@@ -213,8 +213,10 @@ def run_jobs(
 
 
 def _decode(jobs: list[DecodeJob], out: list[Any], todo: list[int], processes: int) -> tuple[list[Any], int]:
+    from pipeline.progress import track
+
     if processes <= 1 or len(todo) < 4:
-        for i in todo:
+        for i in track(todo, len(todo), "Ingest: decoding"):
             try:
                 out[i] = safe_decode(jobs[i])
             except IngestError as err:
@@ -222,7 +224,7 @@ def _decode(jobs: list[DecodeJob], out: list[Any], todo: list[int], processes: i
         return out, len(todo)
     with ProcessPoolExecutor(max_workers=min(processes, len(todo))) as pool:
         futures = {i: pool.submit(safe_decode, jobs[i]) for i in todo}
-        for i, f in futures.items():
+        for i, f in track(futures.items(), len(futures), "Ingest: decoding"):
             try:
                 out[i] = f.result()
             except IngestError as err:  # pickled in the worker, rebuilt here with its code
