@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import json
 import logging
 import os
 import pickle
@@ -32,15 +33,34 @@ _CONFIGS: dict[tuple[str, int], Config] = {}
 _SNAPSHOTS: dict[tuple[str, int], str] = {}
 
 
+def _error_classes(cls: type = MedtlError) -> dict[str, type]:
+    out = {cls.__name__: cls}
+    for sub in cls.__subclasses__():
+        out.update(_error_classes(sub))
+    return out
+
+
+def _entry_from_json(d: dict[str, Any]) -> tuple[str, MedtlError]:
+    """``(family, error)`` rebuilt from a child's JSON entry: the same medtl class (else MedtlError)."""
+    cls = _error_classes().get(d.get("class"), MedtlError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, d.get("message", ""))
+    err.__dict__.update(d.get("attrs") or {})
+    if not hasattr(err, "code"):
+        err.code = cls.default_code
+    return d["family"], err
+
+
 class _Failures(list):
     """``(task family, MedtlError)`` of the tasks that failed, for the CLI's one-line message and the run
     summary.
 
     With several workers Luigi runs each task in a forked child process, and ``on_failure`` runs there: a
-    plain list in the child never reaches the parent. So a child pickles its entry into a private folder
-    made when this module is imported (before any fork), and the parent's list takes the entries in
-    whenever it is read. A MedtlError pickles with its ``code`` and every attribute (models/errors.py), so
-    the parent sees the same error. Only files this process's own children wrote are read (a 0700 folder).
+    plain list in the child never reaches the parent. So a child writes its entry as JSON (error class
+    name, message and the JSON-able attributes such as ``code``; never a pickle, which could run code)
+    into a private folder made when this module is imported (before any fork), and the parent's list takes
+    the entries in whenever it is read, rebuilding the same medtl error class. Only files this process's
+    own children wrote are read (a 0700 folder).
     """
 
     def __init__(self) -> None:
@@ -56,9 +76,9 @@ class _Failures(list):
     def _take_in(self) -> None:
         if os.getpid() != self._owner or not self._dir.is_dir():
             return
-        for path in sorted(self._dir.glob("*.pkl")):
+        for path in sorted(self._dir.glob("*.json")):
             try:
-                entry = pickle.loads(path.read_bytes())
+                entry = _entry_from_json(json.loads(path.read_text()))
             except Exception:  # noqa: BLE001 - a half-written entry of a killed child: nothing to report
                 continue
             finally:
@@ -70,14 +90,12 @@ class _Failures(list):
             super().append(entry)
             return
         family, err = entry
-        try:
-            blob = pickle.dumps((family, err))
-        except Exception:  # noqa: BLE001 - an attribute that does not pickle: keep message and code
-            blob = pickle.dumps((family, MedtlError(str(err), code=getattr(err, "code", None))))
+        attrs = {k: v for k, v in vars(err).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        blob = json.dumps({"family": family, "class": type(err).__name__, "message": str(err), "attrs": attrs})
         name = f"{time.time_ns()}-{os.getpid()}"
         tmp = self._dir / f".{name}.tmp"
-        tmp.write_bytes(blob)
-        tmp.rename(self._dir / f"{name}.pkl")  # atomic: the parent never reads half an entry
+        tmp.write_text(blob)
+        tmp.rename(self._dir / f"{name}.json")  # atomic: the parent never reads half an entry
 
     def __iter__(self):
         self._take_in()
