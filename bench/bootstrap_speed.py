@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from pipeline.stats.bootstrap import Bootstrap, auroc_stat
 from pipeline.evaluate.delong import delong_roc_variance
+from pipeline.stats.bootstrap import Bootstrap, auroc_stat
 
 
 def main() -> None:

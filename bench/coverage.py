@@ -37,11 +37,11 @@ from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluate.bootstrap import Bootstrap  # noqa: E402
 from pipeline.evaluate.calibration_metrics import binned_error_ci, calibration_block  # noqa: E402
 from pipeline.evaluate.conformal import SplitConformal  # noqa: E402
 from pipeline.evaluate.discrimination import discrimination_block  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
+from pipeline.stats.bootstrap import Bootstrap  # noqa: E402
 
 N_BINS = 15
 #: Lower and upper tolerance of a coverage share around its nominal level.

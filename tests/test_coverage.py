@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluate.bootstrap import Bootstrap, percentile_ci
 from pipeline.evaluate.calibration_metrics import _binned_stat, binned_error_ci, ece
+from pipeline.stats.bootstrap import Bootstrap, percentile_ci
 
 # loaded by path under its own name: ``coverage`` is also the name of coverage.py (pytest-cov)
 _spec = importlib.util.spec_from_file_location(

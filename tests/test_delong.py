@@ -7,8 +7,8 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from pipeline.stats.bootstrap import Bootstrap, auroc_stat
 from pipeline.evaluate.delong import delong_ci, delong_roc_covariance, delong_roc_test, delong_roc_variance
+from pipeline.stats.bootstrap import Bootstrap, auroc_stat
 
 
 def _naive_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

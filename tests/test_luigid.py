@@ -66,7 +66,6 @@ def test_run_with_luigid_two_workers(tmp_path: Path) -> None:
         # the scheduler saw the tasks too
         import json
         import urllib.request
-
         from urllib.parse import quote
 
         query = quote(json.dumps({"status": "DONE", "upstream_status": "", "search": ""}))

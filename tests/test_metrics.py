@@ -19,14 +19,6 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline.evaluate.bootstrap import (
-    Bootstrap,
-    auroc_stat,
-    average_precision_stat,
-    mean_stat,
-    percentile_ci,
-    weighted_auroc,
-)
 from pipeline.evaluate.metrics import (
     auroc_with_ci,
     brier_score,
@@ -42,6 +34,14 @@ from pipeline.evaluate.metrics import (
     reliability_bins,
     roc_points,
     wilson_ci,
+)
+from pipeline.stats.bootstrap import (
+    Bootstrap,
+    auroc_stat,
+    average_precision_stat,
+    mean_stat,
+    percentile_ci,
+    weighted_auroc,
 )
 
 

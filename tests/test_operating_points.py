@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.stats.bootstrap import Bootstrap
 from pipeline.evaluate.operating_points import (
     apply_threshold,
     choose_threshold,
@@ -13,6 +12,7 @@ from pipeline.evaluate.operating_points import (
     operating_points,
     parse_rule,
 )
+from pipeline.stats.bootstrap import Bootstrap
 
 
 def _data(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, logit
 
-from pipeline.evaluate.bootstrap import Bootstrap, mean_stat
 from pipeline.evaluate.discrimination import _binary_view
 from pipeline.evaluate.intervals import _num, inverted_ci, value_ci, wilson_ci
+from pipeline.stats.bootstrap import Bootstrap, mean_stat
 
 _EPS = 1e-15
 #: Why the MCE is reported without an interval (``ci: null``).

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.stats.bootstrap import Bootstrap
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
 from pipeline.evaluate.metrics import paired_auroc_difference, value_ci
+from pipeline.stats.bootstrap import Bootstrap
 
 __all__ = ["PreviousScores", "compare_models", "load_previous", "paired_auroc_comparison", "verdict"]
 

@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from pipeline.evaluate.bootstrap import (
+from pipeline.evaluate.delong import delong_ci
+from pipeline.evaluate.intervals import _num, value_ci, wilson_ci
+from pipeline.stats.bootstrap import (
     Bootstrap,
     auroc_stat,
     average_precision_stat,
     confusion_stat,
 )
-from pipeline.evaluate.delong import delong_ci
-from pipeline.evaluate.intervals import _num, value_ci, wilson_ci
 
 
 def _binary_view(probs: np.ndarray, y: np.ndarray, positive_index: int) -> tuple[np.ndarray, np.ndarray]:

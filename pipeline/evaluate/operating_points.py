@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from pipeline.stats.bootstrap import Bootstrap, confusion_stat
 from pipeline.evaluate.metrics import confusion_metrics, value_ci, wilson_ci
+from pipeline.stats.bootstrap import Bootstrap, confusion_stat
 
 __all__ = ["apply_threshold", "choose_threshold", "decision_curve", "operating_points", "parse_rule"]
 

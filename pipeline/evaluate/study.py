@@ -113,8 +113,8 @@ def _split_predictions(cfg: Config, plan, model_dir: Path, split: str):
 
 
 def _discrimination(cfg: Config, sp) -> dict[str, Any]:
-    from pipeline.stats.bootstrap import Bootstrap
     from pipeline.evaluate.metrics import discrimination_block
+    from pipeline.stats.bootstrap import Bootstrap
 
     bs = Bootstrap(
         len(sp.y), cfg.evaluate.n_bootstrap, seed=cfg.train.seed, clusters=sp.patient, ci_level=cfg.evaluate.ci_level
@@ -263,8 +263,8 @@ def summarise_study(
 
 def _paired_test(cfg: Config, a, b, auc_a, auc_b) -> dict[str, Any]:
     """Test AUROCs and the paired difference (selected pretrained minus scratch) with its verdict."""
-    from pipeline.stats.bootstrap import Bootstrap, score_auroc_stat
     from pipeline.evaluate.compare import paired_auroc_comparison, verdict
+    from pipeline.stats.bootstrap import Bootstrap, score_auroc_stat
 
     if not np.array_equal(a.case, b.case):
         raise ValueError("study: the selected and the scratch model were not scored on the same test cases")

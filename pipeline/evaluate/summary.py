@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
-from pipeline.stats.bootstrap import Bootstrap
 from pipeline.evaluate.calibrate import fit_calibrator
+from pipeline.evaluate.conformal import SplitConformal, coverage_report, min_calibration_size
+from pipeline.evaluate.metrics import calibration_block, discrimination_block, roc_points
+from pipeline.evaluate.operating_points import decision_curve, operating_points, parse_rule
+from pipeline.stats.bootstrap import Bootstrap
 from pipeline.trained.calibration import (
     CALIBRATOR_NAMES,
     calibration_warnings,
     check_logits_labels,
 )
-from pipeline.evaluate.conformal import SplitConformal, coverage_report, min_calibration_size
-from pipeline.evaluate.metrics import calibration_block, discrimination_block, roc_points
-from pipeline.evaluate.operating_points import decision_curve, operating_points, parse_rule
 
 __all__ = ["SCHEMA_VERSION", "EvalOptions", "EvalResult", "SplitPredictions", "TaskInfo", "evaluate_run"]
 
