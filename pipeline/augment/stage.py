@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import io
+import json
 import logging
 from collections import Counter
 from pathlib import Path

@@ -229,10 +229,10 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
         The summary (also the ``summary`` block of ``predictions.json``), including drift figures.
     """
     from pipeline.augment.preprocess import preprocess
-    from pipeline.trained.artefact import preprocess_spec
     from pipeline.ingest.decode_jobs import check_values, unexpected_failure
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
     from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
+    from pipeline.trained.artefact import preprocess_spec
 
     ws = Path(cfg.runtime.workspace)
     input_dir = Path(input_dir)
