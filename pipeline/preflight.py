@@ -11,7 +11,6 @@ night that will do work.
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,26 +84,17 @@ def _lines(rows: list[int]) -> str:
 
 
 def _labels_csv(cfg: Config) -> list[Problem]:
+    from pipeline.errors import ConfigError
+    from pipeline.ingest.labels import canonical_label, read_table, wanted_columns
+
     data = cfg.data
-    path = Path(data.labels_csv)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError) as err:
-        return [Problem("data.labels_csv", f"cannot be read as UTF-8 CSV ({type(err).__name__})", "labels_unreadable")]
+        header, rows = read_table(Path(data.labels_csv))
+    except ConfigError as err:
+        return [Problem("data.labels_csv", "cannot be read as a UTF-8 CSV file", err.code)]
+    header = [h.strip() for h in header]
     out = []
-    wanted = {"data.id_column": data.id_column, "data.label_column": data.label_column}
-    if data.split_column:
-        wanted["data.split_column"] = data.split_column
-    if data.patient_column:
-        wanted["data.patient_column"] = data.patient_column
-    for i, col in enumerate(data.group_columns):
-        wanted[f"data.group_columns[{i}]"] = col
-    for stratum in getattr(cfg.split, "stratify_by", ()) or ():
-        wanted["split.stratify_by"] = stratum
-    for field, col in wanted.items():
+    for field, col in wanted_columns(data, getattr(cfg.split, "stratify_by", ()) or ()).items():
         if col not in header:
             out.append(
                 Problem(field, f"column {col!r} is not in the labels CSV's header ({len(header)} columns: {header})",
@@ -118,6 +108,7 @@ def _labels_csv(cfg: Config) -> list[Problem]:
         v = (r.get(data.label_column) or "").strip()
         if not v:
             continue  # an unlabelled case: allowed
+        v = canonical_label(v, keys)  # as Ingest reads it ("1.0" is class "1")
         if v in keys:
             seen.add(v)
         else:

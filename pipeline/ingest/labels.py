@@ -81,6 +81,32 @@ def normalise_ref(value: str, id_type: str) -> str:
     return value
 
 
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The labels CSV's header and rows (UTF-8, an optional BOM); ConfigError when it cannot be read."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"data.labels_csv: cannot read {path}: {err}", code="labels_unreadable") from err
+    return header, rows
+
+
+def wanted_columns(data: DataConfig, stratify_by: Sequence[str] = ()) -> dict[str, str]:
+    """Config field -> labels-CSV column every configured column must name."""
+    wanted = {"data.id_column": data.id_column, "data.label_column": data.label_column}
+    if data.split_column:
+        wanted["data.split_column"] = data.split_column
+    if data.patient_column:
+        wanted["data.patient_column"] = data.patient_column
+    for i, col in enumerate(data.group_columns):
+        wanted[f"data.group_columns[{i}]"] = col
+    for i, col in enumerate(stratify_by):
+        wanted[f"split.stratify_by[{i}]"] = col
+    return wanted
+
+
 def read_labels(
     data: DataConfig, task: TaskConfig, stratify_by: Sequence[str] = ()
 ) -> tuple[dict[str, LabelRow], list[LabelProblem]]:
@@ -97,22 +123,8 @@ def read_labels(
         ConfigError: The file cannot be read, or a configured column is missing.
     """
     path = Path(data.labels_csv)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise ConfigError(f"data.labels_csv: cannot read {path}: {err}") from err
-    wanted = {"data.id_column": data.id_column, "data.label_column": data.label_column}
-    if data.split_column:
-        wanted["data.split_column"] = data.split_column
-    if data.patient_column:
-        wanted["data.patient_column"] = data.patient_column
-    for i, col in enumerate(data.group_columns):
-        wanted[f"data.group_columns[{i}]"] = col
-    for i, col in enumerate(stratify_by):
-        wanted[f"split.stratify_by[{i}]"] = col
+    header, rows = read_table(path)
+    wanted = wanted_columns(data, stratify_by)
     for key, col in wanted.items():
         if col not in header:
             raise ConfigError(
@@ -132,7 +144,7 @@ def read_labels(
                 LabelProblem(line, "empty_id", f"line {line}: column {data.id_column!r} is empty")
             )
             continue
-        label = _canonical_label(label, allowed) if label else ""
+        label = canonical_label(label, allowed) if label else ""
         if label and label not in allowed:
             problems.append(
                 LabelProblem(
@@ -195,7 +207,7 @@ def read_labels(
     return by_ref, problems
 
 
-def _canonical_label(label: str, allowed: set[str]) -> str:
+def canonical_label(label: str, allowed: set[str]) -> str:
     """Map ``1.0`` to ``1`` when the configured labels are integers."""
     if label in allowed:
         return label
