@@ -67,12 +67,12 @@ def _backbone(cfg: Config) -> list[Problem]:
 
 def _weights(cfg: Config) -> list[Problem]:
     from models.errors import WeightsError
-    from pipeline.workspace import pretrained_weights
+    from pipeline.workspace import load_weights_memo, pretrained_weights
 
     if not cfg.model.pretrained:
         return []
-    try:
-        pretrained_weights(cfg, {})
+    try:  # the workspace's remembered digests: a weight file is not hashed again for planning's sake
+        pretrained_weights(cfg, dict(load_weights_memo(Path(cfg.runtime.workspace))))
     except WeightsError as err:
         return [Problem("model.pretrained", str(err), err.code)]
     return []
