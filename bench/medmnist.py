@@ -87,6 +87,12 @@ DEFAULTS: dict[int, dict[str, Any]] = {
 }
 
 
+#: MedMNIST sets whose info may be missing beside the npz (task as MedMNIST's INFO states it).
+KNOWN_TASKS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "retinamnist": ("RetinaMNIST", "ordinal", {str(g): f"grade_{g}" for g in range(5)}),
+}
+
+
 def dataset_info(npz: Path) -> dict[str, Any]:
     """Name, task kind and class names from MedMNIST's info (when present beside the npz) or the labels."""
     stem = npz.stem.lower()
@@ -106,6 +112,9 @@ def dataset_info(npz: Path) -> dict[str, Any]:
                 if kind is None:
                     raise SystemExit(f"{npz}: MedMNIST task {i['task']!r} is not supported (multi-label)")
                 return {"name": i.get("python_class", base), "kind": kind, "classes": i["label"]}
+    if base in KNOWN_TASKS:
+        name, kind, classes = KNOWN_TASKS[base]
+        return {"name": name, "kind": kind, "classes": classes}
     data = np.load(npz)
     labels = np.unique(data["train_labels"])
     if data["train_labels"].ndim == 2 and data["train_labels"].shape[1] > 1:
