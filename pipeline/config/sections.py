@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 SPLITS = ("train", "val", "calibration", "test")
 ID_TYPES = ("path", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber")
@@ -79,6 +79,44 @@ class TaskConfig(_Section):
         return self.label_values.index(self.positive_class)
 
 
+class ChannelConfig(_Section):
+    """One named input channel of a multi-image case (``data.channels``): selects ONE image of the case.
+
+    Attributes:
+        name: The channel's name (letters, digits, ``_ . -``), recorded in the trained model.
+        series_description: DICOM sources: a regular expression searched (case-insensitive) in the
+            SeriesDescription (0008,103E) of the case's series; exactly one series must match.
+        column: NIfTI/PNG sources: a labels-CSV column holding the image's path relative to
+            ``data.source``.
+        volume: A 4D series (time/echo): which volume to take (0-based). Unset: the first, and the case is
+            flagged ``4d_first_volume_only`` when the series has more than one.
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    series_description: str | None = Field(None, min_length=1)
+    column: str | None = Field(None, min_length=1)
+    volume: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChannelConfig:
+        if (self.series_description is None) == (self.column is None):
+            raise ValueError(
+                f"channel {self.name!r}: set exactly one of series_description (a DICOM SeriesDescription "
+                "pattern) or column (a labels-CSV column of paths)"
+            )
+        if self.series_description is not None:
+            import re
+
+            try:
+                re.compile(self.series_description)
+            except re.error as err:
+                raise ValueError(
+                    f"channel {self.name!r}: series_description is not a valid regular expression ({err}); "
+                    "expected a Python regex such as 't1' or 'flair|t2.*fl'"
+                ) from err
+        return self
+
+
 class DataConfig(_Section):
     """Where the images and labels are.
 
@@ -95,6 +133,18 @@ class DataConfig(_Section):
             (NIfTI, PNG); hashed into a pseudonym like PatientID.
         group_columns: Optional extra CSV columns (e.g. site) kept, pseudonymised of nothing, as subgroups.
         kinds: Which file kinds to ingest.
+        channels: Several images per case (:class:`ChannelConfig`, e.g. T1, T2, FLAIR; CT in two kernels).
+            Empty (the default): one image per case. Set: the case is the label row's id (``id_type``:
+            all series sharing that StudyInstanceUID / PatientID / AccessionNumber, or the folder named by a
+            ``path``; with ``column`` channels, the CSV row); each channel selects one image of it, decoded
+            as usual, then resampled (MONAI, world space) onto the FIRST channel's grid and cached as one
+            multi-channel volume. Per-case codes: ``missing_channel``, ``ambiguous_channel``,
+            ``channel_grid_mismatch`` (a channel covers under 50% of the first channel's field of view).
+            The network gets one input channel per entry (``in_chans = len(channels)``), each normalised
+            ON ITS OWN (the intensity policy per channel, then the backbone's mean/std cycled over the
+            channels): sequences such as T1 and T2 have unrelated intensity scales, unlike the channels of
+            a colour photograph, which share one scale so hues are kept. All channels share every spatial
+            augmentation; colour jitter is never applied to them.
     """
 
     source: Path
@@ -106,6 +156,29 @@ class DataConfig(_Section):
     patient_column: str | None = None
     group_columns: tuple[str, ...] = ()
     kinds: tuple[Literal["dicom", "nifti", "image"], ...] = ("dicom", "nifti", "image")
+    channels: tuple[ChannelConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> DataConfig:
+        names = [c.name for c in self.channels]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"data.channels: channel names {dup} appear more than once; expected unique names")
+        if len({c.column is None for c in self.channels}) > 1:
+            raise ValueError(
+                "data.channels: mixes series_description and column channels; expected all channels of a case "
+                "to be chosen the same way (DICOM series by description, or CSV path columns)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_channels(self, handler: Any) -> dict[str, Any]:
+        # Without channels the dump (and so every stage digest and published config) is what it was
+        # before data.channels existed: existing workspaces keep their folders.
+        out = handler(self)
+        if not self.channels and isinstance(out, dict):
+            out.pop("channels", None)
+        return out
 
 
 class SplitConfig(_Section):
