@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 #: (:func:`pipeline.train.data.load_split`), and the cached volume it is rebuilt from.
 TENSOR_DIGESTS = "tensor_digests.json"
 INDEX_COLUMNS = ["case_id", "patient_id", "split", "label_index", "sex", "age_band", "manufacturer", "modality"]
+INDEX_COLUMNS.insert(4, "label")  # a multilabel case's finding vector "0;1" (pipeline/ingest/labels.py)
 
 
 def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -> dict[str, Any]:

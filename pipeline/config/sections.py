@@ -19,13 +19,17 @@ class TaskConfig(_Section):
     """What is predicted.
 
     Attributes:
-        kind: ``binary``, ``multiclass`` or ``ordinal`` (ordered classes, label values 0..K-1 in order).
-        classes: Label value (as written in the labels CSV) -> class name, in class order.
+        kind: ``binary``, ``multiclass``, ``ordinal`` (ordered classes, label values 0..K-1 in order) or
+            ``multilabel`` (findings that co-occur: one sigmoid output per finding).
+        classes: Label value (as written in the labels CSV) -> class name, in class order. For
+            ``multilabel``: labels-CSV column -> finding name, one column per finding (each cell 0/1, see
+            :mod:`pipeline.ingest.labels`); ``data.label_column`` is then not used.
         positive_class: For binary tasks, the class whose detection "sensitivity" measures (name or label
-            value). For BreastMNIST, ``malignant`` (label 0).
+            value). For BreastMNIST, ``malignant`` (label 0). Not allowed for ``multilabel`` (every finding
+            is its own positive class).
     """
 
-    kind: Literal["binary", "multiclass", "ordinal"]
+    kind: Literal["binary", "multiclass", "ordinal", "multilabel"]
     classes: dict[str, str] = Field(min_length=2)
     positive_class: str | None = None
 
@@ -54,6 +58,18 @@ class TaskConfig(_Section):
                     "task.positive_class: required for a binary task; expected one of "
                     f"{names + list(self.classes)}"
                 )
+        if self.kind == "multilabel":
+            if self.positive_class is not None:
+                raise ValueError(
+                    "task.positive_class: not used by a multilabel task (every finding is its own positive "
+                    "class); remove it"
+                )
+            cols = [c.strip() for c in self.classes]
+            if "" in cols or len(set(cols)) != len(cols):
+                raise ValueError(
+                    f"task.classes: a multilabel task maps labels-CSV columns to finding names; expected "
+                    f"distinct, non-empty column names, got {list(self.classes)}"
+                )
         if self.positive_class is not None and self.positive_class not in names + list(self.classes):
             raise ValueError(
                 f"task.positive_class: {self.positive_class!r} is not a class; expected one of "
@@ -68,6 +84,15 @@ class TaskConfig(_Section):
     @property
     def label_values(self) -> list[str]:
         return list(self.classes)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.kind == "multilabel"
+
+    @property
+    def finding_columns(self) -> dict[str, str]:
+        """Multilabel tasks: finding name -> labels-CSV column, in output order (empty otherwise)."""
+        return {name: col for col, name in self.classes.items()} if self.multilabel else {}
 
     @property
     def positive_index(self) -> int | None:

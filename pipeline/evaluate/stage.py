@@ -57,9 +57,10 @@ def collect_predictions(
     rows = read_index(augment_dir)
     group_cols = [c for c in SUBGROUP_COLUMNS if any(r.get(c) for r in rows)]
     group_cols += [c for c in (rows[0] if rows else {}) if c.startswith("group_")]
+    n_findings = len(cfg.task.classes) if cfg.task.multilabel else None
     out = {}
     for split in EVAL_SPLITS:
-        data = load_split(augment_dir, rows, split)
+        data = load_split(augment_dir, rows, split, n_findings)
         if len(data) == 0:
             continue
         logits = scorer.logits(data.x)
@@ -74,7 +75,7 @@ def collect_predictions(
         }
         out[split] = SplitPredictions(
             logits=logits.astype(np.float64),
-            y=data.y,
+            y=data.targets.astype(np.int64),  # multilabel: (N, F) finding vectors
             patient=np.array(data.patients),
             case=np.array(data.case_ids),
             groups=groups,
@@ -160,8 +161,12 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
     """
     import torch
 
-    from pipeline.evaluate.summary import EvalOptions, TaskInfo, evaluate_run
+    from pipeline.evaluate.summary import TaskInfo, evaluate_run
 
+    if cfg.task.multilabel:
+        from pipeline.evaluate.multilabel_stage import run_evaluate_multilabel
+
+        return run_evaluate_multilabel(cfg, plan, out_dir)
     torch.manual_seed(cfg.train.seed)
     kept: dict[str, Any] = {}
     preds = collect_predictions(cfg, Path(plan.augment), Path(plan.finetune), keep=kept)
@@ -169,14 +174,7 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
     task = TaskInfo(
         kind=cfg.task.kind, class_names=cfg.task.class_names, positive_index=cfg.task.positive_index
     )
-    options = EvalOptions(
-        calibration=cfg.evaluate.calibration,
-        n_bootstrap=cfg.evaluate.n_bootstrap,
-        ci_level=cfg.evaluate.ci_level,
-        ece_bins=cfg.evaluate.ece_bins,
-        conformal_alpha=cfg.evaluate.conformal_alpha,
-        min_subgroup=cfg.evaluate.min_subgroup,
-    )
+    options = eval_options(cfg)
     result = evaluate_run(preds, task, options, seed=cfg.train.seed)
     metrics = dict(result.metrics)
     metrics["promotion_holdout"] = holdout
@@ -202,6 +200,20 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
     _save_calibrator(cfg, out_dir, result.calibrator, kept["scorer"].model, preds)
     raw = {s: softmax(sp.logits, axis=1) for s, sp in preds.items()}
     return Evaluation(metrics, preds, raw, result.calibrated, explanations)
+
+
+def eval_options(cfg: Config):
+    """The ``evaluate`` config section as :class:`pipeline.evaluate.summary.EvalOptions`."""
+    from pipeline.evaluate.summary import EvalOptions
+
+    return EvalOptions(
+        calibration=cfg.evaluate.calibration,
+        n_bootstrap=cfg.evaluate.n_bootstrap,
+        ci_level=cfg.evaluate.ci_level,
+        ece_bins=cfg.evaluate.ece_bins,
+        conformal_alpha=cfg.evaluate.conformal_alpha,
+        min_subgroup=cfg.evaluate.min_subgroup,
+    )
 
 
 def _save_calibrator(cfg: Config, out_dir: Path, calibrator, model: TrainedModel, preds: dict[str, Any]) -> None:

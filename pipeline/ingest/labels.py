@@ -6,6 +6,16 @@ never silently dropped: an unknown label value, an empty identifier, duplicate r
 an empty label cell is kept as an unlabelled case (``label == ""``; its split cell is ignored, as unlabelled
 cases never go to val, calibration or test).
 
+Multilabel tasks (``task.kind: multilabel``, ``task.classes`` = labels-CSV column -> finding name) read one
+column per finding instead of ``data.label_column``. A cell is ``1``/``0``, written also as ``1.0``/``0.0``
+or ``true``/``false`` (any case, as spreadsheets and pandas export booleans); surrounding spaces are
+ignored. The row's label is the vector of its findings in ``task.classes`` order, written ``"0;1;0"``. A row
+whose finding cells are ALL empty is an unlabelled case (as an empty label cell). A cell that is anything
+else is a per-row problem ``bad_multilabel_value`` (line and column named, never the value); a row with
+some but not all finding cells empty is rejected as ``partial_multilabel``: reading an empty cell as
+"absent" would plant false negatives, and no loss here masks unknown findings. Both rows are left out and
+the run goes on with the rest.
+
 Privacy: a CSV cell is free text and may hold a patient's name. A problem's ``reason`` (published in the
 ingest report, the run report and logs) names only the line number, the configured column and what was
 expected, never a cell's value; the offending value goes to ``detail``, which is written under ``private/``
@@ -15,7 +25,7 @@ only.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,9 +103,22 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def wanted_columns(data: DataConfig, stratify_by: Sequence[str] = ()) -> dict[str, str]:
-    """Config field -> labels-CSV column every configured column must name."""
-    wanted = {"data.id_column": data.id_column, "data.label_column": data.label_column}
+#: Multilabel cell spellings -> 0/1 (an empty cell is "unknown", see the module docstring).
+MULTILABEL_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+MULTILABEL_SEPARATOR = ";"
+
+
+def wanted_columns(
+    data: DataConfig, stratify_by: Sequence[str] = (), task: TaskConfig | None = None
+) -> dict[str, str]:
+    """Config field -> labels-CSV column every configured column must name (a multilabel ``task``'s finding
+    columns replace ``data.label_column``)."""
+    wanted = {"data.id_column": data.id_column}
+    if task is not None and task.multilabel:
+        for col in task.classes:
+            wanted[f"task.classes[{col!r}]"] = col
+    else:
+        wanted["data.label_column"] = data.label_column
     if data.split_column:
         wanted["data.split_column"] = data.split_column
     if data.patient_column:
@@ -124,7 +147,7 @@ def read_labels(
     """
     path = Path(data.labels_csv)
     header, rows = read_table(path)
-    wanted = wanted_columns(data, stratify_by)
+    wanted = wanted_columns(data, stratify_by, task)
     for key, col in wanted.items():
         if col not in header:
             raise ConfigError(
@@ -138,14 +161,20 @@ def read_labels(
     conflicted: set[str] = set()
     for line, row in enumerate(rows, start=2):
         ref = normalise_ref(row.get(data.id_column) or "", data.id_type)
-        label = (row.get(data.label_column) or "").strip()
         if not ref:
             problems.append(
                 LabelProblem(line, "empty_id", f"line {line}: column {data.id_column!r} is empty")
             )
             continue
-        label = canonical_label(label, allowed) if label else ""
-        if label and label not in allowed:
+        if task.multilabel:
+            label, problem = multilabel_vector(row, task, line, ref)
+            if problem is not None:
+                problems.append(problem)
+                continue
+        else:
+            label = (row.get(data.label_column) or "").strip()
+            label = canonical_label(label, allowed) if label else ""
+        if label and not task.multilabel and label not in allowed:
             problems.append(
                 LabelProblem(
                     line,
@@ -205,6 +234,89 @@ def read_labels(
     for ref in conflicted:
         by_ref.pop(ref, None)
     return by_ref, problems
+
+
+def multilabel_vector(
+    row: dict[str, str], task: TaskConfig, line: int, ref: str = ""
+) -> tuple[str, LabelProblem | None]:
+    """A multilabel row's label: ``"0;1;0"`` in ``task.classes`` order, ``""`` when every finding cell is
+    empty (unlabelled), or a problem (``bad_multilabel_value``, ``partial_multilabel``; reasons name the
+    line and columns, the offending values go to the private ``detail``)."""
+    cells = {col: (row.get(col) or "").strip() for col in task.classes}
+    empty = [col for col, v in cells.items() if v == ""]
+    if len(empty) == len(cells):
+        return "", None
+    bad = [col for col, v in cells.items() if v != "" and v.lower() not in MULTILABEL_VALUES]
+    if bad:
+        return "", LabelProblem(
+            line,
+            "bad_multilabel_value",
+            f"line {line}: the value in column(s) {bad} is not a finding label; expected 0 or 1 (also 0.0/1.0, "
+            "true/false) or empty (task.classes of a multilabel task)",
+            ref,
+            detail="; ".join(f"{col} {cells[col]!r}" for col in bad),
+        )
+    if empty:
+        return "", LabelProblem(
+            line,
+            "partial_multilabel",
+            f"line {line}: column(s) {empty} are empty while other findings are labelled; expected every "
+            "finding column filled (0/1), or all of them empty for an unlabelled case",
+            ref,
+        )
+    return MULTILABEL_SEPARATOR.join(str(MULTILABEL_VALUES[v.lower()]) for v in cells.values()), None
+
+
+def parse_multilabel(label: str, n_findings: int) -> list[int]:
+    """``"0;1;0"`` -> ``[0, 1, 0]`` (a manifest's or index's multilabel ``label``).
+
+    Raises:
+        ValueError: Not ``n_findings`` values of 0/1.
+    """
+    parts = label.split(MULTILABEL_SEPARATOR)
+    if len(parts) != n_findings or any(p not in ("0", "1") for p in parts):
+        raise ValueError(f"multilabel label: expected {n_findings} values 0/1 separated by ';'")
+    return [int(p) for p in parts]
+
+
+def multilabel_stratum(vector: Sequence[int], prevalence: Sequence[float]) -> int:
+    """The class a multilabel case is stratified and balanced under: 0 with no finding, else ``1 + j`` for
+    its rarest positive finding ``j`` (lowest ``prevalence``; ties: the first finding). The manifest's
+    ``label_index`` of a multilabel case is this stratum."""
+    pos = [j for j, v in enumerate(vector) if v]
+    if not pos:
+        return 0
+    return 1 + min(pos, key=lambda j: (prevalence[j], j))
+
+
+def finding_prevalence(rows: Iterable[LabelRow | None], task: TaskConfig) -> list[float]:
+    """Share of the labelled rows positive for each finding (multilabel tasks; empty list otherwise)."""
+    if not task.multilabel:
+        return []
+    vectors = [parse_multilabel(r.label, len(task.classes)) for r in rows if r is not None and r.labelled]
+    n = max(1, len(vectors))
+    return [sum(v[j] for v in vectors) / n for j in range(len(task.classes))]
+
+
+def label_index_of(row: LabelRow, task: TaskConfig, prevalence: Sequence[float] = ()) -> int | str:
+    """The manifest's ``label_index``: the class index, the :func:`multilabel_stratum` of a multilabel
+    case, ``""`` when unlabelled."""
+    if not row.labelled:
+        return ""
+    if task.multilabel:
+        return multilabel_stratum(parse_multilabel(row.label, len(task.classes)), prevalence)
+    return task.label_values.index(row.label)
+
+
+def class_name_of(row: LabelRow, task: TaskConfig) -> str:
+    """The manifest's ``class_name``: the class, or a multilabel case's positive findings joined by ``;``
+    (``none`` without any)."""
+    if not row.labelled:
+        return ""
+    if task.multilabel:
+        vec = parse_multilabel(row.label, len(task.classes))
+        return MULTILABEL_SEPARATOR.join(n for n, v in zip(task.class_names, vec, strict=True) if v) or "none"
+    return task.classes[row.label]
 
 
 def canonical_label(label: str, allowed: set[str]) -> str:

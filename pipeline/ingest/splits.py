@@ -21,6 +21,11 @@ see :func:`seed_from_manifests`) count towards the quotas; two kinds of patients
   seen (its cases may be used as unlabelled training data), so it goes to ``train`` when labelled.
 
 Unlabelled cases themselves always get the split ``unlabelled``; never val, calibration or test.
+
+Multilabel tasks: a case's class here is its finding pattern's stratum (the manifest's ``label_index``,
+:func:`pipeline.ingest.labels.multilabel_stratum`): 0 with no finding, else ``1 + j`` for its rarest positive
+finding ``j``, so every finding's rare positives are spread over the splits by quota like a class; the
+ledger, seeding and property guarantees are the same (counts are per stratum).
 """
 
 from __future__ import annotations

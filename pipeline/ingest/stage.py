@@ -36,7 +36,14 @@ from pipeline.ingest.decode_jobs import (
 from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
 from pipeline.ingest.index import SourceIndex
 from pipeline.ingest.ingest_report import POOLING_RULE, age_band, build_report, check_splits, pool_rare_values
-from pipeline.ingest.labels import LabelRow, normalise_ref, read_labels
+from pipeline.ingest.labels import (
+    LabelRow,
+    class_name_of,
+    finding_prevalence,
+    label_index_of,
+    normalise_ref,
+    read_labels,
+)
 from pipeline.ingest.sources import LoadOptions, scan_sources
 from pipeline.ingest.splits import HELD_OUT, UNLABELLED, SplitLedger, assign_splits, seed_from_manifests
 from pipeline.io import write_json, write_text
@@ -407,6 +414,7 @@ def _collect(
     cfg, key = run.cfg, run.key
     rows: list[dict[str, Any]] = []
     source_map: list[dict[str, str]] = []
+    prevalence = finding_prevalence(matched.values(), cfg.task)  # multilabel strata (else unused)
     for (idx, job), res in zip(jobs, results, strict=True):
         item = scan.items[idx]
         label_row = matched[idx]  # never None here: left-out items get no job
@@ -436,8 +444,8 @@ def _collect(
             "case_id": case_id,
             "patient_id": pseudonym(patient_raw, key, prefix="P"),
             "label": label_row.label,
-            "label_index": cfg.task.label_values.index(label_row.label) if label_row.labelled else "",
-            "class_name": cfg.task.classes[label_row.label] if label_row.labelled else "",
+            "label_index": label_index_of(label_row, cfg.task, prevalence),
+            "class_name": class_name_of(label_row, cfg.task),
             "fixed_split": label_row.split,
             "strata": label_row.strata,
             "kind": item.kind,

@@ -35,18 +35,28 @@ class SplitData:
     case_ids: list[str]
     patients: list[str]
     x: np.ndarray  # (N, 1, *spatial) float16
-    y: np.ndarray  # (N,) int64
+    y: np.ndarray  # (N,) int64; a multilabel case's stratum (what stratification and balancing use)
     rows: list[dict[str, str]]
     #: Tensors found unusable at load: ``{"case_id", "code", "outcome"}`` (outcome ``rebuilt`` or
     #: ``left_out``, code ``tensor_unreadable``, ``tensor_mismatch`` or the rebuild's ``cache_lost``).
     repairs: list[dict[str, str]] = field(default_factory=list)
+    #: Multilabel tasks: the finding vectors ``(N, F)`` float32 0/1 (the training targets); else None.
+    ym: np.ndarray | None = None
+
+    @property
+    def targets(self) -> np.ndarray:
+        """What the loss and the validation score use: ``ym`` for multilabel tasks, else ``y``."""
+        return self.ym if self.ym is not None else self.y
 
     def __len__(self) -> int:
         return len(self.case_ids)
 
 
-def load_split(augment_dir: Path, rows: list[dict[str, str]], split: str) -> SplitData:
-    """Load the cached tensors of one split (rows from the Augment index)."""
+def load_split(
+    augment_dir: Path, rows: list[dict[str, str]], split: str, n_findings: int | None = None
+) -> SplitData:
+    """Load the cached tensors of one split (rows from the Augment index); ``n_findings`` for a multilabel
+    task (the finding vectors go to :attr:`SplitData.ym`)."""
     sel = [r for r in rows if r["split"] == split]
     digests = _tensor_digests(Path(augment_dir))
     repairs: list[dict[str, str]] = []
@@ -58,11 +68,36 @@ def load_split(augment_dir: Path, rows: list[dict[str, str]], split: str) -> Spl
             kept.append(r)
     if repairs:
         log.warning("load_split(%s): tensors repaired or left out: %s", split, repairs)
+    ym = _multilabel(kept, n_findings)
     if not kept:
-        return SplitData([], [], np.zeros((0,), np.float16), np.zeros((0,), np.int64), [], repairs)
+        return SplitData([], [], np.zeros((0,), np.float16), np.zeros((0,), np.int64), [], repairs, ym)
     y = np.array([int(r["label_index"]) for r in kept], dtype=np.int64)
     case_ids, patients = [r["case_id"] for r in kept], [r["patient_id"] for r in kept]
-    return SplitData(case_ids, patients, np.stack(xs), y, kept, repairs)
+    return SplitData(case_ids, patients, np.stack(xs), y, kept, repairs, ym)
+
+
+def _multilabel(rows: list[dict[str, str]], n_findings: int | None) -> np.ndarray | None:
+    """Finding vectors ``(N, F)`` of multilabel rows (their ``label`` ``"0;1"``), None for other tasks.
+
+    Raises:
+        IngestError: A row's ``label`` is not a vector of ``n_findings`` values (code ``bad_index``): an
+            Augment folder written before the index carried ``label``, or another task's folder.
+    """
+    if n_findings is None:
+        return None
+    from pipeline.ingest.labels import parse_multilabel
+
+    out = np.zeros((len(rows), n_findings), dtype=np.float32)
+    for i, r in enumerate(rows):
+        try:
+            out[i] = parse_multilabel(r.get("label") or "", n_findings)
+        except ValueError as err:
+            raise IngestError(
+                f"Augment index.csv: case {r['case_id']}: column 'label' {err}; re-run Augment for this "
+                "multilabel task",
+                code="bad_index",
+            ) from err
+    return out
 
 
 def _tensor_digests(augment_dir: Path) -> dict[str, dict[str, str]] | None:
@@ -144,14 +179,7 @@ def label_subset(data: SplitData, fraction: float, seed: int) -> SplitData:
         n_keep = max(1, int(np.ceil(fraction * len(pats))))
         chosen = set(pats[:n_keep])
         keep[[i for i in idx if data.patients[i] in chosen]] = True
-    sel = np.flatnonzero(keep)
-    return SplitData(
-        [data.case_ids[i] for i in sel],
-        [data.patients[i] for i in sel],
-        data.x[sel],
-        data.y[sel],
-        [data.rows[i] for i in sel],
-    )
+    return subset(data, np.flatnonzero(keep))
 
 
 class AugmentedDataset(Dataset):
@@ -173,12 +201,13 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         k = i % len(self.data)
         x = self.data.x[k].astype(np.float32)
         if self.transform is not None and len(self.transform.transforms):
             x = apply(self.transform, x, sample_seed(self.seed, self.epoch, i))
-        return torch.from_numpy(np.ascontiguousarray(x)), int(self.data.y[k])
+        y = int(self.data.y[k]) if self.data.ym is None else torch.from_numpy(self.data.ym[k])
+        return torch.from_numpy(np.ascontiguousarray(x)), y
 
 
 def repeated_order(order_fn, n: int, repeats: int) -> list[int]:
@@ -218,6 +247,7 @@ def subset(data: SplitData, index: np.ndarray | list[int]) -> SplitData:
         data.x[idx],
         data.y[idx],
         [data.rows[i] for i in idx],
+        ym=None if data.ym is None else data.ym[idx],
     )
 
 
@@ -233,6 +263,7 @@ def concat(a: SplitData, b: SplitData) -> SplitData:
         np.concatenate([a.x, b.x]),
         np.concatenate([a.y, b.y]),
         a.rows + b.rows,
+        ym=None if a.ym is None or b.ym is None else np.concatenate([a.ym, b.ym]),
     )
 
 

@@ -203,7 +203,9 @@ def train_epochs(
     repeats = max(1, math.ceil(tc.min_steps_per_epoch * bs / len(train)))
     steps_per_epoch = max(1, (repeats * len(train)) // bs)
     sched = _scheduler(opt, tc, steps_per_epoch)
-    loss_fn = _loss_fn(tc, train.y, num_classes, device)
+    loss_fn = (
+        _bce_loss_fn(tc, train.ym, device) if cfg.task.multilabel else _loss_fn(tc, train.y, num_classes, device)
+    )
     scaler = torch.amp.GradScaler(
         "cuda", enabled=device.type == "cuda" and tc.amp and not torch.cuda.is_bf16_supported()
     )
@@ -328,11 +330,41 @@ def _loss_fn(tc, y: np.ndarray, num_classes: int, device: torch.device) -> nn.Mo
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing, reduction="sum")
 
 
+def _bce_loss_fn(tc, ym: np.ndarray, device: torch.device) -> nn.Module:
+    """Multilabel loss: summed binary cross-entropy over findings (one sigmoid each).
+
+    ``train.class_weighting: balanced`` is the counterpart of the cross-entropy class weights: each
+    finding's positives are weighted by its negative/positive ratio (``pos_weight``), so every finding's
+    positives and negatives weigh equally; ``none`` leaves them unweighted. ``train.label_smoothing``
+    moves the 0/1 targets towards 1/2 by the same share.
+    """
+    pos = ym.sum(axis=0)
+    pos_weight = None
+    if tc.class_weighting == "balanced":
+        pos_weight = torch.tensor((len(ym) - pos) / np.maximum(pos, 1), dtype=torch.float32, device=device)
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="sum")
+    eps = float(tc.label_smoothing)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        t = target.float()
+        return bce(logits.float(), t * (1 - eps) + 0.5 * eps)
+
+    return loss
+
+
 def judge(cfg: Config, model: nn.Module, val: SplitData, device: torch.device) -> tuple[float, float]:
-    """Validation AUROC (NaN when undefined) and loss of ``model`` with the run's TTA."""
-    logits = predict_logits(with_tta(model, cfg.train.tta, cfg.preprocess.spatial_dims), val.x, device)
-    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    vloss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.y)))
+    """Validation AUROC (NaN when undefined; multilabel: the macro AUROC over findings) and loss of
+    ``model`` with the run's TTA."""
+    multilabel = cfg.task.multilabel
+    logits = predict_logits(
+        with_tta(model, cfg.train.tta, cfg.preprocess.spatial_dims, multilabel), val.x, device
+    )
+    z = torch.from_numpy(logits)
+    if multilabel:
+        vloss = float(nn.functional.binary_cross_entropy_with_logits(z, torch.from_numpy(val.ym)))
+        return val_score(val.ym, torch.sigmoid(z).numpy(), None), vloss
+    probs = torch.softmax(z, 1).numpy()
+    vloss = float(nn.functional.cross_entropy(z, torch.from_numpy(val.y)))
     return val_score(val.y, probs, cfg.task.positive_index), vloss
 
 

@@ -28,7 +28,7 @@ from pipeline.train.epochs import DistInfo, save_state_dict, train_epochs, write
 from pipeline.train.network import WARM_START_FILE, build_model, warm_start_into
 from pipeline.train.semi import harm_guard, load_unlabelled, method_for, self_train
 from pipeline.train.strategies import CHEAPEST_FIRST, fit_linear_probe, pick_candidate, reestimate_bn
-from pipeline.train.validation import val_score
+from pipeline.train.validation import multilabel_training, val_score
 from pipeline.trained.artefact import save_model, weights_provenance
 from pipeline.trained.device import select_device
 from pipeline.trained.nets import FoldEnsemble, with_tta
@@ -168,17 +168,19 @@ def run_finetune(
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    candidates, semi_setting = multilabel_training(cfg, log)
     rows = read_index(augment_dir)
     num_classes = len(cfg.task.classes)
-    train = label_subset(load_split(augment_dir, rows, "train"), tc.label_fraction, tc.seed)
-    val = load_split(augment_dir, rows, "val")
+    n_findings = num_classes if cfg.task.multilabel else None
+    train = label_subset(load_split(augment_dir, rows, "train", n_findings), tc.label_fraction, tc.seed)
+    val = load_split(augment_dir, rows, "val", n_findings)
     if len(train) == 0 or len(val) == 0:
         raise MedtlError(
             f"FineTune: train ({len(train)}) and val ({len(val)}) splits must both hold labelled cases",
             code="no_labelled_cases",
         )
     unlabelled, left_out = load_unlabelled(augment_dir, rows)
-    semi = SemiPlan(method_for(tc.semi_supervised, len(unlabelled)), unlabelled, left_out)
+    semi = SemiPlan(method_for(semi_setting, len(unlabelled)), unlabelled, left_out)
     t_start = time.perf_counter()
     selection = None
     folds_info = None
@@ -187,7 +189,7 @@ def run_finetune(
     elif tc.strategy == "auto":
         results: dict[str, dict[str, Any]] = {}
         models: dict[str, nn.Module] = {}
-        for name in sorted(tc.auto_candidates, key=CHEAPEST_FIRST.index):
+        for name in sorted(candidates, key=CHEAPEST_FIRST.index):
             m, r = run_strategy(cfg, name, train, val, work_dir / name, device, dist, progress)
             results[name] = r
             models[name] = m.cpu()
@@ -214,7 +216,7 @@ def run_finetune(
     if semi.method and tc.folds == 1:
         model, result = _semi_single(cfg, model, result, train, val, work_dir, device, dist, progress, semi)
 
-    counts = np.bincount(train.y, minlength=num_classes)
+    counts = train.ym.sum(axis=0) if train.ym is not None else np.bincount(train.y, minlength=num_classes)
     history = result["history"]
     provenance = weights_provenance(model) if result.get("pretrained", cfg.model.pretrained) else None
     summary = {
@@ -291,8 +293,18 @@ def load_oof(finetune_dir: Path) -> dict[str, np.ndarray] | None:
 
 
 def _probs(cfg, model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
-    m_tta = with_tta(model, cfg.train.tta, cfg.preprocess.spatial_dims)
-    return torch.softmax(torch.from_numpy(predict_logits(m_tta, x, device)), 1).numpy()
+    """Probabilities with the run's TTA: softmax, or per-finding sigmoids (multilabel)."""
+    m_tta = with_tta(model, cfg.train.tta, cfg.preprocess.spatial_dims, cfg.task.multilabel)
+    z = torch.from_numpy(predict_logits(m_tta, x, device))
+    return (torch.sigmoid(z) if cfg.task.multilabel else torch.softmax(z, 1)).numpy()
+
+
+def _oof_logits(oof: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Out-of-fold probabilities as logits the scorer's activation maps back (log, or logit per finding)."""
+    if multilabel:
+        p = np.clip(oof, 1e-12, 1 - 1e-7)
+        return np.log(p) - np.log1p(-p)
+    return np.log(np.clip(oof, 1e-12, None))
 
 
 def _run_folds(cfg, train, val, work_dir, device, dist, progress, semi: SemiPlan | None = None):
@@ -338,8 +350,8 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress, semi: SemiPlan
         )
         if semi.guard["use_semi_supervised"]:
             members, oof = students, oof_semi
-    oof_score = val_score(pool.y, oof, cfg.task.positive_index)
-    ensemble = FoldEnsemble(members).to(device)
+    oof_score = val_score(pool.targets, oof, cfg.task.positive_index)
+    ensemble = FoldEnsemble(members, cfg.task.multilabel).to(device)
     history = [dict(h, epoch=i + 1) for i, h in enumerate(history)]  # folds one after the other
     result = {
         "strategy": tc.strategy,
@@ -357,7 +369,7 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress, semi: SemiPlan
         "note": "train+val patients pooled; each fold's held-out part drove its early stopping",
         # Out-of-fold predictions (popped before the summary is written): the Evaluate stage uses them for
         # the validation split, whose cases the ensemble has trained on.
-        "_oof": (list(pool.case_ids), np.log(np.clip(oof, 1e-12, None))),
+        "_oof": (list(pool.case_ids), _oof_logits(oof, cfg.task.multilabel)),
     }
     return ensemble, result, info
 
@@ -427,6 +439,9 @@ def model_info(cfg: Config, num_classes: int, preprocessing: dict[str, Any]) -> 
         "class_names": cfg.task.class_names,
         "positive_class": cfg.task.positive_class,
         "task": cfg.task.kind,
+        "kind": cfg.task.kind,
+        # multilabel: one sigmoid output per finding, in this order (the classes are the findings)
+        "findings": cfg.task.class_names if cfg.task.multilabel else None,
         "tta": cfg.train.tta,
         "preprocessing": preprocessing,
     }

@@ -187,7 +187,9 @@ class TrainedModel:
         net = build_network(info)
         sd = torch.load(model_path, map_location="cpu", weights_only=True)
         net.load_state_dict(sd)
-        net = with_tta(net, info.get("tta", "none"), int(info["spatial_dims"])).eval()
+        net = with_tta(
+            net, info.get("tta", "none"), int(info["spatial_dims"]), info.get("task") == "multilabel"
+        ).eval()
         model = cls(info=info, network=net, files=files, verified=verified, folder=d.name)
         if calibrator_dir is not None:
             model.attach_calibrator(Path(calibrator_dir))

@@ -501,6 +501,8 @@ def calibrator_state(cal: _BaseCalibrator) -> dict[str, Any]:
     Isotonic maps are stored as their thresholds (``X_thresholds_``, ``y_thresholds_``): refitting
     scikit-learn's ``IsotonicRegression`` on its own thresholds reproduces the same piecewise-linear map.
     """
+    if getattr(cal, "method", None) == "multilabel":  # per-finding calibrators (pipeline/trained/multilabel.py)
+        return cal.state()
     if not hasattr(cal, "n_classes_"):
         raise ValueError(f"{type(cal).__name__} is not fitted: nothing to save")
     fitted: dict[str, Any] = {}
@@ -526,6 +528,10 @@ def calibrator_from_state(state: dict[str, Any]) -> _BaseCalibrator:
         ValueError: Unknown method or missing fitted attributes (names the field).
     """
     method = state.get("method")
+    if method == "multilabel":
+        from pipeline.trained.multilabel import MultilabelCalibrator
+
+        return MultilabelCalibrator.from_state(state)
     params = dict(state.get("params") or {})
     if "log_t_bounds" in params:
         params["log_t_bounds"] = tuple(params["log_t_bounds"])

@@ -1,7 +1,8 @@
 """The networks a trained model is made of: fold ensembles, mirroring TTA, and the network rebuilt from
 ``model_info.json``.
 
-Every wrapper returns valid logits (``log`` of a mean probability), so calibration, conformal sets and
+Every wrapper returns valid logits (``log`` of a mean probability; for multilabel models the logit of each
+finding's mean sigmoid probability), so calibration, conformal sets and
 :func:`pipeline.trained.scorer.predict_logits` treat a wrapped model like any network. Axis order: inputs
 ``(N, C, H, W)`` / ``(N, C, D, H, W)``, outputs ``(N, K)``.
 """
@@ -19,6 +20,7 @@ __all__ = [
     "FoldEnsemble",
     "build_network",
     "log_mean_probability",
+    "logit_mean_sigmoid",
     "members",
     "tta_axes",
     "with_tta",
@@ -32,18 +34,31 @@ def log_mean_probability(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.log(probs.clamp_min(1e-12))
 
 
+def logit_mean_sigmoid(logits: list[torch.Tensor]) -> torch.Tensor:
+    """``logit(mean_k sigmoid(logits_k))`` per finding: the multilabel counterpart of
+    :func:`log_mean_probability` (probabilities averaged, as the softmax path does)."""
+    probs = torch.stack([torch.sigmoid(z.float()) for z in logits]).mean(0).clamp(1e-12, 1 - 1e-7)
+    return torch.logit(probs)
+
+
+def _combine(multilabel: bool):
+    return logit_mean_sigmoid if multilabel else log_mean_probability
+
+
 class FoldEnsemble(nn.Module):
-    """Ensemble of fold models: ``forward`` returns ``log(mean_k softmax(model_k(x)))``.
+    """Ensemble of fold models: ``forward`` returns ``log(mean_k softmax(model_k(x)))`` (multilabel:
+    :func:`logit_mean_sigmoid`).
 
     State dict keys: ``members.<k>.<key>``.
     """
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], multilabel: bool = False) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.multilabel = multilabel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return log_mean_probability([m(x) for m in self.members])
+        return _combine(self.multilabel)([m(x) for m in self.members])
 
 
 class FlipTTA(nn.Module):
@@ -58,13 +73,14 @@ class FlipTTA(nn.Module):
         axes: Tensor axes to mirror (2 = the first spatial axis of ``(N, C, ...)``).
     """
 
-    def __init__(self, model: nn.Module, axes: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, axes: tuple[int, ...], multilabel: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.multilabel = multilabel
         self.combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return log_mean_probability([self.model(x.flip(c) if c else x) for c in self.combos])
+        return _combine(self.multilabel)([self.model(x.flip(c) if c else x) for c in self.combos])
 
 
 def tta_axes(mode: str, spatial_dims: int) -> tuple[int, ...]:
@@ -78,10 +94,10 @@ def tta_axes(mode: str, spatial_dims: int) -> tuple[int, ...]:
     raise ValueError(f"train.tta={mode!r}; expected 'none', 'flip' or 'flip_all'")
 
 
-def with_tta(model: nn.Module, mode: str, spatial_dims: int) -> nn.Module:
+def with_tta(model: nn.Module, mode: str, spatial_dims: int, multilabel: bool = False) -> nn.Module:
     """``model`` wrapped in :class:`FlipTTA` for ``mode`` (unchanged for ``none``)."""
     axes = tta_axes(mode, spatial_dims)
-    return FlipTTA(model, axes) if axes else model
+    return FlipTTA(model, axes, multilabel) if axes else model
 
 
 def without_tta(model: nn.Module) -> nn.Module:
@@ -112,4 +128,5 @@ def build_network(info: dict[str, Any]) -> nn.Module:
         )
 
     ens = info.get("ensemble")
-    return FoldEnsemble([one() for _ in range(int(ens["folds"]))]) if ens else one()
+    multilabel = info.get("task") == "multilabel"
+    return FoldEnsemble([one() for _ in range(int(ens["folds"]))], multilabel) if ens else one()

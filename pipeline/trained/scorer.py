@@ -5,6 +5,11 @@ Every consumer of a trained model (Evaluate, the model comparison, the transfer 
 :class:`Scorer`, so the fold ensemble, test-time augmentation and the saved calibrator are applied the same
 way everywhere. Axis order: inputs ``(N, C, H, W)`` / ``(N, C, D, H, W)`` float32 (see
 :mod:`pipeline.augment.preprocess`); logits and probabilities ``(N, K)``; features ``(N, F)``.
+
+Multilabel models (``model_info.json`` ``task: multilabel``) take the sigmoid path: ``K`` is the number of
+findings, raw probabilities are per-finding sigmoids (fold ensemble and TTA average each finding's
+probability, :func:`pipeline.trained.nets.logit_mean_sigmoid`), and the saved calibrator is a
+:class:`pipeline.trained.multilabel.MultilabelCalibrator` (one binary calibrator per finding).
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from scipy.special import softmax
 from torch import nn
 
 from pipeline.trained.device import autocast, select_device
+from pipeline.trained.multilabel import activate, is_multilabel
 from pipeline.trained.nets import members, without_tta
 
 if TYPE_CHECKING:
@@ -40,7 +45,8 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
 
 @dataclass(frozen=True)
 class Scores:
-    """Outputs of :meth:`Scorer.score` for N cases: ``logits``, ``raw`` (softmax) and ``calibrated`` (N, K)."""
+    """Outputs of :meth:`Scorer.score` for N cases: ``logits``, ``raw`` (softmax, or per-finding sigmoids for
+    a multilabel model) and ``calibrated`` (N, K)."""
 
     logits: np.ndarray
     raw: np.ndarray
@@ -61,30 +67,36 @@ class Scorer:
         self.device = select_device(device) if isinstance(device, str) else device
         self.batch_size = batch_size
         self.network = model.network.to(self.device).eval()
+        self.multilabel = is_multilabel(model.info)
 
     @property
     def calibrated_available(self) -> bool:
         return self.model.calibrator is not None
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``(N, K)`` float64: fold ensemble and TTA applied (``log`` of the mean probability)."""
+        """Logits ``(N, K)`` float64: fold ensemble and TTA applied (``log`` of the mean probability; for
+        multilabel models the logit of each finding's mean probability)."""
         return predict_logits(self.network, x, self.device, self.batch_size).astype(np.float64)
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities from logits (softmax when the model has no calibrator)."""
+        """Calibrated probabilities from logits (the raw probabilities when the model has no calibrator)."""
         z = np.asarray(logits, dtype=np.float64)
         cal = self.model.calibrator
-        return cal.predict_proba(z) if cal is not None else softmax(z, axis=1)
+        return cal.predict_proba(z) if cal is not None else self.raw(z)
+
+    def raw(self, logits: np.ndarray) -> np.ndarray:
+        """Uncalibrated probabilities from logits: softmax, or per-finding sigmoids (multilabel)."""
+        return activate(logits, self.multilabel)
 
     def probabilities(self, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        """Probabilities ``(N, K)``: calibrated with the saved calibrator, or the raw softmax."""
+        """Probabilities ``(N, K)``: calibrated with the saved calibrator, or the raw ones."""
         z = self.logits(x)
-        return self.calibrate(z) if calibrated else softmax(z, axis=1)
+        return self.calibrate(z) if calibrated else self.raw(z)
 
     def score(self, x: np.ndarray) -> Scores:
         """Logits, raw and calibrated probabilities in one pass."""
         z = self.logits(x)
-        return Scores(logits=z, raw=softmax(z, axis=1), calibrated=self.calibrate(z))
+        return Scores(logits=z, raw=self.raw(z), calibrated=self.calibrate(z))
 
     @torch.no_grad()
     def features(self, x: np.ndarray) -> np.ndarray:
