@@ -150,3 +150,39 @@ def test_gradcam_overlay_shows_colour_inputs_in_colour() -> None:
     grey = explanation_figure(np.random.rand(1, 1, 8, 8), np.random.rand(1, 8, 8), [case])
     assert rgb.axes[0].images[0].get_array().shape == (8, 8, 3)
     assert grey.axes[0].images[0].get_array().shape == (8, 8)
+
+
+def test_palette_colour_dicom_decodes_through_its_lookup_tables(tmp_path: Path) -> None:
+    """pydicom's real PALETTE COLOR ultrasound (Philips CX50, Doppler): indices become RGB through the
+    palette tables (16-bit entries brought to 8 bits), not grey indices; a file whose tables are missing is
+    a per-file rejection with a code."""
+    import shutil
+
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_color_lut
+
+    from pipeline.errors import IngestError
+    from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
+
+    src = get_testdata_file("examples_palette.dcm", download=False)
+    assert src is not None, "pydicom's bundled test file examples_palette.dcm is missing"
+    shutil.copy(src, tmp_path / "palette.dcm")
+    items, rejected = scan_sources(tmp_path, kinds=("dicom",))
+    assert not rejected, [r.code for r in rejected]
+    vol = load_item(items[0], LoadOptions())
+    assert vol.meta.get("axis4") == "rgb" and vol.array.shape == (800, 350, 1, 3)
+    rgb = vol.array[:, :, 0, :].transpose(1, 0, 2)  # back to (rows, cols, 3)
+    ds = pydicom.dcmread(src)
+    expected = (apply_color_lut(ds.pixel_array, ds)[..., :3] >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(rgb, expected)
+    chroma = np.abs(rgb[..., 0].astype(int) - rgb[..., 2].astype(int)) > 20
+    assert 0.05 < chroma.mean() < 0.5  # the Doppler colour is there, the B-mode stays grey
+
+    del ds.RedPaletteColorLookupTableData
+    ds.save_as(tmp_path / "palette.dcm")
+    items, rejected = scan_sources(tmp_path, kinds=("dicom",))
+    with pytest.raises(IngestError) as err:
+        load_item(items[0], LoadOptions())
+    assert err.value.code == "bad_palette"

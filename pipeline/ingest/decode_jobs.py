@@ -27,8 +27,9 @@ from pipeline.errors import IngestError
 from pipeline.ingest.volume_cache import REBUILT, sidecar_meta, write_recipe, write_volume
 
 #: Part of every volume fingerprint; 3: volumes are checked by :func:`check_values` before caching;
-#: 4: the side-car records the volume's sha256 (older volumes are decoded once more).
-CACHE_VERSION = 4
+#: 4: the side-car records the volume's sha256 (older volumes are decoded once more); 5: PALETTE COLOR
+#: DICOM decodes to RGB through its lookup tables (was: grey palette indices).
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)

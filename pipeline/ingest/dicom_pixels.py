@@ -260,7 +260,9 @@ def decode_file(path: str, record: HeaderRecord | None = None) -> tuple[list[Sli
         n_frames = _i(ds.get("NumberOfFrames"), 1) or 1
         spp = _i(ds.get("SamplesPerPixel"), 1) or 1
         frames = [arr] if n_frames == 1 else [arr[i] for i in range(n_frames)]
-        if spp == 1:
+        if _s(ds.get("PhotometricInterpretation")).upper() == "PALETTE COLOR":
+            frames = [_palette_to_rgb(f, ds, path) for f in frames]
+        elif spp == 1:
             frames = [_classic_modality_lut(f, ds) for f in frames]
         if _s(ds.get("PhotometricInterpretation")).upper() == "MONOCHROME1":
             frames = [_invert_monochrome1(f, ds) for f in frames]
@@ -289,6 +291,30 @@ def decode_file(path: str, record: HeaderRecord | None = None) -> tuple[list[Sli
     if "PixelData" in ds:
         del ds.PixelData
     return slices, ds
+
+
+def _palette_to_rgb(arr: np.ndarray, ds: Any, path: str) -> np.ndarray:
+    """PALETTE COLOR (0028,0004): stored values are indices into the Red/Green/Blue Palette Color Lookup
+    Tables; pydicom's ``apply_color_lut`` maps them (plain and segmented tables). Entries of more than 8
+    bits (descriptor (0028,1101) third value, usually 16) are brought to 8-bit RGB by dropping the low bits,
+    as DICOM viewers display them, so palette images join the 8-bit colour path like RGB and YBR files."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        rgb = np.asarray(apply_color_lut(arr, ds))
+    except Exception as err:  # noqa: BLE001 - missing or inconsistent tables: a per-file rejection
+        raise IngestError(
+            f"{path}: PhotometricInterpretation (0028,0004) is PALETTE COLOR but the palette lookup tables "
+            f"(0028,1101-1103, 0028,1201-1203 or 1221-1223) cannot be applied ({type(err).__name__}); "
+            "expected complete Red/Green/Blue tables",
+            "bad_palette",
+        ) from err
+    rgb = rgb[..., :3]  # an alpha table, when present, is not image content
+    if rgb.dtype.itemsize > 1:
+        desc = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(desc[2]) if desc is not None and len(desc) == 3 and int(desc[2]) > 8 else 16
+        rgb = rgb.astype(np.uint32) >> (bits - 8)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def _invert_monochrome1(arr: np.ndarray, ds: Any) -> np.ndarray:
