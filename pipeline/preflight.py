@@ -5,8 +5,9 @@ never quoted (counts and CSV line numbers only). Checks: the backbone exists and
 ``preprocess.spatial_dims``; pretrained weights are on this machine when ``model.pretrained`` (which file
 and where to put it); the labels CSV has the id, label, split, patient and group columns; every
 ``task.classes`` key occurs in the label column; every label in the CSV is a class; the source folder holds
-files. The backbone and weights checks import the model registry (torch): ``medtl run`` runs them only on a
-night that will do work.
+files; ``data.channels`` have unique names, patterns that compile and CSV columns that exist. The backbone
+and weights checks import the model registry (torch): ``medtl run`` runs them only on a night that will do
+work.
 """
 
 from __future__ import annotations
@@ -136,6 +137,49 @@ def _labels_csv(cfg: Config) -> list[Problem]:
     return out
 
 
+def _channels(cfg: Config) -> list[Problem]:
+    """``data.channels``: unique names, SeriesDescription patterns that compile, path columns in the CSV.
+    (Loading a YAML config already refuses the first two; a config built in code is checked here too.)"""
+    import re
+
+    from pipeline.errors import ConfigError
+    from pipeline.ingest.labels import read_table
+
+    channels = cfg.data.channels
+    out = []
+    names = [c.name for c in channels]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        out.append(
+            Problem("data.channels", f"channel names {dup} appear more than once; expected unique names",
+                    "duplicate_channel")
+        )
+    for i, ch in enumerate(channels):
+        if ch.series_description is not None:
+            try:
+                re.compile(ch.series_description)
+            except re.error as err:
+                out.append(Problem(f"data.channels[{i}].series_description",
+                                   f"not a valid regular expression ({err})", "bad_channel_pattern"))
+    columns = [(i, ch.column) for i, ch in enumerate(channels) if ch.column is not None]
+    if columns:
+        try:
+            header = [h.strip() for h in read_table(Path(cfg.data.labels_csv))[0]]
+        except ConfigError:
+            return out  # reported by the labels CSV check
+        for i, col in columns:
+            if col not in header:
+                out.append(
+                    Problem(
+                        f"data.channels[{i}].column",
+                        f"column {col!r} is not in the labels CSV's header ({len(header)} columns: "
+                        f"{header}); expected the column of this channel's image paths",
+                        "missing_column",
+                    )
+                )
+    return out
+
+
 def _source(cfg: Config) -> list[Problem]:
     src = Path(cfg.data.source)
     try:
@@ -150,7 +194,7 @@ def _source(cfg: Config) -> list[Problem]:
 def preflight(cfg: Config, models: bool = True) -> list[Problem]:
     """Every problem found (empty when the config can run). ``models=False`` skips the torch-importing
     backbone and weights checks."""
-    out = _source(cfg) + _labels_csv(cfg)
+    out = _source(cfg) + _labels_csv(cfg) + _channels(cfg)
     if models:
         out += _backbone(cfg)
         if not out or all(p.field != "model.backbone" for p in out):

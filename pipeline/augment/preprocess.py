@@ -3,8 +3,13 @@
 Axis order: the input volume is in NIfTI voxel order ``(X, Y, Z[, C/T])`` (see ``pipeline.ingest.volume``).
 The output is channel-first in PyTorch order: ``(C, H, W)`` = ``(C, Y, X)`` for 2D and
 ``(C, D, H, W)`` = ``(C, Z, Y, X)`` for 3D (MedicalNet's D, H, W order). ``C`` is 1 (grey: colour exports
-become luminance and the backbone's first convolution sums its RGB kernels) or 3 (``preprocess.channels``:
-colour kept, grey replicated; the backbone's own RGB stem and per-channel mean/std).
+become luminance and the backbone's first convolution sums its RGB kernels), 3 (``preprocess.channels``:
+colour kept, grey replicated; the backbone's own RGB stem and per-channel mean/std) or the number of named
+channels of multi-image cases (``data.channels``: the cached volume's 4th axis, ``axis4 = "channels"``).
+
+Normalisation rule: colour channels share one intensity scale (hues are kept); named channels (MR sequences,
+CT kernels) are each scaled on their own by the intensity policy, then by the backbone's mean/std cycled over
+the channels (as the adapted first convolution cycles its RGB kernels).
 
 Steps (all derived from the config and the backbone's preprocessing spec, never typed in by hand):
 intensity policy -> pad to a square/cube around the centre -> resize to ``image_size`` -> normalise with the
@@ -39,14 +44,20 @@ class PreprocessSpec:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     channels: int = 1
     target_spacing: tuple[float, float, float] | None = None  # 3D: voxel size (mm) in RAS axis order
+    channel_names: tuple[str, ...] = ()  # data.channels: one named image per input channel, in order
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.channel_names:  # one image per case: the spec as recorded before data.channels existed
+            out.pop("channel_names")
+        return out
 
 
 def colour_counts(rows: list[dict[str, str]], cache: Path) -> dict[str, Any]:
-    """How many manifest cases are colour images (``axis4 == "rgb"`` in the cached volume's sidecar)."""
+    """How many manifest cases are colour images (``axis4 == "rgb"`` in the cached volume's sidecar); with
+    multi-image cases (``axis4 == "channels"``), also their ``channel_names``."""
     colour = grey = 0
+    names: list[str] | None = None
     for r in rows:
         try:
             meta = json.loads((cache / r["volume"]).with_suffix(".json").read_text())
@@ -56,12 +67,22 @@ def colour_counts(rows: list[dict[str, str]], cache: Path) -> dict[str, Any]:
             colour += 1
         else:
             grey += 1
-    return {"colour": colour, "grey": grey, "share": colour / max(colour + grey, 1)}
+        if meta.get("axis4") == "channels" and names is None:
+            names = list(meta.get("channel_names") or [])
+    out: dict[str, Any] = {"colour": colour, "grey": grey, "share": colour / max(colour + grey, 1)}
+    if names:
+        out["channel_names"] = names
+    return out
 
 
-def channel_count(cfg: PreprocessConfig, colour_share: float, backbone_spec) -> int:
-    """Input channels: ``rgb`` -> 3, ``grey`` -> 1, ``auto`` -> 3 when at least half of the cases are
-    colour and the backbone has a three-channel stem (MedicalNet has one), else 1."""
+def channel_count(
+    cfg: PreprocessConfig, colour_share: float, backbone_spec, channel_names: tuple[str, ...] | list[str] = ()
+) -> int:
+    """Input channels: one per named channel of multi-image cases (``data.channels``); else ``rgb`` -> 3,
+    ``grey`` -> 1, ``auto`` -> 3 when at least half of the cases are colour and the backbone has a
+    three-channel stem (MedicalNet has one), else 1."""
+    if channel_names:
+        return len(channel_names)
     if cfg.channels == "rgb":
         return 3
     if cfg.channels == "grey":
@@ -70,7 +91,11 @@ def channel_count(cfg: PreprocessConfig, colour_share: float, backbone_spec) -> 
 
 
 def make_spec(
-    cfg: PreprocessConfig, backbone_spec, channels: int = 1, target_spacing: tuple[float, ...] | None = None
+    cfg: PreprocessConfig,
+    backbone_spec,
+    channels: int = 1,
+    target_spacing: tuple[float, ...] | None = None,
+    channel_names: tuple[str, ...] | list[str] = (),
 ) -> PreprocessSpec:
     """Derive the preprocessing from the config and the backbone's spec (``models.BackboneSpec``).
 
@@ -78,9 +103,33 @@ def make_spec(
     to [0, 1] then the backbone's mean/std (averaged over its channels when the input has one channel).
     Colour input (``channels`` 3) keeps the per-channel mean/std and, for ``auto``, the 8-bit window
     [0, 255] over all channels at once: a per-image, per-channel min-max would change the hues.
+    Named channels (``channel_names``, one per input channel) are scaled per channel, then normalised by
+    the backbone's mean/std cycled over the channels (``BackboneSpec.with_in_chans``).
     """
     intensity = cfg.intensity
     window = tuple(cfg.window) if cfg.window else None
+    if channel_names:
+        if len(channel_names) != channels:
+            raise ValueError(f"make_spec: {channels} channels but {len(channel_names)} channel names")
+        if intensity == "auto":
+            intensity = "zscore_nonzero" if backbone_spec.intensity == "zscore_nonzero" else "minmax"
+        if intensity == "zscore_nonzero":
+            mean, std = (0.0,) * channels, (1.0,) * channels
+        else:
+            adapted = backbone_spec.with_in_chans(channels)
+            mean = tuple(float(v) for v in np.broadcast_to(adapted.mean, (channels,)))
+            std = tuple(float(v) for v in np.broadcast_to(adapted.std, (channels,)))
+        return PreprocessSpec(
+            spatial_dims=cfg.spatial_dims,
+            image_size=cfg.image_size,
+            intensity=intensity,
+            window=window,
+            mean=mean,
+            std=std,
+            channels=channels,
+            target_spacing=tuple(float(v) for v in target_spacing) if target_spacing is not None else None,
+            channel_names=tuple(channel_names),
+        )
     if intensity == "auto" and channels == 3:
         intensity, window = "window", window or (0.0, 255.0)
     elif intensity == "auto":
@@ -181,6 +230,24 @@ def to_single_channel(array: np.ndarray, axis4: str | None) -> np.ndarray:
     raise IngestError(f"volume has shape {array.shape}; expected (X, Y, Z) or (X, Y, Z, C/T)", code="bad_shape")
 
 
+def named_channels(array: np.ndarray, axis4: str | None, spec: PreprocessSpec) -> np.ndarray:
+    """A multi-image case's cached volume ``(X, Y, Z, C)`` checked against the spec's named channels.
+
+    Raises:
+        IngestError: code ``channel_count_mismatch``: not a multi-channel case, or another channel count.
+    """
+    n = len(spec.channel_names)
+    if array.ndim != 4 or axis4 != "channels" or array.shape[3] != n:
+        got = f"{array.shape[3]} channel(s)" if array.ndim == 4 and axis4 == "channels" else "a single image"
+        raise IngestError(
+            f"input has {got}; expected the {n} named channels {list(spec.channel_names)} of a multi-image "
+            "case "
+            "(data.channels), combined by Ingest",
+            code="channel_count_mismatch",
+        )
+    return array
+
+
 def _intensity(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Intensity policy on the whole array (all channels at once for colour input)."""
     x = x.astype(np.float32, copy=False)
@@ -225,8 +292,11 @@ def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec, affin
     import torch
     from monai.transforms import Resize, SpatialPad
 
-    # (X, Y, Z, C): C = 1 (grey) or 3 (colour kept, grey replicated)
-    vol = to_rgb(array, axis4) if spec.channels == 3 else to_single_channel(array, axis4)[..., None]
+    # (X, Y, Z, C): C = 1 (grey), 3 (colour kept, grey replicated) or the named channels of the case
+    if spec.channel_names:
+        vol = named_channels(array, axis4, spec)
+    else:
+        vol = to_rgb(array, axis4) if spec.channels == 3 else to_single_channel(array, axis4)[..., None]
     if spec.spatial_dims == 2:
         if vol.shape[2] != 1:
             raise IngestError(
@@ -245,7 +315,10 @@ def preprocess(array: np.ndarray, axis4: str | None, spec: PreprocessSpec, affin
             check_spacing(affine)
             vol = to_physical(vol, affine, spec.target_spacing)  # (R, A, S, C) at the target voxel size
         img = np.transpose(vol, (3, 2, 1, 0))  # (C, Z, Y, X) = (C, D, H, W)
-    img = _intensity(img, spec)
+    if spec.channel_names:  # each named channel on its own intensity scale (module doc)
+        img = np.stack([_intensity(c, spec) for c in img])
+    else:
+        img = _intensity(img, spec)
     t = torch.from_numpy(np.ascontiguousarray(img))
     side = max(t.shape[1:])
     t = SpatialPad(spatial_size=[side] * spec.spatial_dims, mode="constant")(t)

@@ -51,8 +51,9 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     cache = workspace / "cache" / "volumes"
     backbone = get_spec(cfg.model.backbone)
     colour = colour_counts(rows, cache)
-    channels = channel_count(cfg.preprocess, colour["share"], backbone)
-    spec = make_spec(cfg.preprocess, backbone, channels, target_spacing(cfg, rows, cache, workspace))
+    names = colour.get("channel_names", ())  # data.channels: the named images of multi-image cases
+    channels = channel_count(cfg.preprocess, colour["share"], backbone, names)
+    spec = make_spec(cfg.preprocess, backbone, channels, target_spacing(cfg, rows, cache, workspace), names)
     tensor_dir = out_dir / "tensors"
     tensor_dir.mkdir(parents=True, exist_ok=True)
     kept, skipped = [], []
@@ -84,7 +85,9 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     write_text(out_dir / "index.csv", buf.getvalue())
     write_json(out_dir / TENSOR_DIGESTS, {"schema_version": 1, "tensors": digests})
 
-    train_tf = build_train_transform(cfg.augment, spec.spatial_dims, spec.image_size, spec.channels)
+    train_tf = build_train_transform(
+        cfg.augment, spec.spatial_dims, spec.image_size, spec.channels, colour=not spec.channel_names
+    )
     write_json(
         out_dir / "transform_spec.json",
         {

@@ -3,8 +3,8 @@
 The random state is owned by the pipeline, never global: each training sample's transform is re-seeded
 from ``(seed, epoch, index)`` (:func:`sample_seed`), so an epoch replays exactly whatever the number of
 DataLoader workers, and a resumed run sees the same augmented samples as an uninterrupted one.
-Inputs are channel-first tensors as produced by :mod:`pipeline.augment.preprocess`: ``(1, H, W)`` or
-``(1, D, H, W)``.
+Inputs are channel-first tensors as produced by :mod:`pipeline.augment.preprocess`: ``(C, H, W)`` or
+``(C, D, H, W)``.
 
 Presets (``augment.preset``) fill the fields a config leaves unset, per dimensionality (:data:`PRESETS`);
 ``ct`` adds :class:`RandWindowJitter`, a random narrowing/shift of the intensity window inside the range the
@@ -183,17 +183,21 @@ def rewindow(img: Any, centre: float, width: float) -> Any:
 
 
 def build_train_transform(
-    cfg: AugmentConfig, spatial_dims: int, image_size: int, channels: int = 1
+    cfg: AugmentConfig, spatial_dims: int, image_size: int, channels: int = 1, colour: bool | None = None
 ) -> Compose:
     """MONAI Compose of the random transforms configured in ``augment`` (preset resolved first).
 
     Spatial: left-right flip (last axis = X; all axes with ``flip_all_axes``), affine (rotation about the
     in-plane axis, or all three with ``rotate_3d``; zoom, shift). Intensity: window jitter (``ct``),
     contrast (gamma on the [0, 1]-shifted range), scale and shift, optional Gaussian noise; colour input
-    (``channels`` 3) also gets :class:`RandColourJitter`. ``augment.translate`` is a fraction of
-    ``image_size``; MONAI takes voxels.
+    (``colour``; by default ``channels`` 3) also gets :class:`RandColourJitter`. Named channels of
+    multi-image cases (``data.channels``: pass ``colour=False``) are never colour-jittered: mixing MR
+    sequences as if they were hues is meaningless. Every transform sees the whole channel-first tensor, so
+    all channels share one flip and one affine grid. ``augment.translate`` is a fraction of ``image_size``;
+    MONAI takes voxels.
     """
     cfg = resolve_preset(cfg, spatial_dims)
+    colour = channels == 3 if colour is None else colour and channels == 3
     ts: list[Any] = []
     if cfg.flip > 0:
         axes = range(spatial_dims) if cfg.flip_all_axes else [spatial_dims - 1]
@@ -223,7 +227,7 @@ def build_train_transform(
         ts.append(RandAdjustContrast(prob=cfg.prob, gamma=(1 - cfg.intensity * 3, 1 + cfg.intensity * 3)))
         ts.append(RandScaleIntensity(prob=cfg.prob, factors=cfg.intensity))
         ts.append(RandShiftIntensity(prob=cfg.prob, offsets=cfg.intensity))
-    if channels == 3 and cfg.colour > 0:
+    if colour and cfg.colour > 0:
         ts.append(RandColourJitter(prob=cfg.prob, strength=cfg.colour))
     if cfg.noise_std > 0:
         ts.append(RandGaussianNoise(prob=cfg.prob, std=cfg.noise_std))

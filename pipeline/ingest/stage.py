@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,13 +219,20 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
     )
     ledger = _Ledger()
     _record_rejected(run, scan, ledger)
-    matched = _match_labels(run, scan, ledger)
-    jobs = _plan_jobs(run, scan, matched, ledger)
-
     t1 = time.perf_counter()
     cache_audit: Counter = Counter()
-    recipes = ensure_private_dir(run.private / "cache")
-    results, n_decoded = run_jobs([j for _, j in jobs], cfg.ingest.processes, recipes, cache_audit)
+    channel_stats = None
+    if cfg.data.channels:  # several images per case (pipeline/ingest/channels.py): the cases become the items
+        ch = _channel_cases(run, scan, ledger, cache_audit)
+        scan = replace(scan, items=ch.items)
+        matched, jobs, results, channel_stats = ch.matched, ch.jobs, ch.results, ch.stats
+        n_decoded, n_volumes = ch.n_decoded, ch.n_volumes
+    else:
+        matched = _match_labels(run, scan, ledger)
+        jobs = _plan_jobs(run, scan, matched, ledger)
+        recipes = ensure_private_dir(run.private / "cache")
+        results, n_decoded = run_jobs([j for _, j in jobs], cfg.ingest.processes, recipes, cache_audit)
+        n_volumes = len(jobs)
     t_decode = time.perf_counter() - t1
 
     rows, source_map = _collect(run, scan, matched, jobs, results, ledger)
@@ -258,13 +265,15 @@ def _ingest_items(run: _Run, scan: _Scanned) -> dict[str, Any]:
     report["incremental"] = {
         **stats.public(),
         "volumes_decoded": n_decoded,
-        "volumes_reused": len(jobs) - n_decoded,
+        "volumes_reused": n_volumes - n_decoded,
         "scan_seconds": round(t_scan, 3),
         "decode_seconds": round(t_decode, 3),
         "total_seconds": round(time.perf_counter() - scan.t0, 3),
     }
     report["inputs"] = scan.census
     report["cache"] = dict(sorted(cache_audit.items()))  # cached volumes decoded again, by cause
+    if channel_stats is not None:
+        report["channels"] = channel_stats
     write_json(run.out_dir / "ingest_report.json", report)
 
     digest = run.out_dir.name.split(".tmp-")[0].lstrip(".")
@@ -370,14 +379,39 @@ def _match_labels(run: _Run, scan: _Scanned, ledger: _Ledger) -> dict[int, Label
             continue
         if idx not in matched:
             matched[idx] = row
+    _record_label_problems(scan, ledger)
+    for idx in range(len(scan.items)):
+        matched.setdefault(idx, _unlabelled_row(run))
+    return matched
+
+
+def _record_label_problems(scan: _Scanned, ledger: _Ledger) -> None:
     for p in scan.label_problems:
         # the shared reason names the line and column only; the cell values stay in private/
         ledger.problems.append({"code": p.code, "row": p.row, "reason": f"labels CSV {p.reason}"})
         ledger.label_rows.append({"row": p.row, "code": p.code, "case": p.ref, "detail": p.detail})
-    strata = ("",) * len(run.cfg.split.stratify_by)
-    for idx in range(len(scan.items)):
-        matched.setdefault(idx, LabelRow("", "", None, None, {}, 0, strata))
-    return matched
+
+
+def _unlabelled_row(run: _Run) -> LabelRow:
+    """The label row of a case no labels CSV row names (unlabelled)."""
+    return LabelRow("", "", None, None, {}, 0, ("",) * len(run.cfg.split.stratify_by))
+
+
+def _channel_cases(run: _Run, scan: _Scanned, ledger: _Ledger, audit: Counter) -> Any:
+    """``data.channels``: the cases, each channel decoded as an item is, combined into one volume per case
+    (:func:`pipeline.ingest.channels.run_channel_cases`)."""
+    from pipeline.ingest.channels import run_channel_cases
+
+    _record_label_problems(scan, ledger)
+    return run_channel_cases(
+        run,
+        scan,
+        ledger,
+        lambda item: _decode_job(run, scan, item),
+        lambda item: _case_refs(item, run.root, "path"),
+        _unlabelled_row(run),
+        audit,
+    )
 
 
 def _plan_jobs(
@@ -395,11 +429,18 @@ def _plan_jobs(
                     {"path": f, "file": run.token(f), "status": "left_out", "code": "conflicting_duplicate"}
                 )
             continue
-        mask = mask_for(item, cfg)
-        stamps = tuple(file_stamps(item, [scan.index.sha256(f) for f in item.files]))
-        fp = fingerprint(run.key, item, options, list(stamps), mask)
-        jobs.append((idx, DecodeJob(item, str(run.cache_dir / f"{fp}.npy"), options, mask, stamps)))
+        jobs.append((idx, _decode_job(run, scan, item, options)))
     return jobs
+
+
+def _decode_job(run: _Run, scan: _Scanned, item: Any, options: LoadOptions | None = None) -> DecodeJob:
+    """The decode job of one item (cache file named by its fingerprint)."""
+    cfg = run.cfg
+    options = options or LoadOptions(tilt=cfg.ingest.tilt, uneven_spacing=cfg.ingest.uneven_spacing)
+    mask = mask_for(item, cfg)
+    stamps = tuple(file_stamps(item, [scan.index.sha256(f) for f in item.files]))
+    fp = fingerprint(run.key, item, options, list(stamps), mask)
+    return DecodeJob(item, str(run.cache_dir / f"{fp}.npy"), options, mask, stamps)
 
 
 def _collect(
@@ -437,7 +478,7 @@ def _collect(
                     }
                 )
             continue
-        meta = res
+        meta = _flag_4d(res)
         patient_raw = label_row.patient or (item.ids or {}).get("PatientID") or item.key
         case_id = pseudonym(item.key, key, prefix="C")
         row = {
@@ -467,6 +508,18 @@ def _collect(
                 {"path": f, "file": run.token(f), "status": "ingested", "case_id": case_id}
             )
     return rows, source_map
+
+
+def _flag_4d(meta: dict[str, Any]) -> dict[str, Any]:
+    """A 4D series (time/echo volumes) gives the network its first volume only (Augment's rule): stated as
+    the case flag ``4d_first_volume_only`` (counted in the report's ``case_flags``). With ``data.channels``,
+    a channel's ``volume`` picks another one."""
+    shape = meta.get("shape") or []
+    if len(shape) == 4 and int(shape[3]) > 1 and meta.get("axis4") not in ("rgb", "channels"):
+        flags = list(meta.get("flags") or [])
+        if "4d_first_volume_only" not in flags:
+            return dict(meta, flags=flags + ["4d_first_volume_only"])
+    return meta
 
 
 def _record_vanished(run: _Run, scan: _Scanned, source_map: list[dict[str, str]], ledger: _Ledger) -> None:

@@ -13,6 +13,9 @@ Every cached volume carries the sha256 of its ``.npy`` bytes, its byte count and
   ``audit`` counts it (code ``cache_rebuilt``). When the sources are gone or changed since, the volume
   cannot be rebuilt: :class:`CacheFault` code ``cache_lost``, a per-case rejection for the caller.
 
+A multi-channel case volume (``data.channels``, :mod:`pipeline.ingest.channels`) is rebuilt the same way from
+its recipe, which names the channel volumes it combines (each verified, and rebuilt from its sources, first).
+
 The recipe holds source paths and identifiers, so it lives under ``private/`` (mode 0600), never beside the
 volume. Messages name the volume by its fingerprint file name only (no source path, no value).
 """
@@ -152,6 +155,8 @@ def rebuild(workspace: Path, cache_file: Path) -> None:
     name = cache_file.name
     try:
         recipe = json.loads((recipe_dir(workspace) / (cache_file.stem + ".json")).read_text())
+        if isinstance(recipe, dict) and recipe.get("combine"):
+            return _rebuild_combined(workspace, cache_file, recipe)
         it = recipe["item"]
         item = SourceItem(it["key"], it["kind"], tuple(it["files"]), dict(it["ids"]), dict(it["header"]))
         hashes = list(recipe.get("hashes") or [None] * len(item.files))
@@ -186,6 +191,21 @@ def rebuild(workspace: Path, cache_file: Path) -> None:
     except Exception as err:  # noqa: BLE001 - a reader failure is a per-case loss, as at ingest
         raise CacheFault(
             f"cached volume {name}: rebuilding failed ({unexpected_failure(item, err).code})", LOST
+        ) from err
+
+
+def _rebuild_combined(workspace: Path, cache_file: Path, recipe: dict[str, Any]) -> None:
+    """Rebuild a multi-channel case volume (``data.channels``) from the channel volumes its recipe names,
+    each verified (and itself rebuilt from its sources when unusable), as Ingest combined them."""
+    from pipeline.ingest.channels import build_combined
+
+    for stale in (cache_file.with_suffix(".json"), cache_file):
+        stale.unlink(missing_ok=True)
+    try:
+        build_combined(workspace, recipe, cache_file)
+    except IngestError as err:  # a channel volume lost (cache_lost) or the combination refused
+        raise CacheFault(
+            f"cached volume {cache_file.name}: rebuilding its channels failed ({err.code})", LOST
         ) from err
 
 

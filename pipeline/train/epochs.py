@@ -195,7 +195,8 @@ def train_epochs(
     schedule = setup_trainable(model, strategy, tc)
     opt = make_optimizer(model, strategy, tc, pretrained)
     transform = build_train_transform(
-        cfg.augment, cfg.preprocess.spatial_dims, cfg.preprocess.image_size, channels=int(train.x.shape[1])
+        cfg.augment, cfg.preprocess.spatial_dims, cfg.preprocess.image_size, channels=int(train.x.shape[1]),
+        colour=not cfg.data.channels,  # named channels (MR sequences) are never colour-jittered
     )
     dataset = AugmentedDataset(train, transform, tc.seed)
     bs = min(tc.batch_size, len(train))

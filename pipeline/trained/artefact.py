@@ -230,6 +230,12 @@ class TrainedModel:
         return (int(self.info.get("in_chans", 1)), *([side] * self.spatial_dims))
 
     @property
+    def channel_names(self) -> list[str]:
+        """The named input channels of a multi-image model (``data.channels``), in input order; empty for
+        one image per case (and for models saved before channels existed)."""
+        return list((self.preprocessing or {}).get("channel_names") or [])
+
+    @property
     def preprocessing(self) -> dict[str, Any] | None:
         """The deterministic preprocessing spec recorded at training (None for schema-1 models)."""
         return self.info.get("preprocessing")
@@ -254,7 +260,7 @@ def preprocess_spec(spec: dict[str, Any]):
     d = dict(spec)
     d["window"] = tuple(d["window"]) if d.get("window") else None
     d["clip_percentiles"] = tuple(d.get("clip_percentiles", (0.5, 99.5)))
-    for k in ("mean", "std", "target_spacing"):
+    for k in ("mean", "std", "target_spacing", "channel_names"):
         if isinstance(d.get(k), list):
             d[k] = tuple(d[k])
     return PreprocessSpec(**d)

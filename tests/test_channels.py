@@ -1,0 +1,355 @@
+"""Several images per case (``data.channels``, issue 17 point 3): selection, world-space combination, codes,
+per-channel normalisation, the cache, preflight, and a whole run with two channels.
+
+Real data: the Siemens EPI series of dcm_qa_nih (four phase-encoding directions of one study, 2 volumes
+each) and the GE 4D EPI (another study). Ingest-level tests that form fewer cases than a trainable split
+needs replace ``check_splits`` (the split rule is tested in test_splits.py); nothing else is replaced.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import IngestError
+from tests.conftest import write_config
+
+NIH = (Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "dcm_qa_nih" / "In").resolve()
+BINARY = {"kind": "binary", "classes": {"0": "neg", "1": "pos"}, "positive_class": "pos"}
+
+
+def _study_uids() -> dict[str, str]:
+    """Vendor folder -> StudyInstanceUID (read here; the test data must be present: no skip)."""
+    assert NIH.is_dir(), f"test data missing: {NIH}"
+    out = {}
+    for vendor in ("20180918Si", "20180918GE"):
+        first = sorted((NIH / vendor).rglob("*.dcm"))[0]
+        out[vendor] = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    return out
+
+
+def _ingest(config: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, list[dict[str, str]], Path]:
+    import pipeline.ingest.stage as stage
+
+    monkeypatch.setattr(stage, "check_splits", lambda rows, cfg: None)  # too few cases for a split
+    cfg = load_config(config)
+    ws = Path(cfg.runtime.workspace)
+    out = ws / "ingest" / "t"
+    out.mkdir(parents=True, exist_ok=True)
+    report = stage.run_ingest(cfg, out, ws)
+    with open(out / "manifest.csv", newline="") as fh:
+        return report, list(csv.DictReader(fh)), ws
+
+
+def _nih_config(root: Path, channels: list[dict], **data) -> Path:
+    uids = _study_uids()
+    (root / "labels.csv").write_text(f"study,label\n{uids['20180918Si']},1\n{uids['20180918GE']},0\n")
+    return write_config(
+        root,
+        task=BINARY,
+        data={
+            "source": str(NIH),
+            "labels_csv": "labels.csv",
+            "id_column": "study",
+            "id_type": "StudyInstanceUID",
+            "label_column": "label",
+            "channels": channels,
+            **data,
+        },
+    )
+
+
+def _series_volume(folder: str) -> np.ndarray:
+    from pipeline.ingest.sources import load_dicom
+
+    return load_dicom([str(f) for f in sorted((NIH / "20180918Si" / folder).glob("*.dcm"))]).array
+
+
+def test_two_series_of_a_study_are_one_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.ingest.volume_cache import load_volume
+
+    config = _nih_config(
+        tmp_path,
+        [{"name": "ap", "series_description": "pe=ap"}, {"name": "pa", "series_description": "PE=PA"}],
+    )
+    report, rows, ws = _ingest(config, monkeypatch)
+    assert len(rows) == 1 and rows[0]["label"] == "1"  # the Siemens study; both series carry its label
+    array, meta = load_volume(ws, rows[0]["volume"])
+    ap, pa = _series_volume("mr_0003"), _series_volume("mr_0004")
+    assert ap.ndim == 4 and ap.shape[3] == 2  # real 4D (2 volumes): the rule must be reported
+    assert array.shape == (*ap.shape[:3], 2) and meta["axis4"] == "channels"
+    assert meta["channel_names"] == ["ap", "pa"]
+    np.testing.assert_allclose(array[..., 0], ap[..., 0])  # same grid: no resampling, voxels kept
+    np.testing.assert_allclose(array[..., 1], pa[..., 0])
+    assert "4d_first_volume_only" in rows[0]["flags"].split(";")
+    assert report["case_flags"]["4d_first_volume_only"] == 1
+    # the GE study has no series matching 'ap': a per-case code naming the channel and the case pseudonym
+    missing = [p for p in report["problems"] if p["code"] == "missing_channel"]
+    assert len(missing) == 1 and "'ap'" in missing[0]["reason"] and missing[0]["case_id"].startswith("C")
+    assert report["channels"]["cases_formed"] == 2 and report["channels"]["cases_selected"] == 1
+    assert report["channels"]["images_not_used"] == 3  # RL, LR and the GE series
+    shared = (ws / "ingest" / "t" / "ingest_report.json").read_text() + (
+        ws / "ingest" / "t" / "manifest.csv"
+    ).read_text()
+    for value in ("EPI PE", "Axial EPI", "epi_pe", "20180918", _study_uids()["20180918Si"]):
+        assert value.lower() not in shared.lower()  # no SeriesDescription, path or UID published
+
+
+def test_channel_volume_index_picks_a_4d_volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.ingest.volume_cache import load_volume
+
+    config = _nih_config(
+        tmp_path,
+        [
+            {"name": "ap1", "series_description": "PE=AP", "volume": 1},
+            {"name": "rl", "series_description": "PE=RL"},
+        ],
+    )
+    _, rows, ws = _ingest(config, monkeypatch)
+    array, _ = load_volume(ws, rows[0]["volume"])
+    np.testing.assert_allclose(array[..., 0], _series_volume("mr_0003")[..., 1])
+    assert "4d_first_volume_only" in rows[0]["flags"]  # the rl channel still took its first volume
+
+
+def test_ambiguous_and_missing_channels_are_per_case_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _nih_config(
+        tmp_path,
+        [{"name": "ap", "series_description": "PE=AP"}, {"name": "any_pe", "series_description": "PE="}],
+    )
+    with pytest.raises(IngestError) as err:  # no case left: both studies are refused, each with its code
+        _ingest(config, monkeypatch)
+    assert err.value.code == "nothing_ingested"
+    assert "ambiguous_channel x1" in err.value.reason and "missing_channel x1" in err.value.reason
+
+
+# --- NIfTI cases with CSV path columns ---------------------------------------------------------------------
+
+T1_AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])  # 20 x 20 x 10 voxels: x from 0 to 38 mm
+
+
+def _world_value(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A linear function of the world position (trilinear resampling reproduces it exactly)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    return (100 + xyz[..., 0] + 0.5 * xyz[..., 1] + 0.25 * xyz[..., 2]).astype(np.float32)
+
+
+def _nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path.name
+
+
+def _geometry_project(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    src = root / "images"
+    shifted = T1_AFFINE.copy()
+    shifted[0, 3] = 30.0  # x from 30 mm: covers 25% of the first channel's field of view
+    partial = np.diag([1.5, 2.0, 3.0, 1.0])
+    partial[0, 3] = 12.0  # x from 12 mm, another spacing: covers 70%
+    rows = []
+    for n, (case, t2_aff, t2_shape) in enumerate(
+        (
+            ("same", T1_AFFINE, (20, 20, 10)),
+            ("partial", partial, (30, 20, 10)),
+            ("far", shifted, (20, 20, 10)),
+            ("no_t2", None, None),
+        )
+    ):
+        _nifti(src / case / "t1.nii.gz", rng.normal(50, 10, (20, 20, 10)).astype(np.float32), T1_AFFINE)
+        t2 = ""
+        if t2_aff is not None:
+            _nifti(src / case / "t2.nii.gz", _world_value(t2_aff, t2_shape), t2_aff)
+            t2 = f"{case}/t2.nii.gz"
+        rows.append(f"{case},{n % 2},{case}/t1.nii.gz,{t2}")
+    (root / "labels.csv").write_text("case,label,t1_path,t2_path\n" + "\n".join(rows) + "\n")
+    return write_config(
+        root,
+        task=BINARY,
+        preprocess={"spatial_dims": 3, "image_size": 16},
+        data={
+            "source": "images",
+            "labels_csv": "labels.csv",
+            "id_column": "case",
+            "id_type": "path",
+            "label_column": "label",
+            "channels": [{"name": "t1", "column": "t1_path"}, {"name": "t2", "column": "t2_path"}],
+        },
+    )
+
+
+def test_csv_path_channels_resampled_in_world_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.ingest.deid import load_or_create_key, pseudonym
+    from pipeline.ingest.volume_cache import load_volume
+
+    report, rows, ws = _ingest(_geometry_project(tmp_path), monkeypatch)
+    key = load_or_create_key(ws / "private")
+    cid = {name: pseudonym(f"row|{name}", key, prefix="C") for name in ("same", "partial", "far", "no_t2")}
+    by_case = {r["case_id"]: r for r in rows}
+    assert set(by_case) == {cid["same"], cid["partial"]}
+    codes = {p.get("case_id"): p["code"] for p in report["problems"]}
+    assert codes[cid["far"]] == "channel_grid_mismatch" and codes[cid["no_t2"]] == "missing_channel"
+    far = next(p for p in report["problems"] if p.get("case_id") == cid["far"])
+    assert "'t2'" in far["reason"] and "25%" in far["reason"] and "images" not in far["reason"]
+
+    array, meta = load_volume(ws, by_case[cid["partial"]]["volume"])
+    assert array.shape == (20, 20, 10, 2) and meta["channel_overlap"] == [1.0, 0.7]
+    np.testing.assert_allclose(meta["affine"], T1_AFFINE)  # the first channel's grid
+    # voxel (10, 5, 3) of the t1 grid is world (20, 10, 9) mm, inside t2: t2's value at that point
+    assert array[10, 5, 3, 1] == pytest.approx(100 + 20 + 5 + 2.25, abs=1e-3)
+    assert array[2, 5, 3, 1] == 0.0  # world x = 4 mm lies outside t2's field of view
+    assert "channels_resampled" in by_case[cid["partial"]]["flags"]
+    same, _ = load_volume(ws, by_case[cid["same"]]["volume"])
+    np.testing.assert_allclose(same[..., 1], _world_value(T1_AFFINE, (20, 20, 10)))  # same grid: exact
+
+
+def test_combined_volume_is_verified_and_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.ingest.volume_cache import load_volume
+
+    _, rows, ws = _ingest(_geometry_project(tmp_path), monkeypatch)
+    name = rows[0]["volume"]
+    good, _ = load_volume(ws, name)
+    npy = ws / "cache" / "volumes" / name
+    npy.write_bytes(npy.read_bytes()[:-64] + bytes(64))  # same length, other content
+    audit: Counter = Counter()
+    again, _ = load_volume(ws, name, audit)
+    np.testing.assert_array_equal(again, good)
+    assert audit["cache_rebuilt"] == 1 and audit["cache_mismatch"] == 1
+    recipe = json.loads((ws / "private" / "cache" / npy.with_suffix(".json").name).read_text())
+    assert recipe["combine"] and len(recipe["volumes"]) == 2
+
+
+def test_without_channels_nothing_changes() -> None:
+    """A config without data.channels keeps its digests (existing Ingest folders are reused) and its published
+    form; with channels the Ingest digest changes."""
+    from pipeline.config.schema import Config
+    from pipeline.config.sections import ChannelConfig
+
+    cfg = Config.model_validate(
+        {
+            "task": BINARY,
+            "data": {
+                "source": "images",
+                "labels_csv": "labels.csv",
+                "id_column": "study",
+                "id_type": "StudyInstanceUID",
+                "group_columns": ["site"],
+            },
+        }
+    )
+    # computed with the code before data.channels existed (commit 049663a)
+    assert cfg.hashed("data") == "1f78d11bee06"
+    assert cfg.hashed("task", "data", "split", "ingest", "deid") == "759b4df3db7a"
+    assert "channels" not in cfg.public_dict()["data"]
+    with_ch = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(
+                update={"channels": (ChannelConfig(name="t1", series_description="t1"),)}
+            )
+        }
+    )
+    assert with_ch.hashed("data") != cfg.hashed("data")
+    assert with_ch.public_dict()["data"]["channels"][0]["name"] == "t1"
+
+
+# --- normalisation and augmentation -------------------------------------------------------------------------
+
+
+def _spec(names=("t1", "t2"), dims=2):
+    from models import get_spec
+    from pipeline.augment.preprocess import make_spec
+    from pipeline.config import PreprocessConfig
+
+    pc = PreprocessConfig(spatial_dims=dims, image_size=16)
+    return make_spec(pc, get_spec("efficientnet_lite0"), len(names), None, names)
+
+
+def test_each_named_channel_is_normalised_on_its_own() -> None:
+    from pipeline.augment.preprocess import preprocess
+
+    rng = np.random.default_rng(1)
+    t1 = rng.normal(100, 20, (24, 24, 1)).astype(np.float32)
+    case = np.stack([t1, t1], axis=-1)
+    scaled = np.stack([t1, t1 * 1000 + 5], axis=-1)  # a sequence on another intensity scale
+    spec = _spec()
+    assert spec.channels == 2 and len(spec.mean) == 2 and spec.to_dict()["channel_names"] == ("t1", "t2")
+    a, b = preprocess(case, "channels", spec), preprocess(scaled, "channels", spec)
+    assert a.shape == (2, 16, 16)
+    np.testing.assert_allclose(a, b, atol=1e-4)  # per-channel scaling: the second channel's scale is gone
+    with pytest.raises(IngestError) as err:
+        preprocess(t1, None, spec)  # a single image given to a two-channel model
+    assert err.value.code == "channel_count_mismatch"
+
+
+def test_one_spatial_transform_for_all_channels_and_no_colour_jitter() -> None:
+    from pipeline.augment.transforms import RandColourJitter, apply, build_train_transform
+    from pipeline.config import AugmentConfig
+
+    cfg = AugmentConfig(preset="strong", noise_std=0.0)  # noise is drawn per voxel and channel, by design
+    tf = build_train_transform(cfg, 2, 16, channels=3, colour=False)
+    assert not any(isinstance(t, RandColourJitter) for t in tf.transforms)
+    assert any(
+        isinstance(t, RandColourJitter) for t in build_train_transform(cfg, 2, 16, channels=3).transforms
+    )
+    rng = np.random.default_rng(2)
+    x = np.repeat(rng.normal(0, 1, (1, 16, 16)).astype(np.float32), 3, axis=0)
+    for seed in range(5):
+        y = apply(tf, x, seed)
+        assert not np.allclose(y, x)  # something was applied
+        np.testing.assert_allclose(y[1], y[0], atol=1e-5)  # the same flip, grid and intensity draw
+        np.testing.assert_allclose(y[2], y[0], atol=1e-5)
+
+
+# --- preflight ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("channels", "field", "code"),
+    [
+        (
+            [{"name": "t1", "column": "t1_path"}, {"name": "t2", "column": "t2_col"}],
+            "data.channels[1].column",
+            "missing_column",
+        ),
+        ([{"name": "t1", "series_description": "t1("}], "data.channels.0", None),
+        ([{"name": "t1", "column": "t1_path"}, {"name": "t1", "column": "t2_path"}], "data.channels", None),
+        ([{"name": "t1", "column": "t1_path"}, {"name": "t2", "column": "t2_path"}], None, None),
+    ],
+)
+def test_preflight_refuses_bad_channels_with_the_field(tmp_path: Path, capsys, channels, field, code) -> None:
+    from tasks.cli import main
+
+    _geometry_project(tmp_path)
+    config = write_config(
+        tmp_path,
+        task=BINARY,
+        preprocess={"spatial_dims": 3, "image_size": 16},
+        model={"backbone": "resnet10_3d_compact", "pretrained": False},
+        data={
+            "source": "images",
+            "labels_csv": "labels.csv",
+            "id_column": "case",
+            "id_type": "path",
+            "label_column": "label",
+            "channels": channels,
+        },
+    )
+    rc = main(["check", str(config)])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    if field is None:  # the good config passes
+        assert rc == 0 and "valid" in text, text
+        return
+    assert rc == 2 and field in text and "Traceback" not in text, text
+    if code:
+        assert f"code {code}" in text
