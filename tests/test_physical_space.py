@@ -85,3 +85,34 @@ def test_ras_spacing_and_median_target_on_real_nifti() -> None:
     spec = make_spec(PreprocessConfig(spatial_dims=3, image_size=24), _Backbone, target_spacing=(2.0, 2.0, 2.0))
     x = preprocess(np.asarray(func.dataobj)[..., 0], None, spec, func.affine)
     assert x.shape == (1, 24, 24, 24) and np.isfinite(x).all()
+
+
+def test_preview_draws_3d_slices_in_physical_proportions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An anisotropic target voxel (x 1 mm, y 3 mm) draws each axial pixel three times as high as wide, and
+    the sheet says so; without a target spacing the sheet says it shows array proportions."""
+    from types import SimpleNamespace
+
+    import matplotlib.figure
+
+    from pipeline.augment.stage import _preview
+
+    (tmp_path / "tensors").mkdir()
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "tensors" / "c1.npy", rng.random((1, 6, 8, 8)).astype(np.float16))
+    figures: list = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k))
+    )
+    cfg = SimpleNamespace(augment=SimpleNamespace(preview=1), train=SimpleNamespace(seed=0))
+    rows = [{"case_id": "c1", "label_index": "0"}]
+    from monai.transforms import Compose
+
+    identity = Compose([])
+    for spacing, aspect, words in (((1.0, 3.0, 2.0), 3.0, "physical proportions"), (None, 1.0, "array")):
+        _preview(tmp_path, rows, identity, cfg, 3, spacing)
+        fig = figures[-1]
+        drawn = [ax for ax in fig.axes if ax.images]
+        assert len(drawn) == 2 and all(ax.get_aspect() == pytest.approx(aspect) for ax in drawn)
+        assert words in fig._suptitle.get_text()
+        assert (tmp_path / "preview.png").stat().st_size > 0

@@ -111,7 +111,7 @@ def run_augment(cfg: Config, ingest_dir: Path, out_dir: Path, workspace: Path) -
     )
     train_rows = [r for r in kept if r["split"] == "train"]
     if cfg.augment.preview and train_rows:
-        _preview(out_dir, train_rows, train_tf, cfg, spec.spatial_dims)
+        _preview(out_dir, train_rows, train_tf, cfg, spec.spatial_dims, spec.target_spacing)
     log.info(
         "Augment: %d case(s) preprocessed, %d left out; %d colour and %d grey case(s) -> %d input channel(s)",
         len(kept), len(skipped), colour["colour"], colour["grey"], channels,
@@ -163,8 +163,13 @@ def target_spacing(cfg: Config, rows: list[dict], cache: Path, workspace: Path) 
     return value
 
 
-def _preview(out_dir: Path, rows: list[dict], tf, cfg: Config, dims: int) -> None:
-    """Sheet of original (top of each pair) and augmented (below) training samples."""
+def _preview(
+    out_dir: Path, rows: list[dict], tf, cfg: Config, dims: int, spacing: tuple[float, ...] | None = None
+) -> None:
+    """Sheet of original (top of each pair) and augmented (below) training samples.
+
+    3D volumes show their middle axial slice drawn in physical proportions: with a target voxel size
+    ``(x, y, z)`` mm the pixels are drawn ``y / x`` high, so anisotropic voxels are not squashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,6 +181,7 @@ def _preview(out_dir: Path, rows: list[dict], tf, cfg: Config, dims: int) -> Non
     fig, axes = plt.subplots(2 * pairs, cols, figsize=(1.4 * cols, 1.5 * 2 * pairs), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    aspect = float(spacing[1]) / float(spacing[0]) if (dims == 3 and spacing) else 1.0
     for i in range(n):
         x = np.load(out_dir / "tensors" / f"{rows[i]['case_id']}.npy").astype(np.float32)
         y = apply(tf, x, sample_seed(cfg.train.seed, 0, i))
@@ -184,11 +190,19 @@ def _preview(out_dir: Path, rows: list[dict], tf, cfg: Config, dims: int) -> Non
         for k, img in enumerate((x, np.asarray(y, dtype=np.float32))):
             sl = img if dims == 2 else img[:, img.shape[1] // 2]
             if sl.shape[0] == 3:  # colour: shown in colour, one scale for all channels (hues kept)
-                axes[r + k, c].imshow(np.clip((np.moveaxis(sl, 0, -1) - lo) / max(hi - lo, 1e-6), 0, 1))
+                axes[r + k, c].imshow(
+                    np.clip((np.moveaxis(sl, 0, -1) - lo) / max(hi - lo, 1e-6), 0, 1), aspect=aspect
+                )
             else:
-                axes[r + k, c].imshow(sl[0], cmap="gray", vmin=lo, vmax=hi)
+                axes[r + k, c].imshow(sl[0], cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
         axes[r, c].set_title(f"label {rows[i]['label_index']}", fontsize=7)
-    fig.suptitle("Training samples: original (upper) / augmented (lower)", fontsize=9)
+    title = "Training samples: original (upper) / augmented (lower)"
+    if dims == 3:
+        title += (
+            f"; middle axial slice, voxel {' x '.join(f'{v:g}' for v in spacing)} mm, physical proportions"
+            if spacing else "; middle axial slice, array proportions (preprocess.target_spacing: none)"
+        )
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
