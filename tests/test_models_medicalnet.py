@@ -180,7 +180,7 @@ def test_registered_and_spec() -> None:
 )
 def test_loads_medicalnet_checkpoint_exactly(depth: int, tmp_path: Path, rng) -> None:
     ref = _reference(depth, seed=depth)
-    f = tmp_path / f"resnet_{depth}.pth"
+    f = tmp_path / f"synthetic_resnet_{depth}.pth"  # not an official file name: those have pinned digests
     file_sd = _write_medicalnet_checkpoint(ref, f)
     model = create_backbone(f"medicalnet_resnet{depth}", num_classes=3, weights=str(f)).eval()
     assert model.pretrained_weights.source == "explicit"
@@ -204,7 +204,7 @@ def test_loads_medicalnet_checkpoint_exactly(depth: int, tmp_path: Path, rng) ->
 
 
 def test_wrong_depth_lists_keys(tmp_path: Path) -> None:
-    f = tmp_path / "resnet_10.pth"
+    f = tmp_path / "synthetic_resnet_10.pth"
     _write_medicalnet_checkpoint(_reference(10, seed=0), f)
     with pytest.raises(WeightsError) as info:
         create_backbone("medicalnet_resnet18", num_classes=2, weights=str(f))
@@ -216,7 +216,7 @@ def test_wrong_depth_lists_keys(tmp_path: Path) -> None:
 def test_missing_backbone_key_is_refused(tmp_path: Path) -> None:
     ref = _reference(10, seed=1)
     sd = {"module." + k: v for k, v in ref.state_dict().items() if k != "layer2.0.bn1.weight"}
-    f = tmp_path / "resnet_10.pth"
+    f = tmp_path / "synthetic_resnet_10.pth"
     torch.save({"state_dict": sd}, f)
     with pytest.raises(WeightsError, match=r"layer2\.0\.bn1\.weight"):
         create_backbone("medicalnet_resnet10", num_classes=2, weights=str(f))
@@ -228,14 +228,12 @@ def test_not_a_checkpoint_dict_is_refused(tmp_path: Path) -> None:
         load_medicalnet_state_dict(m, {"epoch": 3}, "x.pth")
 
 
-def test_hf_cache_snapshot_is_found_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A MedicalNet repo snapshot in a (temporary) Hugging Face cache is used, without network."""
-    ref = _reference(10, seed=3)
+def _fake_hf_snapshot(tmp_path: Path, depth: int, filename: str, seed: int) -> tuple[str, dict]:
+    """A synthetic MedicalNet checkpoint as ``filename`` of a (temporary) Hugging Face cache snapshot."""
     blob_src = tmp_path / "tmp.pth"
-    file_sd = _write_medicalnet_checkpoint(ref, blob_src)
+    file_sd = _write_medicalnet_checkpoint(_reference(depth, seed=seed), blob_src)
     payload = blob_src.read_bytes()
-    cache = tmp_path / "hf_home" / "hub"
-    repo = cache / "models--TencentMedicalNet--MedicalNet-Resnet10"
+    repo = tmp_path / "hf_home" / "hub" / f"models--TencentMedicalNet--MedicalNet-Resnet{depth}"
     commit = "a" * 40
     (repo / "blobs").mkdir(parents=True)
     digest = hashlib.sha256(payload).hexdigest()
@@ -244,19 +242,40 @@ def test_hf_cache_snapshot_is_found_offline(tmp_path: Path, monkeypatch: pytest.
     (repo / "refs" / "main").write_text(commit)
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
-    os.symlink(os.path.relpath(repo / "blobs" / digest, snap), snap / "resnet_10_23dataset.pth")
+    os.symlink(os.path.relpath(repo / "blobs" / digest, snap), snap / filename)
+    return digest, file_sd
+
+
+def test_hf_cache_snapshot_is_found_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MedicalNet repo snapshot in a (temporary) Hugging Face cache is used, without network."""
+    # resnet_18_23dataset.pth has no published sha256 (models/catalog.py): used once the user pins its content
+    digest, file_sd = _fake_hf_snapshot(tmp_path, 18, "resnet_18_23dataset.pth", seed=3)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    # MedicalNet publishes no sha256 to pin in code: the file is used once the user pins it by content
     with pytest.raises(WeightsError, match="weights_sha256"):
-        create_backbone("medicalnet_resnet10", num_classes=2)
-    model = create_backbone("medicalnet_resnet10", num_classes=2, weights_sha256=digest)
+        create_backbone("medicalnet_resnet18", num_classes=2)
+    model = create_backbone("medicalnet_resnet18", num_classes=2, weights_sha256=digest)
     assert model.pretrained_weights.source == "hf_cache"
     assert model.pretrained_weights.sha256 == digest
     assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], file_sd["module.layer4.0.conv2.weight"])
+
+
+def test_substituted_official_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file under an official name whose sha256 is pinned (resnet_10_23dataset.pth) must be that file."""
+    digest, _ = _fake_hf_snapshot(tmp_path, 10, "resnet_10_23dataset.pth", seed=3)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for trust in ({}, {"weights_sha256": digest}, {"allow_unpinned": True}):
+        with pytest.raises(WeightsError) as info:
+            create_backbone("medicalnet_resnet10", num_classes=2, **trust)
+        assert info.value.code == "weights_mismatch"
+        assert "afa8055f3e47f4a18239495d92a7abc587902c69c31c743de2b2784653b72605" in str(info.value)
 
 
 def test_no_weights_anywhere_lists_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,7 +291,7 @@ def test_no_weights_anywhere_lists_places(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_three_channel_input_adapts_conv1(tmp_path: Path, rng) -> None:
     ref = _reference(10, seed=5)
-    f = tmp_path / "resnet_10.pth"
+    f = tmp_path / "synthetic_resnet_10.pth"
     _write_medicalnet_checkpoint(ref, f)
     m1 = create_backbone("medicalnet_resnet10", num_classes=2, weights=str(f)).eval()
     m3 = create_backbone("medicalnet_resnet10", num_classes=2, in_chans=3, weights=str(f)).eval()
