@@ -95,7 +95,7 @@ def _labels_csv(cfg: Config) -> list[Problem]:
         return [Problem("data.labels_csv", "cannot be read as a UTF-8 CSV file", err.code)]
     header = [h.strip() for h in header]
     out = []
-    for field, col in wanted_columns(data, getattr(cfg.split, "stratify_by", ()) or ()).items():
+    for field, col in wanted_columns(data, getattr(cfg.split, "stratify_by", ()) or (), cfg.task).items():
         if col not in header:
             out.append(
                 Problem(field, f"column {col!r} is not in the labels CSV's header ({len(header)} columns: {header})",
@@ -103,6 +103,12 @@ def _labels_csv(cfg: Config) -> list[Problem]:
             )
     if any(p.field == "data.label_column" for p in out):
         return out
+    if cfg.task.multilabel:  # finding cells: Ingest reports bad cells and partial rows per row
+        from pipeline.train.validation import multilabel_refusals
+
+        return out + [
+            Problem(f, m.split(": ", 1)[1], "multilabel_unsupported") for f, m in multilabel_refusals(cfg)
+        ]
     keys = {str(k) for k in cfg.task.classes}
     seen, unknown = set(), []
     for line, r in enumerate(rows, start=2):  # line 1 is the header

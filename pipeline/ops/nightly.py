@@ -187,6 +187,19 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
             "reasons": ["already the champion"],
             "evaluated_on": "none",
         }
+    if cfg.task.multilabel:  # champion/challenger (pipeline/ops/promotion.py) is single-label
+        return {
+            "model_id": model_id,
+            "champion_id": champ["id"] if champ else None,
+            "promote": False,
+            "promoted": False,
+            "reasons": [
+                "champion/challenger promotion is not adapted to multilabel tasks (task.kind: multilabel): the "
+                "model stays a candidate; promote it by hand (medtl models promote) after reading its report"
+            ],
+            "evaluated_on": "none",
+            "n_cases": 0,
+        }
     champion = score_model(cfg, ws, champ, Path(plan.augment), Path(plan.ingest)) if champ else None
     key = load_or_create_key(ws / "private", cfg.deid.key_env)
     decision = decide(cfg, key, challenger, champion)
@@ -252,6 +265,15 @@ def monitor(
         "modalities": sorted({r["modality"] for r in rows}),
         "manufacturers": sorted({r["manufacturer"] for r in rows}),
     }
+    if cfg.task.multilabel:  # label_index is a split stratum: prevalence per finding from the label vectors
+        from pipeline.ingest.labels import parse_multilabel
+
+        def share(rs: list[dict[str, str]]) -> dict[str, float]:
+            v = np.array([parse_multilabel(r["label"], len(names)) for r in rs], dtype=float)
+            return {n: float(v[:, j].mean()) for j, n in enumerate(names)}
+
+        fig["prevalence"] = share(rows) if rows else {}
+        fig["new_prevalence"] = share(new) if new else None
     sample = sorted(new, key=lambda r: r["case_id"])[:200]
     if sample:
         from pipeline.errors import IngestError
@@ -265,7 +287,7 @@ def monitor(
                 continue
         if p99:
             fig["new_intensity_p99_median"] = float(np.median(p99))
-    if champ and new:
+    if champ and new and not cfg.task.multilabel:  # the champion's figures on new cases are single-label
         from pipeline.ops.predict import ModelScorer
 
         scorer = ModelScorer(ws, champ, cfg)

@@ -39,7 +39,12 @@ def build_document(
     explanations: list[Any] | None = None,
     raw: dict[str, np.ndarray] | None = None,
 ) -> Doc:
-    """Every section of the report (arguments as :func:`pipeline.report.render.write_reports`)."""
+    """Every section of the report (arguments as :func:`pipeline.report.render.write_reports`); a multilabel
+    task's report is :func:`pipeline.report.sections.multilabel.build_multilabel_document`."""
+    if (metrics.get("task") or {}).get("kind") == "multilabel":
+        from pipeline.report.sections.multilabel import build_multilabel_document
+
+        return build_multilabel_document(cfg, plan, metrics)
     run = ReportInputs.gather(cfg, plan, metrics, preds, calibrated, explanations, raw)
     doc = Doc()
     summary_section(doc, run)
