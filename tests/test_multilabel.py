@@ -202,3 +202,122 @@ def test_end_to_end_report_has_the_per_finding_table(ml_run: Path) -> None:
     assert "effusion" in card and "macro AUROC" in card
     header = (ev / "predictions.csv").read_text().splitlines()[0].split(",")
     assert {"p_cal_effusion", "p_cal_nodule", "y_effusion"} <= set(header)
+
+
+# ------------------------------------------------------------------------------------- scorer, calibration
+def test_ensemble_and_tta_average_each_findings_probability() -> None:
+    import torch
+    from torch import nn
+
+    from pipeline.trained.nets import FlipTTA, FoldEnsemble
+
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(3)]
+    x = torch.randn(5, 1, 4, 4)
+    with torch.no_grad():
+        want = torch.stack([torch.sigmoid(m(x)) for m in members]).mean(0)
+        got = torch.sigmoid(FoldEnsemble(members, multilabel=True)(x))
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got.sum(1), torch.ones(5))  # findings co-occur: no softmax
+        tta = FlipTTA(members[0], (3,), multilabel=True)(x)
+        flip = (torch.sigmoid(members[0](x)) + torch.sigmoid(members[0](x.flip(3)))) / 2
+        assert torch.allclose(torch.sigmoid(tta), flip, atol=1e-5)
+        # the single-label path is unchanged: log of the mean softmax
+        soft = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+        assert torch.allclose(torch.exp(FoldEnsemble(members)(x)), soft, atol=1e-5)
+
+
+def _synthetic_splits(seed: int = 0, n: int = 240):
+    from pipeline.evaluate.summary import SplitPredictions
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, s in enumerate(("val", "calibration", "test")):
+        y = (rng.random((n, 2)) < [0.35, 0.2]).astype(np.int64)
+        # finding 0 is over-confident (logits x4); finding 1 is weaker signal
+        z = np.column_stack([4.0 * (1.2 * (2 * y[:, 0] - 1) + rng.normal(0, 1, n)), 0.8 * y[:, 1] + rng.normal(0, 1, n)])
+        out[s] = SplitPredictions(z, y, np.array([f"P{s}{k // 2}" for k in range(n)]), np.array([f"C{s}{k}" for k in range(n)]))
+    return out
+
+
+def test_scorer_takes_the_sigmoid_path_with_per_finding_calibrators(tmp_path: Path) -> None:
+    import torch
+    from scipy.special import expit
+    from torch import nn
+
+    from pipeline.evaluate.summary import EvalOptions
+    from pipeline.evaluate.multilabel import evaluate_multilabel
+    from pipeline.trained.artefact import TrainedModel, save_calibrator
+    from pipeline.trained.calibration import calibrator_from_state, calibrator_state
+    from pipeline.trained.multilabel import MultilabelCalibrator, binary_logits
+    from pipeline.trained.scorer import Scorer
+
+    splits = _synthetic_splits()
+    res = evaluate_multilabel(splits, ["effusion", "nodule"], EvalOptions(n_bootstrap=200), seed=3)
+    cal = res.calibrator
+    assert isinstance(cal, MultilabelCalibrator)
+    assert res.metrics["calibration"]["per_finding"]["effusion"] == "temperature"
+    t = cal.calibrators[0].temperature_
+    assert t > 1.3  # the over-confident finding is softened
+    z = splits["test"].logits
+    np.testing.assert_allclose(cal.predict_proba(z)[:, 0], expit(z[:, 0] / t), atol=1e-9)
+    for j, c in enumerate(cal.calibrators):  # each finding is its binary calibrator on [0, s_j]
+        want = expit(z[:, j]) if c is None else c.predict_proba(binary_logits(z[:, j]))[:, 1]
+        np.testing.assert_allclose(cal.predict_proba(z)[:, j], want)
+    np.testing.assert_allclose(res.calibrated["test"], cal.predict_proba(z))
+    again = calibrator_from_state(calibrator_state(cal))  # the JSON state rebuilds the same map
+    np.testing.assert_allclose(again.predict_proba(z), cal.predict_proba(z))
+    doc = save_calibrator(tmp_path, cal, {"model.pt": "abc"}, {"split": "calibration", "n_cases": 240})
+    assert doc["method"] == "per_finding" and doc["state"]["method"] == "multilabel"
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    model = TrainedModel(info={"task": "multilabel", "class_names": ["effusion", "nodule"]}, network=net, files={})
+    scorer = Scorer(model, "cpu")
+    x = np.random.default_rng(1).normal(size=(6, 1, 2, 2)).astype(np.float32)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(x)).numpy()
+    s = scorer.score(x)
+    np.testing.assert_allclose(s.raw, expit(logits), atol=1e-5)
+    np.testing.assert_allclose(s.calibrated, s.raw)  # no calibrator: raw sigmoids
+    model.calibrator = again
+    np.testing.assert_allclose(scorer.score(x).calibrated, cal.predict_proba(s.logits), atol=1e-9)
+
+
+def test_per_finding_metrics_equal_the_binary_metrics_of_each_column() -> None:
+    import dataclasses
+
+    from scipy.special import expit
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.evaluate.multilabel import binary_split, evaluate_multilabel, finding_seed, finding_task
+    from pipeline.evaluate.summary import EvalOptions, evaluate_run
+
+    splits = _synthetic_splits(seed=4)
+    options = EvalOptions(calibration="platt", n_bootstrap=300)
+    names = ["effusion", "nodule"]
+    res = evaluate_multilabel(splits, names, options, seed=11)
+    m = res.metrics
+    test = splits["test"]
+    aucs = []
+    for j, name in enumerate(names):
+        binary = evaluate_run(
+            {s: binary_split(sp, j) for s, sp in splits.items()},
+            finding_task(name),
+            dataclasses.replace(options, conformal_alpha=None),
+            seed=finding_seed(11, j),
+        )
+        assert m["per_finding"][name]["evaluation"] == binary.metrics["evaluation"]
+        assert m["per_finding"][name]["calibration"] == binary.metrics["calibration"]
+        d = m["per_finding"][name]["evaluation"]["test"]["uncalibrated"]
+        want = roc_auc_score(test.y[:, j], test.logits[:, j])
+        assert d["discrimination"]["auroc"]["value"] == pytest.approx(want)
+        brier = np.mean((expit(test.logits[:, j]) - test.y[:, j]) ** 2)
+        assert d["calibration"]["brier"]["value"] == pytest.approx(brier)
+        assert "operating_points" in d and "ece" in d["calibration"]
+        aucs.append(want)
+    macro = m["evaluation"]["test"]["uncalibrated"]["discrimination"]["macro_auroc"]
+    assert macro["value"] == pytest.approx(np.mean(aucs))
+    assert macro["ci"][0] < macro["value"] < macro["ci"][1] and macro["ci_method"] == "cluster_bootstrap"
+    assert m["conformal"]["methods"] == {} and m["task"]["kind"] == "multilabel"
+    with pytest.raises(ValueError, match="one column per finding"):
+        evaluate_multilabel({"test": splits["test"]}, ["a", "b", "c"], options, seed=1)
