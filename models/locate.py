@@ -135,6 +135,11 @@ def hf_cache_dir() -> Path:
 
 def _hf_lookup(repo_id: str, filename: str, cache_dir: Path) -> str | None:
     """Look a file up in the HF cache without any network call (None when absent)."""
+    # huggingface_hub keeps a model repo under "models--<org>--<name>" (its repo_folder_name rule); with no
+    # such folder there is nothing to find, and not importing huggingface_hub (it loads httpx: 0.2-0.5 s)
+    # keeps `medtl backbones` and planning fast. Any folder that exists is still read by the library.
+    if not (cache_dir / ("models--" + repo_id.replace("/", "--"))).is_dir():
+        return None
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub is a timm dependency
