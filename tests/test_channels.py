@@ -353,3 +353,108 @@ def test_preflight_refuses_bad_channels_with_the_field(tmp_path: Path, capsys, c
     assert rc == 2 and field in text and "Traceback" not in text, text
     if code:
         assert f"code {code}" in text
+
+
+# --- predict ------------------------------------------------------------------------------------------------
+
+
+def test_predict_groups_series_as_ingest_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series_description model scores cases grouped by the same rule: the same combined volume as Ingest
+    cached, and the GE study refused with its code."""
+    from pipeline.ingest.deid import load_or_create_key
+    from pipeline.ingest.sources import LoadOptions, scan_sources
+    from pipeline.ingest.volume_cache import load_volume
+    from pipeline.ops.predict import _channel_units, _load_unit
+
+    config = _nih_config(
+        tmp_path,
+        [{"name": "ap", "series_description": "PE=AP"}, {"name": "pa", "series_description": "PE=PA"}],
+    )
+    _, rows, ws = _ingest(config, monkeypatch)
+    cfg = load_config(config)
+    key = load_or_create_key(ws / "private")
+    items, _ = scan_sources(NIH)
+    problems: list[dict] = []
+    units = _channel_units(cfg, items, key, problems)
+    assert len(units) == 1 and [p["code"] for p in problems] == ["missing_channel"]
+    vol = _load_unit(cfg, units[0][1], LoadOptions(), "C1")
+    cached, _ = load_volume(ws, rows[0]["volume"])
+    np.testing.assert_allclose(vol.array, cached)
+    assert vol.meta["axis4"] == "channels"
+
+
+# --- a whole run --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_channel_nifti_run_end_to_end(tmp_path: Path, capsys) -> None:
+    """`medtl run` on 40 two-channel NIfTI cases (the signal is in t2 only): two input channels reach the
+    backbone, the artefact names them, and `medtl predict` refuses CSV-column channels with its code."""
+    from pipeline.trained.artefact import TrainedModel
+    from tasks.cli import main
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(40):
+        label = i % 2
+        t1 = rng.normal(80, 10, (32, 32, 1)).astype(np.float32)
+        t2 = rng.normal(300, 40, (32, 32, 1)).astype(np.float32)
+        if label:
+            r, c = rng.integers(2, 22, 2)
+            t2[r : r + 8, c : c + 8] += 400
+        _nifti(tmp_path / "images" / f"s{i:02d}" / "t1.nii.gz", t1, np.eye(4))
+        _nifti(tmp_path / "images" / f"s{i:02d}" / "t2.nii.gz", t2, np.eye(4))
+        rows.append(f"s{i:02d},{label},s{i:02d}/t1.nii.gz,s{i:02d}/t2.nii.gz")
+    (tmp_path / "labels.csv").write_text("case,label,t1_path,t2_path\n" + "\n".join(rows) + "\n")
+    config = write_config(
+        tmp_path,
+        task=BINARY,
+        data={
+            "source": "images",
+            "labels_csv": "labels.csv",
+            "id_column": "case",
+            "id_type": "path",
+            "label_column": "label",
+            "channels": [{"name": "t1", "column": "t1_path"}, {"name": "t2", "column": "t2_path"}],
+        },
+    )
+    assert main(["run", str(config)]) == 0
+    ws = tmp_path / "ws"
+    report = json.loads(next((ws / "ingest").glob("*/ingest_report.json")).read_text())
+    assert report["cases"] == 40 and report["channels"]["cases_selected"] == 40
+    aug = next(d for d in (ws / "augment").iterdir() if d.is_dir() and not d.name.startswith("."))
+    assert np.load(next((aug / "tensors").glob("*.npy"))).shape == (2, 32, 32)
+    spec = json.loads((aug / "transform_spec.json").read_text())
+    assert spec["deterministic"]["channel_names"] == ["t1", "t2"]
+    assert not any("RandColourJitter" in t["transform"] for t in spec["train_random"])
+    ft = next(
+        d for d in (ws / "finetune").iterdir() if d.is_dir() and d.name[0] != "." and "work" not in d.name
+    )
+    info = json.loads((ft / "model_info.json").read_text())
+    assert info["in_chans"] == 2
+    assert TrainedModel.load(ft).channel_names == ["t1", "t2"]
+    capsys.readouterr()
+    (tmp_path / "new").mkdir()
+    assert main(["predict", str(config), "--input", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert "path columns" in err and "medtl run" in err and "Traceback" not in err
+
+
+def test_predict_refuses_channels_it_cannot_group(tmp_path: Path) -> None:
+    from pipeline.augment.preprocess import PreprocessSpec
+    from pipeline.errors import MedtlError
+    from pipeline.ops.predict import _check_channels
+
+    cfg = load_config(_geometry_project(tmp_path))
+    spec = PreprocessSpec(
+        2, 32, "minmax", None, (0.5, 0.5), (0.5, 0.5), channels=2, channel_names=("t1", "t2")
+    )
+    with pytest.raises(MedtlError) as err:
+        _check_channels(cfg, spec)
+    assert err.value.code == "multichannel_predict_unsupported"
+    other = PreprocessSpec(
+        2, 32, "minmax", None, (0.5, 0.5), (0.5, 0.5), channels=2, channel_names=("t2", "t1")
+    )
+    with pytest.raises(MedtlError) as err:
+        _check_channels(cfg, other)
+    assert err.value.code == "channel_config_mismatch"

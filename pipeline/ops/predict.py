@@ -13,7 +13,14 @@ Every registered model gets a small *bundle* in ``<workspace>/ops/models/<id>/``
 preprocesses each case with the model's recorded spec, and writes ``predictions.csv`` and
 ``predictions.json`` keyed by pseudonym (case and patient), plus the private pseudonym -> source file map
 under ``<workspace>/private/predict/``. Axis order: volumes ``(X, Y, Z[, C/T])``; network inputs
-``(1, H, W)`` / ``(1, D, H, W)``; probabilities ``(N, K)``.
+``(C, H, W)`` / ``(C, D, H, W)``; probabilities ``(N, K)``.
+
+A model trained on several images per case (``data.channels``) scores cases grouped by the same rule: with
+``series_description`` channels, the series of the input folder sharing the config's ``data.id_type`` value
+(StudyInstanceUID, PatientID, ...) form a case, each channel picks its series and the channels are combined
+on the first one's grid as Ingest does (per-case codes ``missing_channel``, ``ambiguous_channel``,
+``channel_grid_mismatch``). Channels chosen by labels-CSV path columns (or cases keyed by ``path``) need a
+CSV that a folder of scans does not have: such a model is refused (code ``multichannel_predict_unsupported``).
 """
 
 from __future__ import annotations
@@ -231,7 +238,7 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
     from pipeline.augment.preprocess import preprocess
     from pipeline.ingest.decode_jobs import check_values, unexpected_failure
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
-    from pipeline.ingest.sources import LoadOptions, load_item, scan_sources
+    from pipeline.ingest.sources import LoadOptions, scan_sources
     from pipeline.trained.artefact import preprocess_spec
 
     ws = Path(cfg.runtime.workspace)
@@ -242,17 +249,20 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
     key = load_or_create_key(private, cfg.deid.key_env)
     scorer = ModelScorer(ws, model, cfg)
     spec = preprocess_spec(scorer.spec)
+    _check_channels(cfg, spec)
     items, rejected = scan_sources(input_dir, kinds=tuple(cfg.data.kinds))
     options = LoadOptions(tilt=cfg.ingest.tilt, uneven_spacing=cfg.ingest.uneven_spacing)
     cases, xs, private_map, problems = [], [], [], []
     for r in rejected:
         problems.append({"file": pseudonym(r.path, key, prefix="F"), "code": r.code})
-    for item in items:
-        case_id = pseudonym(item.key, key, prefix="C")
-        patient = pseudonym((item.ids or {}).get("PatientID") or item.key, key, prefix="P")
-        private_map.append({"case_id": case_id, "files": ";".join(item.files)})
+    units = _channel_units(cfg, items, key, problems) if spec.channel_names else [(i.key, [i]) for i in items]
+    for unit_key, members in units:
+        item = members[0]
+        case_id = pseudonym(unit_key, key, prefix="C")
+        patient = pseudonym((item.ids or {}).get("PatientID") or unit_key, key, prefix="P")
+        private_map.append({"case_id": case_id, "files": ";".join(f for m in members for f in m.files)})
         try:
-            vol = load_item(item, options)
+            vol = _load_unit(cfg, members, options, case_id)
             # the ingest check on the stored values (before windowing): non_finite, constant, empty are
             # per-case rejections, the others are scored
             check_values(vol.array, f"case {case_id}")
@@ -307,6 +317,67 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
     )
     _write_outputs(Path(out_dir), cases, names, summary)
     return summary
+
+
+def _check_channels(cfg: Config, spec: Any) -> None:
+    """A multi-channel model scores only cases the config's ``data.channels`` can group (module doc)."""
+    names = list(spec.channel_names)
+    if not names:
+        return
+    configured = [c.name for c in cfg.data.channels]
+    if configured != names:
+        raise MedtlError(
+            f"predict: the model takes the named channels {names} (data.channels at training), but this "
+            f"config's data.channels names {configured}; expected the same channels in the same order",
+            code="channel_config_mismatch",
+        )
+    if cfg.data.channels[0].column is not None or cfg.data.id_type == "path":
+        raise MedtlError(
+            f"predict: the model takes the channels {names}, chosen by labels-CSV path columns (or cases "
+            "keyed by path), which a folder of scans does not carry; score such cases by adding them as "
+            "unlabelled rows of the labels CSV and running `medtl run`, or train with series_description "
+            "channels (DICOM)",
+            code="multichannel_predict_unsupported",
+        )
+
+
+def _channel_units(
+    cfg: Config, items: list[Any], key: bytes, problems: list[dict[str, Any]]
+) -> list[tuple[str, list[Any]]]:
+    """The cases of a folder for a multi-channel model: series grouped by ``data.id_type``, each channel's
+    series picked by its SeriesDescription pattern (:func:`pipeline.ingest.channels.select_cases`); cases
+    without exactly one series per channel are problems (pseudonym and code only)."""
+    from pipeline.ingest.channels import select_cases
+    from pipeline.ingest.deid import pseudonym
+
+    cases, _unused, _ = select_cases(cfg.data, items, {}, set(), lambda item: [])
+    units = []
+    for case in cases:
+        if case.problem is not None:
+            problems.append({"case_id": pseudonym(case.key, key, prefix="C"), "code": case.problem[0],
+                             "channel": cfg.data.channels[case.problem[1]].name})
+            continue
+        units.append((case.key, [items[i] for i in case.items]))
+    return units
+
+
+def _load_unit(cfg: Config, members: list[Any], options: Any, case_id: str) -> Any:
+    """One scan, or the channels of one case combined as Ingest combines them (``(X, Y, Z, C)``)."""
+    from pipeline.ingest.channels import combine
+    from pipeline.ingest.decode_jobs import check_values
+    from pipeline.ingest.sources import load_item
+    from pipeline.ingest.volume import Volume
+
+    if len(members) == 1 and not cfg.data.channels:
+        return load_item(members[0], options)
+    vols = [load_item(m, options) for m in members]
+    for ch, v in zip(cfg.data.channels, vols, strict=True):
+        check_values(v.array, f"case {case_id}: channel {ch.name!r}")
+    array, meta = combine([(v.array, dict(v.meta, affine=v.affine.tolist())) for v in vols],
+                          list(cfg.data.channels), case_id)
+    keep = ("modality", "manufacturer", "flags", "geometry", "source_kind")
+    public = {k: v for k, v in meta.items() if k in keep}
+    return Volume(array, np.asarray(meta["affine"]), dict(public, axis4="channels"))
 
 
 def drift_figures(cases: list[dict[str, Any]], names: list[str], scorer: ModelScorer) -> dict[str, Any]:
