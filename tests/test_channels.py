@@ -458,3 +458,24 @@ def test_predict_refuses_channels_it_cannot_group(tmp_path: Path) -> None:
     with pytest.raises(MedtlError) as err:
         _check_channels(cfg, other)
     assert err.value.code == "channel_config_mismatch"
+
+
+def test_4d_series_without_channels_is_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One image per case (no data.channels): a 4D series still gives the network its first volume only,
+    and that is stated per case (flag 4d_first_volume_only), not silent."""
+    src = NIH / "20180918Si"
+    (tmp_path / "labels.csv").write_text("series,label\nmr_0003,1\nmr_0004,0\nmr_0005,1\nmr_0006,0\n")
+    config = write_config(
+        tmp_path,
+        task=BINARY,
+        data={
+            "source": str(src),
+            "labels_csv": "labels.csv",
+            "id_column": "series",
+            "id_type": "path",
+            "label_column": "label",
+        },
+    )
+    report, rows, _ = _ingest(config, monkeypatch)
+    assert len(rows) == 4 and all("4d_first_volume_only" in r["flags"].split(";") for r in rows)
+    assert report["case_flags"]["4d_first_volume_only"] == 4 and "channels" not in report
