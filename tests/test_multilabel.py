@@ -321,3 +321,27 @@ def test_per_finding_metrics_equal_the_binary_metrics_of_each_column() -> None:
     assert m["conformal"]["methods"] == {} and m["task"]["kind"] == "multilabel"
     with pytest.raises(ValueError, match="one column per finding"):
         evaluate_multilabel({"test": splits["test"]}, ["a", "b", "c"], options, seed=1)
+
+
+def test_end_to_end_predict_gives_per_finding_probabilities(ml_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.ops.predict import predict_folder
+    from pipeline.ops.registry import Registry
+
+    cfg = load_config(ml_run)
+    src = ml_run.parent / "images"
+    inp = tmp_path / "new"
+    inp.mkdir()
+    for name in ("img_000.png", "img_001.png", "img_002.png"):
+        shutil.copy(src / name, inp / name)
+    row = Registry(Path(cfg.runtime.workspace)).get(1)
+    summary = predict_folder(cfg, row, inp, tmp_path / "out")
+    assert summary["scored"] == 3 and set(summary["predicted_prevalence"]) == {"effusion", "nodule"}
+    with open(tmp_path / "out" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"p_effusion", "p_nodule"} <= set(rows[0])
+    assert all(r["predicted_class"] == "" and r["conformal_set"] == "" for r in rows)
+    p = np.array([[float(r["p_effusion"]), float(r["p_nodule"])] for r in rows])
+    assert ((p >= 0) & (p <= 1)).all() and not np.allclose(p.sum(axis=1), 1.0)

@@ -297,6 +297,9 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
         for i, c in enumerate(cases):
             c["probabilities"] = {n: float(res["calibrated"][i, k]) for k, n in enumerate(names)}
             c["probabilities_uncalibrated"] = {n: float(res["raw"][i, k]) for k, n in enumerate(names)}
+            if scorer.scorer.multilabel:  # findings co-occur: one probability each, no single class or set
+                c["predicted_class"], c["conformal_set"] = "", []
+                continue
             c["predicted_class"] = names[int(np.argmax(res["calibrated"][i]))]
             c["conformal_set"] = [n for k, n in enumerate(names) if res["sets"][i, k]]
     summary = drift_figures(cases, names, scorer)
@@ -387,8 +390,11 @@ def drift_figures(cases: list[dict[str, Any]], names: list[str], scorer: ModelSc
         return out
     probs = np.array([[c["probabilities"][n] for n in names] for c in cases])
     out["mean_probability"] = {n: float(probs[:, k].mean()) for k, n in enumerate(names)}
-    pred = probs.argmax(axis=1)
-    out["predicted_prevalence"] = {n: float(np.mean(pred == k)) for k, n in enumerate(names)}
+    if scorer.scorer.multilabel:  # each finding predicted present at probability >= 0.5
+        out["predicted_prevalence"] = {n: float(np.mean(probs[:, k] >= 0.5)) for k, n in enumerate(names)}
+    else:
+        pred = probs.argmax(axis=1)
+        out["predicted_prevalence"] = {n: float(np.mean(pred == k)) for k, n in enumerate(names)}
     out["intensity_p1_median"] = float(np.median([c["intensity_p1"] for c in cases]))
     out["intensity_p99_median"] = float(np.median([c["intensity_p99"] for c in cases]))
     out["ood_rate"] = float(np.mean([bool(c["ood"]) for c in cases]))
