@@ -114,7 +114,12 @@ def test_ingest_reads_finding_columns_with_row_problems(tmp_path: Path) -> None:
         w.writerows(rows)
     data = DataConfig(source=tmp_path, labels_csv=path, id_column="file", id_type="path")
     by_ref, problems = read_labels(data, _task())
-    assert {r: v.label for r, v in by_ref.items()} == {"a.png": "1;0", "b.png": "0;1", "c.png": "", "f.png": "0;0"}
+    assert {r: v.label for r, v in by_ref.items()} == {
+        "a.png": "1;0",
+        "b.png": "0;1",
+        "c.png": "",
+        "f.png": "0;0",
+    }
     assert not by_ref["c.png"].labelled
     codes = {p.row: p.code for p in problems}
     assert codes == {5: "bad_multilabel_value", 6: "partial_multilabel"}
@@ -190,6 +195,8 @@ def test_end_to_end_macro_auroc_well_above_chance(ml_run: Path) -> None:
     report = json.loads((_stage(ml_run, "ingest") / "ingest_report.json").read_text())
     text = json.dumps(report)
     assert "bad_multilabel_value" in text and "partial_multilabel" in text and SECRET not in text
+    train = report["splits"]["train"]["per_class"]  # positives per finding, not zeros
+    assert train["effusion"] > 0 and train["nodule"] > 0
 
 
 def test_end_to_end_report_has_the_per_finding_table(ml_run: Path) -> None:
@@ -232,11 +239,15 @@ def _synthetic_splits(seed: int = 0, n: int = 240):
 
     rng = np.random.default_rng(seed)
     out = {}
-    for i, s in enumerate(("val", "calibration", "test")):
+    for s in ("val", "calibration", "test"):
         y = (rng.random((n, 2)) < [0.35, 0.2]).astype(np.int64)
         # finding 0 is over-confident (logits x4); finding 1 is weaker signal
-        z = np.column_stack([4.0 * (1.2 * (2 * y[:, 0] - 1) + rng.normal(0, 1, n)), 0.8 * y[:, 1] + rng.normal(0, 1, n)])
-        out[s] = SplitPredictions(z, y, np.array([f"P{s}{k // 2}" for k in range(n)]), np.array([f"C{s}{k}" for k in range(n)]))
+        z = np.column_stack(
+            [4.0 * (1.2 * (2 * y[:, 0] - 1) + rng.normal(0, 1, n)), 0.8 * y[:, 1] + rng.normal(0, 1, n)]
+        )
+        out[s] = SplitPredictions(
+            z, y, np.array([f"P{s}{k // 2}" for k in range(n)]), np.array([f"C{s}{k}" for k in range(n)])
+        )
     return out
 
 
@@ -245,8 +256,8 @@ def test_scorer_takes_the_sigmoid_path_with_per_finding_calibrators(tmp_path: Pa
     from scipy.special import expit
     from torch import nn
 
-    from pipeline.evaluate.summary import EvalOptions
     from pipeline.evaluate.multilabel import evaluate_multilabel
+    from pipeline.evaluate.summary import EvalOptions
     from pipeline.trained.artefact import TrainedModel, save_calibrator
     from pipeline.trained.calibration import calibrator_from_state, calibrator_state
     from pipeline.trained.multilabel import MultilabelCalibrator, binary_logits
@@ -271,7 +282,9 @@ def test_scorer_takes_the_sigmoid_path_with_per_finding_calibrators(tmp_path: Pa
     assert doc["method"] == "per_finding" and doc["state"]["method"] == "multilabel"
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-    model = TrainedModel(info={"task": "multilabel", "class_names": ["effusion", "nodule"]}, network=net, files={})
+    model = TrainedModel(
+        info={"task": "multilabel", "class_names": ["effusion", "nodule"]}, network=net, files={}
+    )
     scorer = Scorer(model, "cpu")
     x = np.random.default_rng(1).normal(size=(6, 1, 2, 2)).astype(np.float32)
     with torch.no_grad():

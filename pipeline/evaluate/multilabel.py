@@ -213,7 +213,12 @@ def evaluate_multilabel(
         },
         "evaluation": evaluation,
         "per_finding": per_finding,
-        "conformal": {"alpha": options.conformal_alpha, "fitted_on": None, "methods": {}, "reason": CONFORMAL_SKIPPED},
+        "conformal": {
+            "alpha": options.conformal_alpha,
+            "fitted_on": None,
+            "methods": {},
+            "reason": CONFORMAL_SKIPPED,
+        },
         "subgroups": {},
         "patient_level": None,
         "warnings": warnings,

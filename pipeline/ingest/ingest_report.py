@@ -97,6 +97,13 @@ def check_splits(rows: list[dict[str, Any]], cfg: Config) -> None:
             )
 
 
+def _has(row: dict[str, Any], j: int, value: str, cfg: Config) -> bool:
+    """The row is of class ``value`` (column ``j``); multilabel: its finding ``j`` is positive."""
+    if cfg.task.multilabel:
+        return row["label"].split(";")[j:j + 1] == ["1"]
+    return row["label"] == value
+
+
 def build_report(
     cfg: Config, rows: list[dict[str, Any]], problems: list[dict[str, Any]], n_inputs: int, n_labels: int
 ) -> dict:
@@ -109,11 +116,12 @@ def build_report(
             "cases": len(sel),
             "patients": len({r["patient_id"] for r in sel}),
             "per_class": {
-                cfg.task.classes[v]: sum(r["label"] == v for r in sel) for v in cfg.task.label_values
+                cfg.task.classes[v]: sum(_has(r, j, v, cfg) for r in sel)
+                for j, v in enumerate(cfg.task.label_values)
             },
             "per_class_patients": {
-                cfg.task.classes[v]: len({r["patient_id"] for r in sel if r["label"] == v})
-                for v in cfg.task.label_values
+                cfg.task.classes[v]: len({r["patient_id"] for r in sel if _has(r, j, v, cfg)})
+                for j, v in enumerate(cfg.task.label_values)
             },
         }
     unl = [r for r in rows if r["split"] == "unlabelled"]

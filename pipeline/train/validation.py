@@ -47,13 +47,17 @@ def multilabel_refusals(cfg) -> list[tuple[str, str]]:
         return []
     tc, out = cfg.train, []
     if tc.strategy == "linear_probe":
-        out.append(("train.strategy", "'linear_probe' is single-label; expected partial, finetune, gradual, scratch"))
+        out.append(
+            ("train.strategy", "'linear_probe' is single-label; expected partial, finetune, gradual, scratch")
+        )
     if tc.strategy == "auto" and set(tc.auto_candidates) <= {"linear_probe"}:
         out.append(("train.auto_candidates", "only 'linear_probe', which is single-label; add 'finetune'"))
     if tc.probe_init:
         out.append(("train.probe_init", "the linear probe is single-label; expected false"))
     if tc.semi_supervised == "pseudo_label":
-        out.append(("train.semi_supervised", "pseudo-labelling is single-label; expected 'off' or 'auto' (= off)"))
+        out.append(
+            ("train.semi_supervised", "pseudo-labelling is single-label; expected 'off' or 'auto' (= off)")
+        )
     return [(f, f"{f}: {m} (task.kind: multilabel)") for f, m in out]
 
 

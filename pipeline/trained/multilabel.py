@@ -49,7 +49,9 @@ class MultilabelCalibrator:
 
     def __init__(self, calibrators: list[Any], names: list[str]) -> None:
         if len(calibrators) != len(names):
-            raise ValueError(f"MultilabelCalibrator: {len(calibrators)} calibrators for {len(names)} findings")
+            raise ValueError(
+                f"MultilabelCalibrator: {len(calibrators)} calibrators for {len(names)} findings"
+            )
         self.calibrators = list(calibrators)
         self.names = list(names)
         self.chosen_ = "per_finding"
@@ -89,6 +91,8 @@ class MultilabelCalibrator:
 
         findings = state.get("findings")
         if not isinstance(findings, list) or not findings:
-            raise ValueError("calibrator state for 'multilabel': 'findings' is missing; expected one entry per finding")
+            raise ValueError(
+                "calibrator state for 'multilabel': 'findings' is missing; expected one entry per finding"
+            )
         cals = [calibrator_from_state(f["state"]) if f.get("state") else None for f in findings]
         return cls(cals, [str(f.get("name")) for f in findings])

@@ -60,8 +60,10 @@ def _summary(doc: Doc, cfg: Config, metrics, names, block, macro, primary) -> No
         "co-occur, so the model gives each finding its own probability (a sigmoid output), calibrated, "
         "thresholded and evaluated on its own; a case may have several findings or none. "
         f"Intervals are {level_words(metrics)} confidence intervals. "
-        + ci_methods_sentence([block.get("discrimination") or {}, block.get("calibration") or {}],
-                              (metrics.get("options") or {}).get("n_bootstrap"))
+        + ci_methods_sentence(
+            [block.get("discrimination") or {}, block.get("calibration") or {}],
+            (metrics.get("options") or {}).get("n_bootstrap"),
+        )
     )
     doc.p(_calibration_sentence(metrics, names))
     for w in metrics.get("warnings") or []:
@@ -81,7 +83,11 @@ def _calibration_sentence(metrics: dict[str, Any], names: list[str]) -> str:
     return (
         f"Calibration, fitted per finding on the {cal.get('n_cases', '?')} calibration cases with the guard "
         f"of the binary path: applied for {', '.join(applied)}"
-        + (f"; not applied for {', '.join(rest)} (declined or not requested: see the warnings)" if rest else "")
+        + (
+            f"; not applied for {', '.join(rest)} (declined or not requested: see the warnings)"
+            if rest
+            else ""
+        )
         + "."
     )
 
@@ -92,16 +98,21 @@ def _data(doc: Doc, plan, metrics: dict[str, Any], names: list[str]) -> None:
     ingest = json.loads(path.read_text()) if path.is_file() else {}
     if ingest:
         problems = ingest.get("problems_by_code") or {}
-        words = "; ".join(f"{k}: {v}" for k, v in sorted(problems.items())) if isinstance(problems, dict) else ""
+        words = (
+            "; ".join(f"{k}: {v}" for k, v in sorted(problems.items())) if isinstance(problems, dict) else ""
+        )
         doc.p(
             f"{ingest.get('cases', '?')} cases from {ingest.get('patients', '?')} patients ingested. Split rule: "
             f"{ingest.get('split_rule', '?')}; multilabel cases are stratified by their rarest positive finding. "
-            "No patient appears in two splits." + (f" Rows and files not used, by code: {words}." if words else "")
+            "No patient appears in two splits."
+            + (f" Rows and files not used, by code: {words}." if words else "")
         )
     rows = []
     for s, d in (metrics.get("splits") or {}).items():
         pf = d.get("per_finding") or {}
-        rows.append([s, d.get("cases"), d.get("patients")] + [pf.get(n, 0) for n in names] + [d.get("no_finding")])
+        rows.append(
+            [s, d.get("cases"), d.get("patients")] + [pf.get(n, 0) for n in names] + [d.get("no_finding")]
+        )
     doc.table(["split", "cases", "patients"] + [f"{n} positive" for n in names] + ["no finding"], rows)
 
 
@@ -152,8 +163,17 @@ def _performance(doc: Doc, metrics, names, per, primary: str, macro: dict[str, A
             ]
         )
     doc.table(
-        ["finding", "prevalence", "AUROC", "AUROC interval", "AUPRC", "Brier", "ECE", "calibration slope",
-         "calibration applied"],
+        [
+            "finding",
+            "prevalence",
+            "AUROC",
+            "AUROC interval",
+            "AUPRC",
+            "Brier",
+            "ECE",
+            "calibration slope",
+            "calibration applied",
+        ],
         rows,
     )
     best = max(rows, key=lambda r: _value(per, r[0], primary), default=None)
@@ -177,13 +197,25 @@ def _operating_points(doc: Doc, names, per, primary: str) -> None:
         ops = (ev.get(primary) or ev.get("uncalibrated") or {}).get("operating_points") or {}
         for rule, op in ops.items():
             if isinstance(op, dict) and "threshold" in op:
-                rows.append([n, rule, fmt(op.get("threshold")), fmt(op.get("sensitivity")), fmt(op.get("specificity"))])
+                rows.append(
+                    [
+                        n,
+                        rule,
+                        fmt(op.get("threshold")),
+                        fmt(op.get("sensitivity")),
+                        fmt(op.get("specificity")),
+                    ]
+                )
     if not rows:
-        doc.p("No operating point was chosen (each needs a validation split with positive and negative cases of "
-              "its finding; the warnings say which finding lacked them).")
+        doc.p(
+            "No operating point was chosen (each needs a validation split with positive and negative cases of "
+            "its finding; the warnings say which finding lacked them)."
+        )
         return
-    doc.p("Thresholds chosen on the validation split for each finding by the configured rules, applied once to "
-          "the test split.")
+    doc.p(
+        "Thresholds chosen on the validation split for each finding by the configured rules, applied once to "
+        "the test split."
+    )
     doc.table(["finding", "rule", "threshold", "test sensitivity", "test specificity"], rows)
 
 
@@ -195,5 +227,7 @@ def _not_adapted(doc: Doc, metrics: dict[str, Any]) -> None:
             doc.p(f"{title}: {reasons[key]}.")
     if "promotion_holdout" in reasons:
         doc.p(f"Promotion holdout: {reasons['promotion_holdout']}.")
-    doc.p("Subgroup and patient-level figures are computed per finding (metrics.json, per_finding.<finding>."
-          "subgroups and .patient_level); this report does not tabulate them.")
+    doc.p(
+        "Subgroup and patient-level figures are computed per finding (metrics.json, per_finding.<finding>."
+        "subgroups and .patient_level); this report does not tabulate them."
+    )
