@@ -297,7 +297,7 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
         for i, c in enumerate(cases):
             c["probabilities"] = {n: float(res["calibrated"][i, k]) for k, n in enumerate(names)}
             c["probabilities_uncalibrated"] = {n: float(res["raw"][i, k]) for k, n in enumerate(names)}
-            if scorer.scorer.multilabel:  # findings co-occur: one probability each, no single class or set
+            if scorer.info.get("task") == "multilabel":  # findings co-occur: no single class or set
                 c["predicted_class"], c["conformal_set"] = "", []
                 continue
             c["predicted_class"] = names[int(np.argmax(res["calibrated"][i]))]
@@ -390,7 +390,7 @@ def drift_figures(cases: list[dict[str, Any]], names: list[str], scorer: ModelSc
         return out
     probs = np.array([[c["probabilities"][n] for n in names] for c in cases])
     out["mean_probability"] = {n: float(probs[:, k].mean()) for k, n in enumerate(names)}
-    if scorer.scorer.multilabel:  # each finding predicted present at probability >= 0.5
+    if scorer.info.get("task") == "multilabel":  # each finding predicted present at probability >= 0.5
         out["predicted_prevalence"] = {n: float(np.mean(probs[:, k] >= 0.5)) for k, n in enumerate(names)}
     else:
         pred = probs.argmax(axis=1)
