@@ -358,3 +358,29 @@ def test_end_to_end_predict_gives_per_finding_probabilities(ml_run: Path, tmp_pa
     assert all(r["predicted_class"] == "" and r["conformal_set"] == "" for r in rows)
     p = np.array([[float(r["p_effusion"]), float(r["p_nodule"])] for r in rows])
     assert ((p >= 0) & (p <= 1)).all() and not np.allclose(p.sum(axis=1), 1.0)
+
+
+def test_preflight_names_absent_finding_columns_and_refused_settings(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.preflight import preflight
+
+    make_multilabel_dataset(tmp_path, n=6)
+    cfg = load_config(_ml_config(tmp_path))
+    assert preflight(cfg, models=False) == []  # data.label_column is not needed for a multilabel task
+    (tmp_path / "labels.csv").write_text("file,eff_col\nimg_000.png,1\n")
+    problems = preflight(cfg, models=False)
+    assert [(p.field, p.code) for p in problems] == [("task.classes['nod_col']", "missing_column")]
+    assert "nod_col" in problems[0].line()
+    make_multilabel_dataset(tmp_path, n=6)
+    cfg = load_config(
+        _ml_config(
+            tmp_path,
+            train={"semi_supervised": "pseudo_label"},
+            evaluate={"study_label_fractions": [0.5], "study_strategies": ["finetune"]},
+        )
+    )
+    fields = {p.field: p.code for p in preflight(cfg, models=False)}
+    assert fields == {
+        "train.semi_supervised": "multilabel_unsupported",
+        "evaluate.study_label_fractions": "multilabel_unsupported",
+    }

@@ -4,7 +4,7 @@ probability column per finding, ``metrics.json`` and ``calibrator.json``.
 
 What is not adapted to findings that co-occur is skipped, and ``metrics.json`` says why
 (``not_adapted``: feature -> sentence; the report prints them): conformal prediction sets, the model
-comparison (``evaluate.compare_with``), the transfer study, the TRIPOD+AI / CLAIM statistics that assume one
+comparison (``evaluate.compare_with``), the TRIPOD+AI / CLAIM statistics that assume one
 label per case, Grad-CAM, and the locked promotion holdout (champion/challenger promotion is not adapted, so
 the whole test split is reported).
 """
@@ -36,8 +36,6 @@ NOT_ADAPTED = {
     ),
     "comparison": "the comparison with a previous model (evaluate.compare_with) is not adapted to multilabel "
     "tasks and was skipped",
-    "study": "the transfer study (evaluate.study_label_fractions) is not adapted to multilabel tasks and was "
-    "skipped",
     "reporting": "the TRIPOD+AI / CLAIM statistics (sample size, participants, subgroup differences, site "
     "heterogeneity, error analysis) assume one label per case and were not computed",
     "explanations": "Grad-CAM maps are not drawn for multilabel tasks (one map per finding is not implemented)",
@@ -69,8 +67,6 @@ def run_evaluate_multilabel(cfg: Config, plan, out_dir: Path) -> Evaluation:
     skipped = dict(NOT_ADAPTED)
     if cfg.evaluate.compare_with is None:
         skipped.pop("comparison")
-    if not cfg.evaluate.study_label_fractions:
-        skipped.pop("study")
     if cfg.evaluate.explain_cases <= 0:
         skipped.pop("explanations")
     metrics["not_adapted"] = skipped

@@ -20,7 +20,6 @@ __all__ = ["build_multilabel_document"]
 #: Sections of the single-label report left out for multilabel tasks, and why.
 SKIPPED_SECTIONS = {
     "Conformal prediction sets": "conformal",
-    "Transfer study": "study",
     "Comparison with a previous model": "comparison",
     "Reporting statistics (TRIPOD+AI / CLAIM items, error analysis, fairness, sites)": "reporting",
     "Explanations (Grad-CAM)": "explanations",
