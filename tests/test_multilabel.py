@@ -384,3 +384,14 @@ def test_preflight_names_absent_finding_columns_and_refused_settings(tmp_path: P
         "train.semi_supervised": "multilabel_unsupported",
         "evaluate.study_label_fractions": "multilabel_unsupported",
     }
+
+
+def test_out_of_fold_probabilities_round_trip_through_the_sigmoid() -> None:
+    from scipy.special import expit, softmax
+
+    from pipeline.train.loop import _oof_logits
+
+    p = np.array([[0.9, 0.2], [1e-15, 1.0], [0.5, 0.5]])
+    np.testing.assert_allclose(expit(_oof_logits(p, True)), np.clip(p, 1e-12, 1 - 1e-7), atol=1e-9)
+    q = np.array([[0.7, 0.3], [0.1, 0.9]])
+    np.testing.assert_allclose(softmax(_oof_logits(q, False), axis=1), q)
