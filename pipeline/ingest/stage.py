@@ -7,7 +7,9 @@ splits (the private split ledger, :mod:`pipeline.ingest.splits`) -> ``manifest.c
 labels CSV row, or whose row has an empty label, is ingested as unlabelled (split ``unlabelled``, empty
 ``label_index``). Bad files and bad label rows are reported with their reason; the run goes on with the rest.
 Shared outputs never hold a raw identifier or a source path: reasons that name a file are rewritten to an
-opaque file token, and the token's path is in ``private/``.
+opaque file token, and the token's path is in ``private/``. With ``data.channels`` a case is several images
+(:mod:`pipeline.ingest.channels`): the cases, each one volume of all its channels, take the items' place in
+the manifest rows, and the report gains a ``channels`` section.
 """
 
 from __future__ import annotations
