@@ -121,3 +121,41 @@ def test_rejects_single_class_and_bad_shapes() -> None:
         delong_roc_variance(np.array([0, 1, 1]), np.arange(4.0))
     with pytest.raises(ValueError, match="binary"):
         delong_roc_variance(np.array([0, 1, 2]), np.arange(3.0))
+
+
+def test_obuchowski_variance_equals_delong_without_clusters_and_the_cluster_bootstrap_with_them() -> None:
+    """Known answers: one case per patient gives DeLong's variance exactly; with correlated cases of a
+    patient (shared label, patient effect half the score variance) it matches the patient-cluster bootstrap
+    variance and exceeds the case-level DeLong variance, which treats the cases as independent."""
+    from pipeline.evaluate.delong import delong_roc_variance, obuchowski_variance
+    from pipeline.stats.bootstrap import Bootstrap, auroc_stat
+
+    rng = np.random.default_rng(3)
+    y = rng.random(120) < 0.3
+    s = rng.normal(size=120) + 1.5 * y
+    assert obuchowski_variance(y, s, np.arange(120)) == pytest.approx(delong_roc_variance(y, s), rel=1e-12)
+
+    sizes = rng.choice([1, 2, 3, 4], size=200, p=[0.4, 0.3, 0.2, 0.1])
+    patient = np.repeat(np.arange(200), sizes)
+    d = rng.random(200) < 0.3
+    score = 1.8 * d[patient] + rng.normal(0, 0.7, 200)[patient] + rng.normal(0, 0.7, len(patient))
+    yc = d[patient]
+    auc, var = obuchowski_variance(yc, score, patient)
+    boot = Bootstrap(len(yc), 4000, seed=0, clusters=patient).run({"a": auroc_stat(score, yc)})["a"]
+    assert var == pytest.approx(np.var(boot), rel=0.15)
+    assert var > 1.3 * delong_roc_variance(yc, score)[1]
+
+
+def test_auroc_logit_t_interval_is_asymmetric_inside_0_1_and_wider_with_few_patients() -> None:
+    from pipeline.evaluate.delong import auroc_logit_ci, delong_ci
+
+    rng = np.random.default_rng(4)
+    y = rng.random(150) < 0.3
+    s = rng.normal(size=150) + 1.8 * y
+    auc, lo, hi, dof = auroc_logit_ci(y, s)
+    _, dlo, dhi = delong_ci(y, s)
+    assert dof == min(y.sum(), (~y).sum()) - 1
+    assert 0 < lo < auc < hi < 1 and (auc - lo) > (hi - auc)  # longer towards 0.5 near AUC 0.9
+    assert hi - lo > dhi - dlo  # t quantile and logit scale: never narrower than plain DeLong here
+    few = np.concatenate([np.arange(150) // 10])  # 15 patients of 10 cases: few degrees of freedom
+    assert auroc_logit_ci(y, s, few)[3] < 15

@@ -135,9 +135,10 @@ def test_patient_clusters_drive_resampling_and_patient_level(binary_result) -> N
     m = binary_result[3].metrics
     assert m["evaluation"]["test"]["ci_resampling"] == "patient_cluster"
     assert m["evaluation"]["val"]["ci_resampling"] == "case"
-    assert (
-        m["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]["ci_method"] == "cluster_bootstrap"
-    )
+    auroc = m["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]
+    assert auroc["ci_method"] == "obuchowski_logit_t"  # patient-clustered variance, not case-level DeLong
+    assert m["evaluation"]["test"]["calibrated"]["discrimination"]["auprc"]["ci_method"] == "cluster_bootstrap"
+    assert auroc["ci"][0] < auroc["value"] < auroc["ci"][1] and auroc["dof"] >= 1
     pl = m["patient_level"]
     assert pl["n_patients"] == 400 and pl["label_rule"] == "any_positive"
     assert pl["metrics"]["discrimination"]["auroc"]["value"] > 0.7

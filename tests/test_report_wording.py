@@ -118,8 +118,10 @@ def test_the_interval_method_named_is_the_one_used(run) -> None:
     cfg, plan, metrics, preds, cal = run
     assert metrics["evaluation"]["test"]["ci_resampling"] == "patient_cluster"
     text = _text(*run)
-    assert "DeLong for AUROC" not in text  # two cases per patient: the AUROC CI is a cluster bootstrap
-    assert re.search(r"patient-cluster bootstrap \(200 resamples\) for [^;]*AUROC", text)
+    # two cases per patient: the AUROC CI is the patient-clustered (Obuchowski) one, not case-level DeLong
+    assert "DeLong on the logit scale with a t quantile for AUROC" not in text
+    assert "patient-clustered DeLong (Obuchowski) on the logit scale with a t quantile for AUROC" in text
+    assert re.search(r"patient-cluster bootstrap \(200 resamples\) for [^;]*AUPRC", text)
     m = copy.deepcopy(metrics)
     for variant in ("uncalibrated", "calibrated"):
         m["evaluation"]["test"][variant]["discrimination"]["auroc"]["ci_method"] = "delong"

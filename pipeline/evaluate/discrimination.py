@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from pipeline.evaluate.delong import delong_ci
+from pipeline.evaluate.delong import auroc_logit_ci, delong_ci
 from pipeline.evaluate.intervals import _num, value_ci, wilson_ci
 from pipeline.stats.bootstrap import (
     Bootstrap,
@@ -123,10 +123,17 @@ def _auroc_entry(scores: np.ndarray, y_pos: np.ndarray, boot_samples: np.ndarray
     value = roc_auc_score(y_pos, scores)
     _, lo, hi = delong_ci(y_pos, scores, bs.ci_level)
     bci = bs.ci(boot_samples)
-    method = "cluster_bootstrap" if bs.clustered else "delong"
-    ci = bci if bs.clustered else (lo, hi)
+    # the printed interval: DeLong / Obuchowski (patient clusters) on the logit scale with a t quantile;
+    # the plain DeLong and the percentile bootstrap intervals are kept beside it (see auroc_logit_ci)
+    _, llo, lhi, dof = auroc_logit_ci(y_pos, scores, bs.cluster_codes if bs.clustered else None, bs.ci_level)
+    method = "obuchowski_logit_t" if bs.clustered else "delong_logit_t"
     return value_ci(
-        value, ci, method, ci_delong=[_num(lo), _num(hi)], ci_bootstrap=[_num(bci[0]), _num(bci[1])]
+        value,
+        (llo, lhi),
+        method,
+        dof=dof,
+        ci_delong=[_num(lo), _num(hi)],
+        ci_bootstrap=[_num(bci[0]), _num(bci[1])],
     )
 
 

@@ -15,9 +15,11 @@ become ``None`` so the result is JSON-able). CI methods:
 * ``"bootstrap"`` / ``"cluster_bootstrap"``: percentile interval of the vectorised (patient-cluster)
   bootstrap in ``pipeline.stats.bootstrap``; used for everything else, and for proportions too when
   some patient has several cases (the Wilson interval would assume independent cases).
-* ``"delong"``: DeLong interval of the AUROC (``pipeline.evaluate.delong``); the AUROC carries both
-  ``ci_delong`` and ``ci_bootstrap`` and its ``ci`` is DeLong for independent cases, the cluster
-  bootstrap otherwise.
+* ``"delong_logit_t"`` / ``"obuchowski_logit_t"``: the AUROC's interval (``pipeline.evaluate.delong.
+  auroc_logit_ci``): the DeLong variance (Obuchowski's patient-clustered one when patients have several
+  cases) on the logit scale, with a t quantile on ``dof = min(positive, negative patients) - 1``; the
+  AUROC also carries the plain ``ci_delong`` and the percentile ``ci_bootstrap`` (both covered under
+  nominal in ``bench/coverage.py``). ``"delong"``: the plain DeLong interval (model comparisons).
 
 Conventions:
 

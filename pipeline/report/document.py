@@ -112,6 +112,8 @@ def level_words(metrics: dict[str, Any]) -> str:
 CI_METHOD_WORDS = {
     "wilson": "Wilson score",
     "delong": "DeLong",
+    "delong_logit_t": "DeLong on the logit scale with a t quantile",
+    "obuchowski_logit_t": "patient-clustered DeLong (Obuchowski) on the logit scale with a t quantile",
     "bootstrap": "case bootstrap",
     "cluster_bootstrap": "patient-cluster bootstrap",
     "bootstrap_bias_shifted": "case bootstrap, bias-shifted",

@@ -113,6 +113,11 @@ class Bootstrap:
             self.n_clusters = int(self._codes.max()) + 1
 
     @property
+    def cluster_codes(self) -> np.ndarray:
+        """Cluster index per case, shape (N,) (``arange(N)`` without clusters)."""
+        return np.arange(self.n_cases) if self._codes is None else self._codes
+
+    @property
     def clustered(self) -> bool:
         """True when some cluster holds more than one case."""
         return self._codes is not None and self.n_clusters < self.n_cases
