@@ -75,7 +75,8 @@ def _calibration_sentence(metrics: dict[str, Any], names: list[str]) -> str:
     applied = [f"{n} ({per[n]})" for n in names if per.get(n) not in (None, "none")]
     if not applied:
         return (
-            f"Calibration ({cal.get('requested', '?')} requested, per finding on the {cal.get('n_cases', '?')} "
+            f"Calibration ({cal.get('requested', '?')} requested, per finding on the "
+            f"{cal.get('n_cases', '?')} "
             "calibration cases): applied to no finding; every probability in this report is uncalibrated."
         )
     rest = [n for n in names if per.get(n) in (None, "none")]
@@ -101,8 +102,9 @@ def _data(doc: Doc, plan, metrics: dict[str, Any], names: list[str]) -> None:
             "; ".join(f"{k}: {v}" for k, v in sorted(problems.items())) if isinstance(problems, dict) else ""
         )
         doc.p(
-            f"{ingest.get('cases', '?')} cases from {ingest.get('patients', '?')} patients ingested. Split rule: "
-            f"{ingest.get('split_rule', '?')}; multilabel cases are stratified by their rarest positive finding. "
+            f"{ingest.get('cases', '?')} cases from {ingest.get('patients', '?')} patients ingested. "
+            f"Split rule: {ingest.get('split_rule', '?')}; multilabel cases are stratified by their rarest "
+            "positive finding. "
             "No patient appears in two splits."
             + (f" Rows and files not used, by code: {words}." if words else "")
         )
@@ -124,7 +126,8 @@ def _model(doc: Doc, plan) -> None:
         return
     doc.p(
         f"Backbone {s.get('backbone')} ({'pretrained' if s.get('pretrained') else 'from scratch'}), strategy "
-        f"{s.get('strategy')}, {s.get('epochs_run')} epochs run (best epoch {s.get('best_epoch')}, stopped by "
+        f"{s.get('strategy')}, {s.get('epochs_run')} epochs run (best epoch {s.get('best_epoch')}, "
+        "stopped by "
         f"{str(s.get('stopped_by', '?')).replace('_', ' ')}). Loss: binary cross-entropy per finding. Best "
         f"validation macro AUROC {fmt(s.get('best_val_auroc'))}; {s.get('train_cases')} training cases, "
         f"positives per finding {s.get('train_class_counts')}."
@@ -136,7 +139,8 @@ def _performance(doc: Doc, metrics, names, per, primary: str, macro: dict[str, A
     method = CI_METHOD_WORDS.get(str(macro.get("ci_method")), str(macro.get("ci_method")))
     used = macro.get("findings") or []
     doc.p(
-        f"Test split, {primary} probabilities. The macro AUROC over the {len(used)} findings with positive and "
+        f"Test split, {primary} probabilities. The macro AUROC over the {len(used)} findings with positive "
+        "and "
         f"negative test cases is {fmt(macro)} ({method} interval over "
         f"{(metrics.get('options') or {}).get('n_bootstrap', '?')} resamples, one resample serving every "
         "finding). Each finding below is evaluated exactly as a binary task would be."
@@ -196,18 +200,24 @@ def _operating_points(doc: Doc, names, per, primary: str) -> None:
         ops = (ev.get(primary) or ev.get("uncalibrated") or {}).get("operating_points") or {}
         for rule, op in ops.items():
             if isinstance(op, dict) and "threshold" in op:
+                t, v = op.get("test") or {}, op.get("val") or {}
+                met = op.get("target_met_on_test")
                 rows.append(
                     [
                         n,
                         rule,
                         fmt(op.get("threshold")),
-                        fmt(op.get("sensitivity")),
-                        fmt(op.get("specificity")),
+                        fmt(v.get("sensitivity")),
+                        fmt(v.get("specificity")),
+                        fmt(t.get("sensitivity")),
+                        fmt(t.get("specificity")),
+                        "n/a" if met is None else fmt(bool(met)),
                     ]
                 )
     if not rows:
         doc.p(
-            "No operating point was chosen (each needs a validation split with positive and negative cases of "
+            "No operating point was chosen (each needs a validation split with positive and negative cases "
+            "of "
             "its finding; the warnings say which finding lacked them)."
         )
         return
@@ -215,7 +225,19 @@ def _operating_points(doc: Doc, names, per, primary: str) -> None:
         "Thresholds chosen on the validation split for each finding by the configured rules, applied once to "
         "the test split."
     )
-    doc.table(["finding", "rule", "threshold", "test sensitivity", "test specificity"], rows)
+    doc.table(
+        [
+            "finding",
+            "rule",
+            "threshold",
+            "val sensitivity",
+            "val specificity",
+            "test sensitivity",
+            "test specificity",
+            "target met on test",
+        ],
+        rows,
+    )
 
 
 def _not_adapted(doc: Doc, metrics: dict[str, Any]) -> None:

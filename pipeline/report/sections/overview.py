@@ -59,6 +59,12 @@ def calibration_status(metrics: dict) -> str:
             f"Calibration: {cal.get('fitted', 'the calibrator')} was fitted on the {n} calibration cases and "
             f"declined ({cal['declined']}); every probability in this report is uncalibrated."
         )
+    if applied == "per_finding":  # multilabel: one binary calibrator per finding
+        per = ", ".join(f"{k}: {v}" for k, v in (cal.get("per_finding") or {}).items())
+        return (
+            f"Calibration: per finding ({per}; none = declined or not requested), fitted on the {n} "
+            "calibration cases."
+        )
     if applied in (None, "none"):
         reason = cal.get("reason", "not requested")
         return f"Calibration: none applied ({reason}); probabilities are uncalibrated."
