@@ -395,3 +395,17 @@ def test_out_of_fold_probabilities_round_trip_through_the_sigmoid() -> None:
     np.testing.assert_allclose(expit(_oof_logits(p, True)), np.clip(p, 1e-12, 1 - 1e-7), atol=1e-9)
     q = np.array([[0.7, 0.3], [0.1, 0.9]])
     np.testing.assert_allclose(softmax(_oof_logits(q, False), axis=1), q)
+
+
+def test_suggest_refuses_a_multilabel_task(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.active.suggest import suggest_cases
+    from pipeline.config import load_config
+    from pipeline.errors import MedtlError
+
+    make_multilabel_dataset(tmp_path, n=4)
+    cfg = load_config(_ml_config(tmp_path))
+    with pytest.raises(MedtlError, match="task.kind: multilabel") as err:
+        suggest_cases(cfg, SimpleNamespace(augment=tmp_path, finetune=tmp_path), 5)
+    assert err.value.code == "multilabel_unsupported"

@@ -56,6 +56,11 @@ def suggest_cases(cfg: Config, plan, n: int, strategy: str | None = None) -> dic
     if n < 1:
         raise MedtlError(f"suggest -n: {n}; expected a positive number of cases", code="bad_argument")
     strategy = strategy or DEFAULT_STRATEGY
+    if cfg.task.multilabel:  # the ranking strategies score uncertainty over one class per case
+        raise MedtlError(
+            "suggest: ranking cases to label is not adapted to multilabel tasks (task.kind: multilabel)",
+            code="multilabel_unsupported",
+        )
     for stage in ("augment", "finetune"):
         if not Path(getattr(plan, stage)).is_dir():
             raise MedtlError(
