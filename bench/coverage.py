@@ -252,7 +252,7 @@ def replicate(
     rng = np.random.default_rng(draw_seq)
     q, y, patient = draw(sc, sc.n, rng)
     probs = np.column_stack([1 - q, q])
-    bs = Bootstrap(sc.n, n_boot, seed=boot_seq, clusters=patient)
+    bs = Bootstrap(sc.n, n_boot, seed=boot_seq, clusters=patient, strata=y)  # as Evaluate builds it
     if errors_only:
         cis = binned_error_ci(q, y.astype(np.float64), bs, N_BINS)
         return {m: float(cis[m][0] - 1e-12 <= truth[m] <= cis[m][1] + 1e-12) for m in ERRORS}

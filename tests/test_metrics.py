@@ -106,8 +106,10 @@ def test_cluster_bootstrap_is_wider_with_correlated_cases(rng: np.random.Generat
     patients = np.repeat([f"p{i}" for i in range(100)], 5)
     case = auroc_with_ci(s, y, Bootstrap(500, 1000, seed=1))
     clus = auroc_with_ci(s, y, Bootstrap(500, 1000, seed=1, clusters=patients))
-    assert clus["ci_method"] == "cluster_bootstrap" and case["ci_method"] == "delong"
+    assert clus["ci_method"] == "obuchowski_logit_t" and case["ci_method"] == "delong_logit_t"
     assert (clus["ci"][1] - clus["ci"][0]) > 1.7 * (case["ci"][1] - case["ci"][0])
+    cb, db = clus["ci_bootstrap"], case["ci_bootstrap"]  # the percentile intervals kept beside it agree
+    assert (cb[1] - cb[0]) > 1.7 * (db[1] - db[0])
 
 
 def test_cis_contain_point_and_shrink_with_more_data(rng: np.random.Generator) -> None:
@@ -400,11 +402,12 @@ def test_clustered_split_uses_cluster_bootstrap_for_every_metric(rng: np.random.
     bs = Bootstrap(2 * n_pat, 300, seed=0, clusters=np.repeat(np.arange(n_pat), 2))
     out = discrimination_block(probs, y, "multiclass", ["a", "b", "c"], None, bs)
     methods = {e["ci_method"] for _, e in _walk(out)}
-    assert methods == {"cluster_bootstrap"}
+    # every interval is patient-level: the cluster bootstrap, and Obuchowski's clustered AUROC variance
+    assert methods == {"cluster_bootstrap", "obuchowski_logit_t"}
     yb = (y == 0).astype(int)
     pb = np.column_stack([probs[:, 1:].sum(1), probs[:, 0]])
     outb = discrimination_block(pb, yb, "binary", ["rest", "a"], 1, bs)
-    assert {e["ci_method"] for _, e in _walk(outb)} == {"cluster_bootstrap"}
+    assert {e["ci_method"] for _, e in _walk(outb)} == {"cluster_bootstrap", "obuchowski_logit_t"}
 
 
 def _walk(obj, path=""):

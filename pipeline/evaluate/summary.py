@@ -324,6 +324,7 @@ def evaluate_run(
             seed=children[name],
             clusters=np.asarray(sp.patient),
             ci_level=options.ci_level,
+            strata=y if task.kind == "binary" else None,  # small-sample expansion: the rarer class's patients
         )
         boots[name] = bs
         entry: dict[str, Any] = {
@@ -416,6 +417,7 @@ def evaluate_run(
                 seed=np.random.SeedSequence([int(seed), 7, gi, vi]),
                 clusters=np.asarray(test.patient)[m],
                 ci_level=options.ci_level,
+                strata=y_test_all[m] if task.kind == "binary" else None,
             )
             try:
                 g_entry["metrics"] = _variant_block(

@@ -1,4 +1,4 @@
-"""Vectorised (cluster) bootstrap with percentile confidence intervals.
+"""Vectorised (cluster) bootstrap with (expanded) percentile confidence intervals.
 
 A bootstrap resample is represented by a row of **counts**: how many times each case is drawn. The
 ``(B, N)`` count matrix is built from an index matrix of draws (``rng.integers`` then one ``bincount``),
@@ -29,6 +29,7 @@ __all__ = [
     "auroc_stat",
     "average_precision_stat",
     "confusion_stat",
+    "expanded_level",
     "macro_auroc_stat",
     "mean_stat",
     "percentile_ci",
@@ -73,6 +74,19 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95, min_valid: float = 0
     return lo, hi
 
 
+def expanded_level(level: float, n: int) -> float:
+    """Hesterberg's expanded percentile level: the normal level whose quantile is ``sqrt(n/(n-1)) t_{n-1}``.
+
+    E.g. 95% at n = 22 (positive patients of a 150-case test set) becomes 96.7%; at n = 500 95.1%.
+    """
+    from scipy.stats import norm, t
+
+    if n < 2:
+        return level
+    q = float(np.sqrt(n / (n - 1.0)) * t.ppf(0.5 + level / 2.0, n - 1))
+    return float(min(0.9999, 2.0 * norm.cdf(q) - 1.0))
+
+
 class Bootstrap:
     """Generator of bootstrap count matrices and runner of vectorised statistics.
 
@@ -83,6 +97,8 @@ class Bootstrap:
         clusters: Optional cluster label per case, shape (N,) (e.g. patient pseudonyms): clusters are
             resampled with all their cases.
         ci_level: Confidence level of ``ci``.
+        strata: Optional outcome per case, shape (N,) (e.g. the binary label): the small-sample expansion
+            of ``ci`` counts the clusters of the rarest outcome instead of all clusters.
     """
 
     def __init__(
@@ -92,6 +108,7 @@ class Bootstrap:
         seed: int | np.random.SeedSequence = 0,
         clusters: np.ndarray | None = None,
         ci_level: float = 0.95,
+        strata: np.ndarray | None = None,
     ) -> None:
         if n_cases < 1:
             raise ValueError(f"n_cases: expected >= 1, got {n_cases}")
@@ -111,6 +128,14 @@ class Bootstrap:
             _, codes = np.unique(c, return_inverse=True)
             self._codes = codes.reshape(-1)
             self.n_clusters = int(self._codes.max()) + 1
+        self.effective_n = self.n_clusters
+        if strata is not None:
+            st = np.asarray(strata).reshape(-1)
+            if st.shape != (n_cases,):
+                raise ValueError(f"strata: expected shape ({n_cases},), got {st.shape}")
+            codes_ = self.cluster_codes
+            per = [len(np.unique(codes_[st == v])) for v in np.unique(st)]
+            self.effective_n = max(2, min(per)) if len(per) > 1 else self.n_clusters
 
     @property
     def cluster_codes(self) -> np.ndarray:
@@ -152,8 +177,17 @@ class Bootstrap:
         return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 
     def ci(self, samples: np.ndarray) -> tuple[float, float]:
-        """Percentile CI of replicates at ``ci_level``."""
-        return percentile_ci(samples, self.ci_level)
+        """Expanded percentile CI of replicates at ``ci_level`` (:func:`expanded_level`).
+
+        The plain percentile interval is too narrow in small samples: it covered 89-93% at a nominal 95%
+        for most metrics of 150-case test sets with patient clusters in ``bench/coverage.py``. Hesterberg's
+        expanded percentile interval (Hesterberg 2015, "What teachers should know about the bootstrap",
+        Am Stat 69:371-386) takes the percentiles at a wider level so that its normal quantile equals
+        ``sqrt(n / (n - 1)) * t_{n-1}``, with ``n`` the effective sample size: the clusters (patients) of
+        the rarest outcome when ``strata`` are given, else all clusters. scipy's ``bootstrap`` offers
+        BCa but neither cluster resampling nor this expansion, hence the few lines here.
+        """
+        return percentile_ci(samples, expanded_level(self.ci_level, self.effective_n))
 
 
 def mean_stat(values: np.ndarray) -> Statistic:
