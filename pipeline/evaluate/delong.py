@@ -137,7 +137,10 @@ def obuchowski_variance(y_true: np.ndarray, scores: np.ndarray, clusters: np.nda
     g = int(c.max()) + 1
     a = np.bincount(c[y], v10, g) - np.bincount(c[y], minlength=g) * auc
     b = np.bincount(c[~y], v01, g) - np.bincount(c[~y], minlength=g) * auc
-    g10, g01 = int(np.count_nonzero(np.bincount(c[y], minlength=g))), int(np.count_nonzero(np.bincount(c[~y], minlength=g)))
+    g10, g01 = (
+        int(np.count_nonzero(np.bincount(c[y], minlength=g))),
+        int(np.count_nonzero(np.bincount(c[~y], minlength=g))),
+    )
     s10 = g10 / ((g10 - 1) * m) * float(a @ a) if g10 > 1 else 0.0
     s01 = g01 / ((g01 - 1) * n) * float(b @ b) if g01 > 1 else 0.0
     s11 = g / (g - 1) * float(a @ b) if g > 1 else 0.0
@@ -173,7 +176,12 @@ def auroc_logit_ci(
     if not 0.0 < auc < 1.0 or se == 0.0:
         return auc, max(0.0, auc - q * se), min(1.0, auc + q * se), dof
     centre, half = float(np.log(auc / (1.0 - auc))), q * se / (auc * (1.0 - auc))
-    return auc, float(1.0 / (1.0 + np.exp(-(centre - half)))), float(1.0 / (1.0 + np.exp(-(centre + half)))), dof
+    return (
+        auc,
+        float(1.0 / (1.0 + np.exp(-(centre - half)))),
+        float(1.0 / (1.0 + np.exp(-(centre + half)))),
+        dof,
+    )
 
 
 @dataclass(frozen=True)

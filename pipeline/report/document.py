@@ -114,6 +114,8 @@ CI_METHOD_WORDS = {
     "delong": "DeLong",
     "delong_logit_t": "DeLong on the logit scale with a t quantile",
     "obuchowski_logit_t": "patient-clustered DeLong (Obuchowski) on the logit scale with a t quantile",
+    "sandwich_t": "robust (sandwich) standard error with a t quantile",
+    "cluster_sandwich_t": "patient-cluster robust (sandwich) standard error with a t quantile",
     "bootstrap": "case bootstrap",
     "cluster_bootstrap": "patient-cluster bootstrap",
     "bootstrap_bias_shifted": "case bootstrap, bias-shifted",
