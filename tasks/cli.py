@@ -320,6 +320,37 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from pipeline.errors import MedtlError
+    from pipeline.ops.external import validate_external
+    from pipeline.ops.registry import Registry
+
+    try:
+        cfg, ws = _workspace(args.config)
+        reg = Registry(ws)
+        model = reg.get(args.model) if args.model is not None else reg.champion()
+        if model is None:
+            raise MedtlError(f"validate: workspace {ws} has no champion yet; run `medtl run` first or pass --model ID")
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out = Path(args.output) if args.output else ws / "validate" / stamp
+        doc = validate_external(cfg, model, Path(args.input), Path(args.labels), out)
+    except MedtlError as err:
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    c = doc["counts"]
+    diff = doc.get("auroc_difference")
+    print(
+        f"External validation of model {model['id']}: {c['labelled']} labelled case(s) of {c['scored']} scored"
+        + (f"; AUROC external {diff['external']:.3f} vs internal {diff['internal']:.3f} ({diff['verdict']})"
+           if diff else "")
+        + (f"; {doc['error']}" if doc.get("error") else "")
+        + f": {out / 'external_validation.html'}"
+    )
+    return 0
+
+
 def _cmd_suggest(args: argparse.Namespace) -> int:
     from pipeline.active.suggest import suggest_cases
     from pipeline.errors import MedtlError
@@ -420,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", default=None, help="folder (default WORKSPACE/predict/<time>)")
     pr.add_argument("--model", type=int, default=None, help="registry id (default: the champion)")
     pr.set_defaults(func=_cmd_predict)
+
+    va = sub.add_parser(
+        "validate", help="external validation: score a second labelled source with a model, beside its test set"
+    )
+    va.add_argument("config")
+    va.add_argument("--input", required=True, help="folder of the external source's scans")
+    va.add_argument("--labels", required=True, help="its labels CSV (the config's id/label/patient columns)")
+    va.add_argument("--output", default=None, help="folder (default WORKSPACE/validate/<time>)")
+    va.add_argument("--model", type=int, default=None, help="registry id (default: the champion)")
+    va.set_defaults(func=_cmd_validate)
 
     sg = sub.add_parser("suggest", help="rank unlabelled cases to label next (list written to the private folder)")
     sg.add_argument("config")

@@ -385,3 +385,38 @@ def test_altered_registered_model_is_refused_everywhere(project: Path, tmp_path:
         shutil.rmtree(ft)
         shutil.copytree(backup, ft)
     ModelScorer(ws, model, load_config(project))  # restored: accepted again
+
+
+def test_validate_on_an_external_source(project: Path, tmp_path: Path, capsys) -> None:
+    """`medtl validate`: a second labelled source (other patients, same signal) is scored with the champion
+    and measured with the report's intervals beside the internal test set; CSV rows that name no scan, scans
+    without a row, empty and unknown labels are counted, never copied; no identifier reaches the outputs."""
+    ext = make_dataset(tmp_path / "ext", n_patients=36, seed=11)
+    lines = (ext / "labels.csv").read_text().splitlines()
+    lines[1] = lines[1].split(",")[0] + ","  # an empty label: unlabelled
+    lines[2] = lines[2].split(",")[0] + ",maybe"  # not a class: refused by row number
+    del lines[3]  # a scan without a row
+    lines.append(f"{PHI_PATH_WORD}_9999/img.dcm,lesion")  # a row without a scan
+    (ext / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "val"
+    argv = ["validate", str(project), "--input", str(ext / "images"), "--labels", str(ext / "labels.csv")]
+    assert main(argv + ["--output", str(out)]) == 0
+    assert "External validation of model 1: 33 labelled case(s) of 36 scored" in capsys.readouterr().out
+    doc = json.loads((out / "external_validation.json").read_text())
+    assert doc["counts"] == {
+        "scored": 36, "labelled": 33, "unlabelled": 1, "no_label_row": 2, "label_rows_without_case": 1
+    }
+    assert doc["problems"]["labels_csv"] == [{"row": 3, "code": "unknown_label"}]
+    auroc = doc["calibrated"]["discrimination"]["auroc"]
+    assert auroc["value"] > 0.8 and auroc["ci"][0] <= auroc["value"] <= auroc["ci"][1]
+    assert auroc["ci_method"] == "delong_logit_t"
+    diff = doc["auroc_difference"]
+    assert diff["value"] == pytest.approx(diff["external"] - diff["internal"])
+    assert diff["ci"][0] <= diff["value"] <= diff["ci"][1] and diff["verdict"] in (
+        "no evidence of a difference", "lower externally", "higher externally"
+    )
+    html = (out / "external_validation.html").read_text()
+    assert "External validation" in html and "nothing was refitted" in html
+    text = html + (out / "external_validation.json").read_text() + (out / "scored" / "predictions.csv").read_text()
+    for needle in (PHI_NAME, PHI_ID_PREFIX, PHI_PATH_WORD, str(ext), "maybe"):
+        assert needle not in text
