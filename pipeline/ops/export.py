@@ -5,6 +5,13 @@ The exported network (fold ensemble and TTA included) maps inputs ``(N, C, H, W)
 sidecar also holds the saved calibrator (the one Evaluate fitted) and the sha256 of the exported file.
 After writing, the file is loaded back (``torch.jit.load`` / ``onnxruntime``) and its outputs on seeded
 random inputs must match the PyTorch model within ``atol`` (default 1e-4), else the export is an error.
+
+What the outputs mean is written into the exported file itself (ONNX ``metadata_props``, a TorchScript extra
+file ``medtl.json``) as well as in the sidecar: ``activation`` is ``softmax`` (single-label: the class
+probabilities are the softmax over the ``K`` outputs) or ``sigmoid`` (``task.kind: multilabel``: ``F``
+outputs, one per finding in ``output_names`` order, each finding's probability the sigmoid of its own
+output; findings co-occur, so the outputs are never passed through a softmax). A fold ensemble or TTA of a
+multilabel model averages each finding's probability (its output is the logit of that mean).
 """
 
 from __future__ import annotations
@@ -36,9 +43,12 @@ def export_model(
         raise MedtlError(f"export --format {fmt!r}: expected one of {FORMATS}", code="bad_argument")
     ws = Path(workspace)
     trained = TrainedModel.load(
-        ws / "finetune" / model["finetune"], ws / "evaluate" / model["evaluate"], expected=model.get("files") or None
+        ws / "finetune" / model["finetune"],
+        ws / "evaluate" / model["evaluate"],
+        expected=model.get("files") or None,
     )
     net, info = trained.network.eval(), trained.info
+    meaning = output_meaning(info)
     shape = trained.input_shape
     g = torch.Generator().manual_seed(seed)
     example = torch.randn((2, *shape), generator=g)
@@ -53,13 +63,14 @@ def export_model(
         with torch.no_grad():
             traced = torch.jit.trace(net, example, check_trace=False)
         with atomic_path(path) as tmp:
-            traced.save(str(tmp))
+            traced.save(str(tmp), _extra_files={"medtl.json": json.dumps(meaning)})
         loaded = torch.jit.load(str(path), map_location="cpu")
         with torch.no_grad():
             got = loaded(check).numpy()
         runtime = f"torch {torch.__version__}"
     else:
         try:
+            import onnx  # noqa: F401 - the metadata is written with it (_onnx_metadata)
             import onnxruntime as ort
         except ImportError as err:
             raise MedtlError(
@@ -77,6 +88,7 @@ def export_model(
                 opset_version=17,
                 dynamo=False,
             )
+            _onnx_metadata(tmp, meaning)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = sess.run(["logits"], {"input": check.numpy()})[0]
         runtime = f"onnxruntime {ort.__version__}"
@@ -101,7 +113,7 @@ def export_model(
         "n_check_inputs": int(check.shape[0]),
         "sha256": file_sha256(path),
         "input_layout": layout.format(shape[0]),
-        "output": "logits (N, K)",
+        **meaning,
         "model_info": info,
         "model_files_sha256": trained.files,
         "preprocessing": spec,
@@ -111,3 +123,35 @@ def export_model(
     }
     write_json(out_dir / f"{stem}.{fmt}.json", summary)
     return summary
+
+
+def output_meaning(info: dict[str, Any]) -> dict[str, Any]:
+    """What the exported outputs are: ``output`` (a sentence), ``activation`` and ``output_names``."""
+    from pipeline.trained.multilabel import is_multilabel
+
+    names = list(info.get("class_names") or [])
+    if is_multilabel(info):
+        return {
+            "output": f"logits (N, {len(names)}): one per finding; probability of finding j = "
+            "sigmoid(logit_j) (findings co-occur: no softmax across outputs)",
+            "activation": "sigmoid",
+            "task": "multilabel",
+            "output_names": names,
+        }
+    return {
+        "output": f"logits (N, {len(names)}): class probabilities = softmax over the {len(names)} outputs",
+        "activation": "softmax",
+        "task": str(info.get("task") or "single-label"),
+        "output_names": names,
+    }
+
+
+def _onnx_metadata(path: Path, meaning: dict[str, Any]) -> None:
+    """Write ``meaning`` into the ONNX file's ``metadata_props`` (strings; lists as JSON)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for k, v in meaning.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = f"medtl.{k}", v if isinstance(v, str) else json.dumps(v)
+    onnx.save(model, str(path))

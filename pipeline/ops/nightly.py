@@ -161,7 +161,7 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
         challenger.logits.get("calibration"),
         challenger.y.get("calibration"),
         challenger.calibrator,
-        reference_profile(manifest, ws),
+        reference_profile(manifest, ws, cfg.task.class_names if cfg.task.multilabel else None),
     )
     earlier = [d for d in reg.decisions() if d["challenger_id"] == model_id]
     if earlier:
@@ -187,20 +187,23 @@ def register_and_decide(cfg: Config, plan: Any) -> dict[str, Any]:
             "reasons": ["already the champion"],
             "evaluated_on": "none",
         }
-    if cfg.task.multilabel:  # champion/challenger (pipeline/ops/promotion.py) is single-label
+    champion = score_model(cfg, ws, champ, Path(plan.augment), Path(plan.ingest)) if champ else None
+    if champion is not None and champion.multilabel != challenger.multilabel:
+        # e.g. task.kind changed to or from multilabel: the two models answer different questions
+        kinds = {True: "multilabel", False: "single-label"}
         return {
             "model_id": model_id,
-            "champion_id": champ["id"] if champ else None,
+            "champion_id": champ["id"],
             "promote": False,
             "promoted": False,
             "reasons": [
-                "champion/challenger promotion is not adapted to multilabel tasks (task.kind: multilabel): the "
-                "model stays a candidate; promote it by hand (medtl models promote) after reading its report"
+                f"the champion is a {kinds[champion.multilabel]} model and this one a "
+                f"{kinds[challenger.multilabel]} one: they cannot be compared, so the model stays a "
+                "candidate; promote it by hand (medtl models promote) after reading its report"
             ],
             "evaluated_on": "none",
             "n_cases": 0,
         }
-    champion = score_model(cfg, ws, champ, Path(plan.augment), Path(plan.ingest)) if champ else None
     key = load_or_create_key(ws / "private", cfg.deid.key_env)
     decision = decide(cfg, key, challenger, champion)
     decision.update(model_id=model_id, champion_id=champ["id"] if champ else None)
@@ -287,25 +290,37 @@ def monitor(
                 continue
         if p99:
             fig["new_intensity_p99_median"] = float(np.median(p99))
-    if champ and new and not cfg.task.multilabel:  # the champion's figures on new cases are single-label
+    if champ and new:
         from pipeline.ops.predict import ModelScorer
 
         scorer = ModelScorer(ws, champ, cfg)
+        if (scorer.info.get("task") == "multilabel") != cfg.task.multilabel:  # task.kind changed since
+            return fig
         x, kept, _lost = usable_inputs(scorer.spec, new, ws)
         new = [new[i] for i in kept]
         if not new:
             return fig
         res = scorer.score(x)
-        y = np.array([int(r["label_index"]) for r in new])
         p = res["calibrated"]
-        fig["champion_on_new"] = {
-            "model_id": champ["id"],
-            "n": len(y),
-            "brier": brier(p, y),
-            "mean_predicted": {n: float(p[:, k].mean()) for k, n in enumerate(names)},
-            "observed": _prev(y.tolist(), names),
-            "accuracy": float(np.mean(p.argmax(1) == y)),
-        }
+        fig["champion_on_new"] = {"model_id": champ["id"], "n": len(new)}
+        if cfg.task.multilabel:  # Brier: the mean over findings; observed: the share positive per finding
+            from pipeline.ingest.labels import parse_multilabel
+            from pipeline.ops.promotion import multilabel_brier
+
+            ym = np.array([parse_multilabel(r["label"], len(names)) for r in new], dtype=float)
+            fig["champion_on_new"].update(
+                brier=multilabel_brier(p, ym),
+                mean_predicted={n: float(p[:, k].mean()) for k, n in enumerate(names)},
+                observed={n: float(ym[:, k].mean()) for k, n in enumerate(names)},
+            )
+            return fig
+        y = np.array([int(r["label_index"]) for r in new])
+        fig["champion_on_new"].update(
+            brier=brier(p, y),
+            mean_predicted={n: float(p[:, k].mean()) for k, n in enumerate(names)},
+            observed=_prev(y.tolist(), names),
+            accuracy=float(np.mean(p.argmax(1) == y)),
+        )
     return fig
 
 

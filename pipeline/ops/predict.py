@@ -61,8 +61,13 @@ def intensity_percentiles(array: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def reference_profile(manifest_rows: list[dict[str, str]], workspace: Path) -> dict[str, Any]:
-    """Summarise the training cases: kinds, modalities, manufacturers, spacing and intensity ranges."""
+def reference_profile(
+    manifest_rows: list[dict[str, str]], workspace: Path, findings: list[str] | None = None
+) -> dict[str, Any]:
+    """Summarise the training cases: kinds, modalities, manufacturers, spacing and intensity ranges, and the
+    label prevalence: the share of each class index, or for a multilabel task (``findings``: the finding
+    names in ``task.classes`` order) the share of cases positive for each finding (the manifest's
+    ``label_index`` of a multilabel case is only its split stratum)."""
     train = sorted((r for r in manifest_rows if r["split"] == "train"), key=lambda r: r["case_id"])
     sp = [s for s in (_parse_spacing(r["spacing"]) for r in train) if s]
     ndim = min((len(s) for s in sp), default=0)
@@ -93,7 +98,11 @@ def reference_profile(manifest_rows: list[dict[str, str]], workspace: Path) -> d
         "intensity_p99_median": float(np.median(highs)) if highs else None,
         "slices_min": min(slices) if slices else None,
         "slices_max": max(slices) if slices else None,
-        "label_prevalence": _prevalence([r["label_index"] for r in train]),
+        "label_prevalence": (
+            _finding_prevalence([r["label"] for r in train], findings)
+            if findings
+            else _prevalence([r["label_index"] for r in train])
+        ),
     }
 
 
@@ -102,6 +111,16 @@ def _prevalence(labels: list[Any]) -> dict[str, float]:
         return {}
     vals, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
     return {str(v): float(c / counts.sum()) for v, c in zip(vals, counts, strict=True)}
+
+
+def _finding_prevalence(labels: list[str], findings: list[str]) -> dict[str, float]:
+    """Finding name -> share of the cases positive for it, from multilabel labels ``"0;1"``."""
+    from pipeline.ingest.labels import parse_multilabel
+
+    if not labels:
+        return {}
+    v = np.array([parse_multilabel(x, len(findings)) for x in labels], dtype=np.float64)
+    return {n: float(v[:, j].mean()) for j, n in enumerate(findings)}
 
 
 def write_bundle(

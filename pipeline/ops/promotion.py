@@ -17,6 +17,14 @@ Rule (non-inferiority plus calibration):
 
 A first model (no champion) is promoted only if the lower bound of its own AUROC interval exceeds
 ``min_auroc``. Axis order: probabilities ``(N, K)`` (cases, classes); labels and patients ``(N,)``.
+
+Multilabel tasks (``task.kind: multilabel``; probabilities and labels ``(N, F)``, one 0/1 column per finding)
+follow the same rule with the figures of :mod:`pipeline.evaluate.multilabel`: the macro AUROC (mean over the
+findings that have positive and negative cases) with a paired patient-cluster bootstrap of the difference
+and its expanded percentile interval (:meth:`pipeline.stats.bootstrap.Bootstrap.ci`), and the mean Brier over
+findings for "calibration not worse". Each model's probabilities come from its own saved per-finding
+calibrators. The locked holdout is usable when it has ``min_holdout_cases`` cases and positive and negative
+cases of every finding (:func:`usable_multilabel_holdout`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from pipeline.config import Config, PromotionPolicy
 from pipeline.errors import IngestError
 from pipeline.evaluate.delong import delong_ci, delong_roc_test
 from pipeline.ingest.splits import holdout_mask, usable_holdout
-from pipeline.stats.bootstrap import Bootstrap, percentile_ci, score_auroc_stat
+from pipeline.stats.bootstrap import Bootstrap, auroc_stat, percentile_ci, score_auroc_stat
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ class Scored:
         patients: Split -> patient pseudonyms ``(N,)``.
         cases: Split -> case ids ``(N,)``.
         calibrator: Method, parameters and source of the model's saved calibrator (fitted by its Evaluate).
+        multilabel: The model has one sigmoid output per finding (``y`` is then ``(N, F)`` 0/1).
     """
 
     raw: dict[str, np.ndarray]
@@ -59,6 +68,7 @@ class Scored:
     patients: dict[str, np.ndarray]
     cases: dict[str, np.ndarray]
     calibrator: dict[str, Any]
+    multilabel: bool = False
 
 
 def brier(probs: np.ndarray, y: np.ndarray) -> float:
@@ -128,25 +138,33 @@ def compare(
     out["method"] = method
     out["brier_champion"] = brier(champion, y)
     out["brier_challenger"] = brier(challenger, y)
+    return _apply_rule(out, policy)
+
+
+def _apply_rule(
+    out: dict[str, Any], policy: PromotionPolicy, auroc: str = "AUROC", brier_: str = "Brier"
+) -> dict[str, Any]:
+    """Non-inferiority of the AUROC difference's interval plus "calibration not worse": sets ``promote`` and
+    ``reasons`` in ``out`` (``auroc``, ``brier_``: how the figures are named, e.g. "macro AUROC")."""
     lower = out["difference_ci"][0]
     reasons = []
     auroc_ok = bool(np.isfinite(lower) and lower > -policy.auroc_margin)
     if not auroc_ok:
         reasons.append(
-            f"AUROC difference {out['auroc_difference']:+.4f} has lower {policy.ci_level:.0%} bound {lower:+.4f} "
-            f"<= -margin {-policy.auroc_margin:+.4f} (not shown non-inferior)"
+            f"{auroc} difference {out['auroc_difference']:+.4f} has lower {policy.ci_level:.0%} bound "
+            f"{lower:+.4f} <= -margin {-policy.auroc_margin:+.4f} (not shown non-inferior)"
         )
     cal_ok = out["brier_challenger"] <= out["brier_champion"] + policy.brier_margin
     if not cal_ok:
         reasons.append(
-            f"Brier {out['brier_challenger']:.4f} worse than champion {out['brier_champion']:.4f} + margin "
-            f"{policy.brier_margin}"
+            f"{brier_} {out['brier_challenger']:.4f} worse than champion {out['brier_champion']:.4f} "
+            f"+ margin {policy.brier_margin}"
         )
     out["promote"] = auroc_ok and cal_ok
     if out["promote"]:
         reasons.append(
-            f"non-inferior: AUROC difference lower bound {lower:+.4f} > {-policy.auroc_margin:+.4f}, Brier "
-            f"{out['brier_challenger']:.4f} <= {out['brier_champion']:.4f} + {policy.brier_margin}"
+            f"non-inferior: {auroc} difference lower bound {lower:+.4f} > {-policy.auroc_margin:+.4f}, "
+            f"{brier_} {out['brier_challenger']:.4f} <= {out['brier_champion']:.4f} + {policy.brier_margin}"
         )
     out["reasons"] = reasons
     return out
@@ -172,7 +190,8 @@ def first_model_check(
         bs = Bootstrap(
             len(y), policy.n_bootstrap, seed=seed, clusters=np.asarray(patients), ci_level=policy.ci_level
         )
-        lo, hi = percentile_ci(bs.run({"a": score_auroc_stat(probs, y, positive_index)})["a"], policy.ci_level)
+        samples = bs.run({"a": score_auroc_stat(probs, y, positive_index)})["a"]
+        lo, hi = percentile_ci(samples, policy.ci_level)
         out["method"] = "bootstrap"
     out.update(auroc_challenger=float(auc), auroc_ci=[float(lo), float(hi)], brier_challenger=brier(probs, y))
     ok = bool(np.isfinite(lo) and lo > policy.min_auroc)
@@ -183,6 +202,164 @@ def first_model_check(
         + f"min_auroc {policy.min_auroc}"
     ]
     return out
+
+
+# ------------------------------------------------------------------------------------------- multilabel
+def multilabel_brier(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean Brier over findings: the mean over findings of ``mean_i (p_ij - y_ij)^2`` (as Evaluate's)."""
+    return float(np.mean((np.asarray(probs, np.float64) - np.asarray(y, np.float64)) ** 2))
+
+
+def _check_multilabel(y: np.ndarray, named: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """Labels ``(N, F)`` 0/1 as int64; every probability array ``(N, F)`` (ValueError naming the field)."""
+    y = np.asarray(y)
+    f = len(names)
+    if y.ndim != 2 or y.shape[1] != f or not np.isin(y, (0, 1)).all():
+        raise ValueError(f"y: expected 0/1 labels of shape (N, {f}) (one column per finding), got {y.shape}")
+    for field, p in named.items():
+        if np.shape(p) != y.shape:
+            raise ValueError(
+                f"{field}: expected probabilities of shape {y.shape} (one column per finding), "
+                f"got {np.shape(p)}"
+            )
+    return y.astype(np.int64)
+
+
+def _usable_findings(y: np.ndarray) -> list[int]:
+    """Findings with positive and negative cases (the ones a macro AUROC averages, as Evaluate's)."""
+    return [j for j in range(y.shape[1]) if 0 < int(y[:, j].sum()) < len(y)]
+
+
+def _macro_auroc(probs: np.ndarray, y: np.ndarray, usable: list[int]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(np.mean([roc_auc_score(y[:, j], probs[:, j]) for j in usable]))
+
+
+def _macro_auroc_stat(probs: np.ndarray, y: np.ndarray, usable: list[int]):
+    """Weighted macro AUROC over ``usable`` findings of every count row (a resample without positives or
+    negatives of a finding gives NaN, left out of the interval as for every bootstrap AUROC here)."""
+    stats = [auroc_stat(probs[:, j], y[:, j] == 1) for j in usable]
+
+    def stat(w: np.ndarray) -> np.ndarray:
+        return np.mean(np.stack([s(w) for s in stats], axis=0), axis=0)
+
+    return stat
+
+
+def _multilabel_head(y: np.ndarray, patients: np.ndarray, names: list[str], usable: list[int]) -> dict:
+    return {
+        "n_cases": int(len(y)),
+        "n_patients": int(len(np.unique(patients))),
+        "metric": "macro AUROC over findings; Brier: mean over findings",
+        "findings": [names[j] for j in usable],
+        "method": "bootstrap",
+    }
+
+
+def _no_usable_finding(out: dict[str, Any]) -> dict[str, Any]:
+    why = f"no finding has positive and negative cases among the {out['n_cases']} cases: no macro AUROC"
+    return dict(out, promote=False, reasons=[why])
+
+
+def compare_multilabel(
+    y: np.ndarray,
+    champion: np.ndarray,
+    challenger: np.ndarray,
+    patients: np.ndarray,
+    policy: PromotionPolicy,
+    names: list[str],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Decide whether a multilabel ``challenger`` may replace ``champion`` on the same cases.
+
+    Non-inferiority of the macro AUROC: the paired patient-cluster bootstrap interval of
+    ``macro AUROC(challenger) - macro AUROC(champion)`` (same resamples for both models) must have its lower
+    bound above ``-auroc_margin``; and the mean Brier over findings must not be worse by more than
+    ``brier_margin``.
+
+    Args:
+        y: Labels ``(N, F)`` 0/1.
+        champion: Calibrated finding probabilities of the champion ``(N, F)``.
+        challenger: Calibrated finding probabilities of the challenger ``(N, F)``.
+        patients: Patient pseudonyms ``(N,)`` (bootstrap clusters).
+        policy: Margins, resamples and level.
+        names: Finding names, in column order.
+        seed: Seed of the paired bootstrap.
+
+    Returns:
+        A JSON-able dict with ``promote`` (bool), ``reasons`` and every number used (``auroc_*`` are macro
+        AUROCs, ``brier_*`` mean Brier scores over findings, ``per_finding`` the AUROCs of each finding).
+    """
+    y = _check_multilabel(y, {"champion": champion, "challenger": challenger}, names)
+    patients = np.asarray(patients)
+    usable = _usable_findings(y)
+    out = _multilabel_head(y, patients, names, usable)
+    out["p_value"] = None
+    if policy.method == "delong":
+        out["method_note"] = "multilabel macro AUROC: paired patient-cluster bootstrap instead of DeLong"
+    out["brier_champion"] = multilabel_brier(champion, y)
+    out["brier_challenger"] = multilabel_brier(challenger, y)
+    if not usable:
+        return _no_usable_finding(out)
+    from sklearn.metrics import roc_auc_score
+
+    out["per_finding"] = {
+        names[j]: {
+            "auroc_champion": float(roc_auc_score(y[:, j], champion[:, j])),
+            "auroc_challenger": float(roc_auc_score(y[:, j], challenger[:, j])),
+        }
+        for j in usable
+    }
+    out["auroc_champion"] = _macro_auroc(champion, y, usable)
+    out["auroc_challenger"] = _macro_auroc(challenger, y, usable)
+    out["auroc_difference"] = out["auroc_challenger"] - out["auroc_champion"]
+    bs = Bootstrap(len(y), policy.n_bootstrap, seed=seed, clusters=patients, ci_level=policy.ci_level)
+    a, b = _macro_auroc_stat(challenger, y, usable), _macro_auroc_stat(champion, y, usable)
+    out["difference_ci"] = list(bs.ci(bs.run({"diff": lambda w: a(w) - b(w)})["diff"]))
+    return _apply_rule(out, policy, "macro AUROC", "mean Brier over findings")
+
+
+def first_model_check_multilabel(
+    y: np.ndarray,
+    probs: np.ndarray,
+    patients: np.ndarray,
+    policy: PromotionPolicy,
+    names: list[str],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A first multilabel model becomes champion when the lower bound of its macro AUROC's patient-cluster
+    bootstrap interval (:meth:`Bootstrap.ci`, as Evaluate's) exceeds ``min_auroc``."""
+    y = _check_multilabel(y, {"probs": probs}, names)
+    patients = np.asarray(patients)
+    usable = _usable_findings(y)
+    out = dict(_multilabel_head(y, patients, names, usable), brier_challenger=multilabel_brier(probs, y))
+    if not usable:
+        return _no_usable_finding(out)
+    auc = _macro_auroc(probs, y, usable)
+    bs = Bootstrap(len(y), policy.n_bootstrap, seed=seed, clusters=patients, ci_level=policy.ci_level)
+    lo, hi = bs.ci(bs.run({"a": _macro_auroc_stat(probs, y, usable)})["a"])
+    out.update(auroc_challenger=auc, auroc_ci=[float(lo), float(hi)])
+    ok = bool(np.isfinite(lo) and lo > policy.min_auroc)
+    out["promote"] = ok
+    out["reasons"] = [
+        f"first model: macro AUROC {auc:.4f}, lower {policy.ci_level:.0%} bound {lo:.4f} "
+        + ("> " if ok else "<= ")
+        + f"min_auroc {policy.min_auroc}"
+    ]
+    return out
+
+
+def usable_multilabel_holdout(
+    patients: np.ndarray, y: np.ndarray, key: bytes, fraction: float, min_cases: int
+) -> np.ndarray | None:
+    """The locked holdout mask of a multilabel test split when it is usable (at least ``min_cases`` cases
+    and positive and negative cases of every finding), else None (the counterpart of
+    :func:`pipeline.ingest.splits.usable_holdout`, whose "every class" is "every finding both ways" here)."""
+    mask = holdout_mask(patients, key, fraction)
+    if mask.sum() >= min_cases and len(_usable_findings(np.asarray(y)[mask])) == np.asarray(y).shape[1]:
+        return mask
+    return None
 
 
 # ------------------------------------------------------------------------------------------ scoring glue
@@ -271,6 +448,9 @@ def score_model(
         expected=model_stages.get("files") or None,  # a registry row: the digests recorded at registration
     )
     scorer = Scorer(trained, cfg.train.device)
+    from pipeline.trained.multilabel import is_multilabel
+
+    n_findings = len(cfg.task.classes) if cfg.task.multilabel else None  # labels (N, F) from the current data
     own = trained.preprocessing or json.loads(
         (workspace / "augment" / model_stages["augment"] / "transform_spec.json").read_text()
     )["deterministic"]
@@ -282,7 +462,7 @@ def score_model(
     }
     lost: dict[str, int] = {}
     for split in splits:
-        data = load_split(current_augment, rows, split)
+        data = load_split(current_augment, rows, split, n_findings)
         if len(data) == 0:
             continue
         x = data.x
@@ -293,7 +473,7 @@ def score_model(
                 data = subset(data, np.array(kept, dtype=np.int64))
         sc = scorer.score(x)
         out["logits"][split], out["raw"][split], out["calibrated"][split] = sc.logits, sc.raw, sc.calibrated
-        out["y"][split] = data.y
+        out["y"][split] = data.targets.astype(np.int64)  # multilabel: the finding vectors (N, F)
         out["patients"][split] = np.array(data.patients)
         out["cases"][split] = np.array(data.case_ids)
     doc = trained.calibrator_info or {}
@@ -306,7 +486,14 @@ def score_model(
     if lost:
         info["cases_left_out"] = lost
     return Scored(
-        out["raw"], out["calibrated"], out["logits"], out["y"], out["patients"], out["cases"], info
+        out["raw"],
+        out["calibrated"],
+        out["logits"],
+        out["y"],
+        out["patients"],
+        out["cases"],
+        info,
+        multilabel=is_multilabel(trained.info),
     )
 
 
@@ -319,8 +506,9 @@ def _common_cases(a: Scored, b: Scored) -> tuple[Scored, Scored]:
     ib = np.array([pos_b[c] for c in a.cases["test"][ia]], dtype=np.int64)
 
     def take(s: Scored, idx: np.ndarray) -> Scored:
-        pick = {k: dict(getattr(s, k), test=getattr(s, k)["test"][idx]) for k in ("raw", "calibrated", "logits", "y", "patients", "cases")}
-        return Scored(**pick, calibrator=s.calibrator)
+        keys = ("raw", "calibrated", "logits", "y", "patients", "cases")
+        pick = {k: dict(getattr(s, k), test=getattr(s, k)["test"][idx]) for k in keys}
+        return Scored(**pick, calibrator=s.calibrator, multilabel=s.multilabel)
 
     return take(a, ia), take(b, ib)
 
@@ -337,6 +525,7 @@ def decide(
         A JSON-able dict: ``promote``, ``evaluated_on`` (``holdout`` or ``test``), the numbers and reasons.
     """
     policy = cfg.ops.promotion
+    multilabel = cfg.task.multilabel
     if champion is not None and not np.array_equal(champion.cases["test"], challenger.cases["test"]):
         challenger, champion = _common_cases(challenger, champion)
     y = challenger.y["test"]
@@ -344,17 +533,43 @@ def decide(
     n_classes = challenger.raw["test"].shape[1]
     mask = holdout_mask(patients, key, policy.holdout_fraction)
     yh = y[mask]
-    if usable_holdout(patients, y, n_classes, key, policy.holdout_fraction, policy.min_holdout_cases) is not None:
+    if multilabel:
+        usable = usable_multilabel_holdout(
+            patients, y, key, policy.holdout_fraction, policy.min_holdout_cases
+        )
+        found = f"{len(_usable_findings(yh))} of {y.shape[1]} finding(s) both ways"
+        need = "positive and negative cases of every finding"
+    else:
+        usable = usable_holdout(
+            patients, y, n_classes, key, policy.holdout_fraction, policy.min_holdout_cases
+        )
+        found, need = f"{len(np.unique(yh))} class(es)", "every class"
+    if usable is not None:
         sel, evaluated_on = mask, "holdout"
         note = f"locked holdout: {int(mask.sum())} of {len(y)} test cases"
     else:
         sel, evaluated_on = np.ones(len(y), dtype=bool), "test"
         note = (
-            f"locked holdout too small ({int(mask.sum())} cases, {len(np.unique(yh))} class(es); need "
-            f">= {policy.min_holdout_cases} and every class): whole test split ({len(y)} cases) used"
+            f"locked holdout too small ({int(mask.sum())} cases, {found}; need "
+            f">= {policy.min_holdout_cases} and {need}): whole test split ({len(y)} cases) used"
         )
     pos = cfg.task.positive_index
-    if champion is None:
+    names = cfg.task.class_names
+    if multilabel and champion is None:
+        res = first_model_check_multilabel(
+            y[sel], challenger.calibrated["test"][sel], patients[sel], policy, names, cfg.train.seed
+        )
+    elif multilabel:
+        res = compare_multilabel(
+            y[sel],
+            champion.calibrated["test"][sel],
+            challenger.calibrated["test"][sel],
+            patients[sel],
+            policy,
+            names,
+            cfg.train.seed,
+        )
+    elif champion is None:
         res = first_model_check(
             y[sel], challenger.calibrated["test"][sel], patients[sel], policy, pos, cfg.train.seed
         )
