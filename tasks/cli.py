@@ -294,21 +294,29 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 2
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _model_and_output(args: argparse.Namespace, verb: str):
+    """Config, workspace, registry, the model (``--model`` or the champion) and the output folder
+    (``--output`` or ``WORKSPACE/<verb>/<time>``) of a command that scores with a registered model."""
     import datetime as dt
 
     from pipeline.errors import MedtlError
-    from pipeline.ops.predict import predict_folder
     from pipeline.ops.registry import Registry
 
+    cfg, ws = _workspace(args.config)
+    reg = Registry(ws)
+    model = reg.get(args.model) if args.model is not None else reg.champion()
+    if model is None:
+        raise MedtlError(f"{verb}: workspace {ws} has no champion yet; run `medtl run` first or pass --model ID")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return cfg, ws, reg, model, Path(args.output) if args.output else ws / verb / stamp
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.errors import MedtlError
+    from pipeline.ops.predict import predict_folder
+
     try:
-        cfg, ws = _workspace(args.config)
-        reg = Registry(ws)
-        model = reg.get(args.model) if args.model is not None else reg.champion()
-        if model is None:
-            raise MedtlError(f"predict: workspace {ws} has no champion yet; run `medtl run` first or pass --model ID")
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        out = Path(args.output) if args.output else ws / "predict" / stamp
+        cfg, ws, reg, model, out = _model_and_output(args, "predict")
         summary = predict_folder(cfg, model, Path(args.input), out)
         reg.record_drift("predict", {k: v for k, v in summary.items() if k != "problems"}, model_id=model["id"])
     except MedtlError as err:
@@ -321,20 +329,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    import datetime as dt
-
     from pipeline.errors import MedtlError
     from pipeline.ops.external import validate_external
-    from pipeline.ops.registry import Registry
 
     try:
-        cfg, ws = _workspace(args.config)
-        reg = Registry(ws)
-        model = reg.get(args.model) if args.model is not None else reg.champion()
-        if model is None:
-            raise MedtlError(f"validate: workspace {ws} has no champion yet; run `medtl run` first or pass --model ID")
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        out = Path(args.output) if args.output else ws / "validate" / stamp
+        cfg, _, _, model, out = _model_and_output(args, "validate")
         doc = validate_external(cfg, model, Path(args.input), Path(args.labels), out)
     except MedtlError as err:
         print(f"medtl: {err}", file=sys.stderr)
