@@ -263,3 +263,31 @@ def test_export_says_sigmoid_per_finding(ml_ops: Path, tmp_path: Path, fmt: str)
     raw = Scorer(trained, "cpu").score(x).raw
     np.testing.assert_allclose(expit(out), raw, atol=1e-4)
     assert not np.allclose(raw.sum(axis=1), 1.0)
+
+
+def test_monitor_scores_the_champion_on_new_cases_per_finding(ml_ops: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.ingest.stage import read_manifest
+    from pipeline.ops.nightly import monitor, status_lines
+    from pipeline.ops.predict import ModelScorer
+    from pipeline.ops.promotion import model_inputs
+    from pipeline.ops.registry import Registry
+    from pipeline.workspace import plan_stages
+
+    cfg = load_config(ml_ops)
+    plan = plan_stages(cfg)
+    ws = ml_ops.parent / "ws"
+    reg = Registry(ws)
+    # a champion whose ingest folder is unknown: every labelled case of tonight counts as new to it
+    champ = dict(reg.get(1), ingest="unknown")
+    fig = monitor(cfg, plan, reg, champion=champ)
+    rows = [r for r in read_manifest(Path(plan.ingest)) if r["label_index"] != ""]
+    new = fig["champion_on_new"]
+    assert fig["new_cases"] == len(rows) == new["n"] and set(new["mean_predicted"]) == set(NAMES)
+    y = np.array([[int(v) for v in r["label"].split(";")] for r in rows], dtype=float)
+    scorer = ModelScorer(ws, champ, cfg)
+    p = scorer.score(model_inputs(scorer.spec, rows, ws))["calibrated"]  # its saved per-finding calibrators
+    assert new["brier"] == pytest.approx(np.mean([np.mean((p[:, j] - y[:, j]) ** 2) for j in range(2)]))
+    assert new["observed"] == pytest.approx({n: y[:, j].mean() for j, n in enumerate(NAMES)})
+    assert fig["prevalence"] == pytest.approx(new["observed"]) and "accuracy" not in new
+    assert any("Champion: model 1" in line for line in status_lines(ws))
