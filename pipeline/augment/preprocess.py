@@ -119,29 +119,19 @@ def make_spec(
             adapted = backbone_spec.with_in_chans(channels)
             mean = tuple(float(v) for v in np.broadcast_to(adapted.mean, (channels,)))
             std = tuple(float(v) for v in np.broadcast_to(adapted.std, (channels,)))
-        return PreprocessSpec(
-            spatial_dims=cfg.spatial_dims,
-            image_size=cfg.image_size,
-            intensity=intensity,
-            window=window,
-            mean=mean,
-            std=std,
-            channels=channels,
-            target_spacing=tuple(float(v) for v in target_spacing) if target_spacing is not None else None,
-            channel_names=tuple(channel_names),
-        )
-    if intensity == "auto" and channels == 3:
-        intensity, window = "window", window or (0.0, 255.0)
-    elif intensity == "auto":
-        intensity = "zscore_nonzero" if backbone_spec.intensity == "zscore_nonzero" else "minmax"
-    if intensity == "zscore_nonzero":
-        mean, std = (0.0, 1.0) if channels == 1 else ((0.0,) * channels, (1.0,) * channels)
-    elif channels == 3:
-        mean = tuple(float(v) for v in np.broadcast_to(backbone_spec.mean, (3,)))
-        std = tuple(float(v) for v in np.broadcast_to(backbone_spec.std, (3,)))
     else:
-        mean = float(np.mean(backbone_spec.mean))
-        std = float(np.mean(backbone_spec.std))
+        if intensity == "auto" and channels == 3:
+            intensity, window = "window", window or (0.0, 255.0)
+        elif intensity == "auto":
+            intensity = "zscore_nonzero" if backbone_spec.intensity == "zscore_nonzero" else "minmax"
+        if intensity == "zscore_nonzero":
+            mean, std = (0.0, 1.0) if channels == 1 else ((0.0,) * channels, (1.0,) * channels)
+        elif channels == 3:
+            mean = tuple(float(v) for v in np.broadcast_to(backbone_spec.mean, (3,)))
+            std = tuple(float(v) for v in np.broadcast_to(backbone_spec.std, (3,)))
+        else:
+            mean = float(np.mean(backbone_spec.mean))
+            std = float(np.mean(backbone_spec.std))
     return PreprocessSpec(
         spatial_dims=cfg.spatial_dims,
         image_size=cfg.image_size,
@@ -151,6 +141,7 @@ def make_spec(
         std=std,
         channels=channels,
         target_spacing=tuple(float(v) for v in target_spacing) if target_spacing is not None else None,
+        channel_names=tuple(channel_names),
     )
 
 
