@@ -470,24 +470,7 @@ def run_channel_cases(
                     if flag in (FOUR_D_FLAG, "channels_resampled", "colour_channel_as_luminance"):
                         tally[flag] += 1
         if isinstance(res, IngestError):  # a per-case problem named by pseudonym and CSV line
-            ledger.problems.append(
-                {
-                    "code": res.code,
-                    "case_id": cid,
-                    **({"row": case.line} if case.line else {}),
-                    "reason": run.redact(res.reason, list(files)),
-                }
-            )
-            for f in files:
-                ledger.files_status.append(
-                    {
-                        "path": f,
-                        "file": run.token(f),
-                        "status": "failed",
-                        "code": res.code,
-                        "reason": res.reason,
-                    }
-                )
+            ledger.failed(run, list(files), res, case_id=cid, **({"row": case.line} if case.line else {}))
             continue
         idx = len(out.items)
         out.items.append(item)

@@ -153,6 +153,15 @@ class _Ledger:
     problems: list[dict[str, Any]] = field(default_factory=list)
     label_rows: list[dict[str, Any]] = field(default_factory=list)  # PRIVATE: CSV problems with cell values
 
+    def failed(self, run: _Run, files: list[str], err: IngestError, **where: Any) -> None:
+        """A case that could not be decoded: one shared problem (``where`` names it: a file token, or a case
+        pseudonym and CSV row; the reason redacted of paths) and a private status per source file."""
+        self.problems.append({**where, "code": err.code, "reason": run.redact(err.reason, list(files))})
+        for f in files:
+            self.files_status.append(
+                {"path": f, "file": run.token(f), "status": "failed", "code": err.code, "reason": err.reason}
+            )
+
 
 def run_ingest(cfg: Config, out_dir: Path, workspace: Path) -> dict[str, Any]:
     """Run the Ingest stage into ``out_dir`` (a temporary folder the caller publishes atomically).
@@ -462,23 +471,7 @@ def _collect(
         item = scan.items[idx]
         label_row = matched[idx]  # never None here: left-out items get no job
         if isinstance(res, IngestError):
-            ledger.problems.append(
-                {
-                    "file": run.token(item.files[0]),
-                    "code": res.code,
-                    "reason": run.redact(res.reason, list(item.files)),
-                }
-            )
-            for f in item.files:
-                ledger.files_status.append(
-                    {
-                        "path": f,
-                        "file": run.token(f),
-                        "status": "failed",
-                        "code": res.code,
-                        "reason": res.reason,
-                    }
-                )
+            ledger.failed(run, list(item.files), res, file=run.token(item.files[0]))
             continue
         meta = _flag_4d(res)
         patient_raw = label_row.patient or (item.ids or {}).get("PatientID") or item.key
