@@ -61,12 +61,20 @@ class TrainConfig(_Section):
             orientation-free data, with ``augment.flip_all_axes``); ``none`` by default. Use it only when
             training flipped the images the same way.
         semi_supervised: Use unlabelled cases (``pipeline/train/semi.py``): ``auto`` (self-training with
-            pseudo-labels whenever unlabelled cases exist), ``off``, or a method (``pseudo_label``).
+            pseudo-labels whenever unlabelled cases exist), ``off``, or a method (``pseudo_label``,
+            ``mean_teacher``: ``pipeline/train/mean_teacher.py``).
         ssl_threshold: Minimum teacher confidence (after distribution alignment) for a pseudo-label.
         ssl_pseudo_per_labelled: At most this many pseudo-labelled cases per labelled training case.
         ssl_unlabelled_per_labelled: Unlabelled cases scored per labelled case and fold (a seeded sample:
             bounds the cost when unlabelled cases outnumber labelled ones).
         ssl_student_epochs: The student's epochs as a share of ``epochs`` (it starts from the teacher).
+        ssl_consistency_weight: ``mean_teacher``: weight of the consistency loss (softmax MSE averaged
+            over classes and unlabelled cases), reached after a sigmoid ramp-up. Default 50: the USB
+            benchmark's Mean Teacher setting (``ulb_loss_ratio``, Wang et al. 2022) for this loss form;
+            the original code used 100 (Tarvainen & Valpola 2017). To be tuned on the bench.
+        ssl_ema_decay: ``mean_teacher``: decay of the EMA teacher per optimizer step. Default 0.99: the
+            paper's value for the ramp-up phase, fitting a student of hundreds of steps (0.999, its later
+            value, would leave the teacher where the student started).
     """
 
     strategy: Literal["auto", "linear_probe", "partial", "finetune", "gradual", "scratch"] = "finetune"
@@ -103,11 +111,13 @@ class TrainConfig(_Section):
     amp: bool = True
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     tta: Literal["none", "flip", "flip_all"] = "none"
-    semi_supervised: Literal["auto", "off", "pseudo_label"] = "auto"
+    semi_supervised: Literal["auto", "off", "pseudo_label", "mean_teacher"] = "auto"
     ssl_threshold: float = Field(0.9, ge=0.5, lt=1.0)
     ssl_pseudo_per_labelled: float = Field(1.0, gt=0.0, le=20.0)
     ssl_unlabelled_per_labelled: int = Field(10, ge=1, le=1000)
     ssl_student_epochs: float = Field(0.5, gt=0.0, le=2.0)
+    ssl_consistency_weight: float = Field(50.0, gt=0.0, le=1000.0)
+    ssl_ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -18,9 +18,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -71,6 +72,45 @@ def _scheduler(opt: torch.optim.Optimizer, tc, steps_per_epoch: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class ExtraLoss(Protocol):
+    """An extra term of the training loss on extra inputs (the hook of semi-supervised consistency).
+
+    Per micro-batch, the extra inputs go through the network in the same forward pass as the labelled
+    micro-batch (one BatchNorm batch, one DDP forward), and :meth:`loss` turns their logits into a term
+    added to the labelled loss. See :mod:`pipeline.train.mean_teacher`.
+    """
+
+    def batches(
+        self, epoch: int, micro_sizes: list[list[int]], transform
+    ) -> Iterator[tuple[torch.Tensor, Any]]:
+        """One ``(inputs, payload)`` per micro-batch of the epoch, in order.
+
+        Args:
+            epoch: The epoch (0-based).
+            micro_sizes: This process's labelled micro-batch sizes, per optimizer step.
+            transform: The run's random train transform (MONAI Compose).
+        """
+        ...
+
+    def loss(self, logits: torch.Tensor, payload: Any, teacher: nn.Module | None) -> torch.Tensor:
+        """The term of one micro-batch, scaled like the labelled loss (its share of the step's mean).
+
+        Args:
+            logits: The network's outputs for the extra inputs.
+            payload: What :meth:`batches` gave with them.
+            teacher: The EMA of the weights (``train.ema_decay`` > 0), else None.
+        """
+        ...
+
+
+def ema_model(model: nn.Module, decay: float) -> nn.Module:
+    """Exponential moving average of ``model``'s parameters and buffers, updated by ``update_parameters``
+    after each optimizer step (the first update copies the weights)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 @dataclass
@@ -163,6 +203,7 @@ def train_epochs(
     device: torch.device,
     dist: DistInfo | None = None,
     progress: bool = False,
+    extra_loss: ExtraLoss | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``strategy`` (not ``linear_probe``), early stopping on validation AUROC.
 
@@ -181,6 +222,7 @@ def train_epochs(
         device: Where to train.
         dist: Process group info (DistributedDataParallel when ``world > 1``); only rank 0 writes.
         progress: Show a tqdm progress bar.
+        extra_loss: An extra loss term on extra inputs (semi-supervised consistency), or None.
 
     Returns:
         ``best_score``, ``best_epoch`` (1-based), ``epochs_run``, ``stopped_by``, ``history``,
@@ -219,11 +261,7 @@ def train_epochs(
         "bad_epochs": 0,
         "history": [],
     }
-    ema = None
-    if tc.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    ema = ema_model(model, tc.ema_decay) if tc.ema_decay > 0 else None
     last = work_dir / "last.pt"
     resumed = None
     if last.exists():
@@ -252,6 +290,9 @@ def train_epochs(
         steps = _batches(order, bs, dist, tc.accumulate_steps)
         micro = [m for step in steps for m in step]
         loader = DataLoader(dataset, batch_sampler=micro, num_workers=cfg.runtime.num_workers)
+        extra = None
+        if extra_loss is not None:
+            extra = (extra_loss, extra_loss.batches(epoch, [[len(m) for m in st] for st in steps], transform))
         net.train()
         if strategy in ("partial", "gradual"):
             set_frozen_bn_eval(model)
@@ -264,7 +305,7 @@ def train_epochs(
             unit="step",
         )
         total, n_seen, waited = _optimizer_steps(
-            net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, tc.amp, bar
+            net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, tc.amp, bar, extra
         )
         bar.close()
         seconds = time.perf_counter() - t0
@@ -369,8 +410,13 @@ def judge(cfg: Config, model: nn.Module, val: SplitData, device: torch.device) -
     return val_score(val.y, probs, cfg.task.positive_index), vloss
 
 
-def _optimizer_steps(net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, amp, bar):
-    """One epoch's optimizer steps (micro-batches accumulated); returns summed loss, cases seen, data wait."""
+def _optimizer_steps(
+    net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, amp, bar, extra=None
+):
+    """One epoch's optimizer steps (micro-batches accumulated); returns summed loss, cases seen, data wait.
+
+    ``extra``: ``(ExtraLoss, its batches of this epoch)``; their inputs share the labelled forward pass.
+    """
     total, n_seen, waited = 0.0, 0, 0.0
     it = iter(loader)
     for step in steps:
@@ -379,6 +425,10 @@ def _optimizer_steps(net, model, loader, steps, loss_fn, opt, sched, scaler, ema
         for j in range(len(step)):
             tw = time.perf_counter()
             xb, yb = next(it)
+            n_lab = len(yb)
+            if extra is not None:
+                xu, payload = next(extra[1])
+                xb = torch.cat([xb, xu])
             waited += time.perf_counter() - tw
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -389,7 +439,11 @@ def _optimizer_steps(net, model, loader, steps, loss_fn, opt, sched, scaler, ema
             ctx = net.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with autocast(device, amp):
-                    loss = loss_fn(net(xb), yb) / n_local
+                    out = net(xb)
+                    loss = loss_fn(out[:n_lab], yb) / n_local
+                    if extra is not None:
+                        teacher = ema.module if ema is not None else None
+                        loss = loss + extra[0].loss(out[n_lab:], payload, teacher)
                 scaler.scale(loss).backward()
             total += float(loss.detach()) * n_local
             n_seen += len(yb)

@@ -24,9 +24,9 @@ from pipeline.config import Config
 from pipeline.errors import MedtlError
 from pipeline.io import write_bytes, write_json
 from pipeline.train.data import SplitData, concat, label_subset, load_split, patient_folds, subset
-from pipeline.train.epochs import DistInfo, save_state_dict, train_epochs, write_history
+from pipeline.train.epochs import DistInfo, ExtraLoss, save_state_dict, train_epochs, write_history
 from pipeline.train.network import WARM_START_FILE, build_model, warm_start_into
-from pipeline.train.semi import harm_guard, load_unlabelled, method_for, self_train
+from pipeline.train.semi import harm_guard, load_unlabelled, method_for, train_student
 from pipeline.train.strategies import CHEAPEST_FIRST, fit_linear_probe, pick_candidate, reestimate_bn
 from pipeline.train.validation import multilabel_training, val_score
 from pipeline.trained.artefact import save_model, weights_provenance
@@ -50,11 +50,13 @@ def run_strategy(
     device: torch.device,
     dist: DistInfo | None = None,
     progress: bool = False,
+    extra_loss: ExtraLoss | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a fresh network and train it with one strategy; resumable through ``work_dir``.
 
     A finished strategy leaves ``work_dir/result.json`` and ``best.pt``; calling again returns them without
-    training (``auto`` and k-fold runs resume candidate by candidate).
+    training (``auto`` and k-fold runs resume candidate by candidate). ``extra_loss`` goes to
+    :func:`~pipeline.train.epochs.train_epochs` (semi-supervised consistency).
 
     Returns:
         The trained network (best weights, on ``device``) and its result: ``strategy``, ``val_auroc``
@@ -124,7 +126,7 @@ def run_strategy(
                 model, train.x, train.y, val.x, val.y, tc, num_classes, cfg.task.positive_index, device
             )
             result["probe_init"] = probe.to_dict()
-        out = train_epochs(cfg, model, strategy, train, val, work_dir, device, dist, progress)
+        out = train_epochs(cfg, model, strategy, train, val, work_dir, device, dist, progress, extra_loss)
         result.update(val_auroc=out.pop("best_score"), **out)
     result["seconds"] = time.perf_counter() - t0
     if dist.main:
@@ -311,7 +313,7 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress, semi: SemiPlan
     """K-fold cross-validation over train+val patients; returns the ensemble, its result and per-fold info.
 
     With unlabelled cases (``semi.method``), each fold's supervised model is the teacher of a
-    semi-supervised student (:func:`pipeline.train.semi.self_train`); the students replace the teachers
+    semi-supervised student (:func:`pipeline.train.semi.train_student`); the students replace the teachers
     unless the out-of-fold comparison shows harm.
     """
     tc = cfg.train
@@ -326,8 +328,9 @@ def _run_folds(cfg, train, val, work_dir, device, dist, progress, semi: SemiPlan
         m, r = run_strategy(cfg, tc.strategy, tr, va, work_dir / f"fold{k}", device, dist, progress)
         oof[fold == k] = _probs(cfg, m, va.x, device)
         if semi.method:
-            s, _, s_info = self_train(
-                cfg, tc.strategy, m, tr, va, semi.unlabelled, work_dir / f"fold{k}-semi", device, dist, progress, k
+            s, _, s_info = train_student(
+                semi.method, cfg, tc.strategy, m, tr, va, semi.unlabelled, work_dir / f"fold{k}-semi", device,
+                dist, progress, k,
             )
             oof_semi[fold == k] = _probs(cfg, s, va.x, device)
             students.append(s)
@@ -400,9 +403,10 @@ class SemiPlan:
 
 
 def _semi_single(cfg, model, result, train, val, work_dir, device, dist, progress, semi: SemiPlan):
-    """Self-training for a single model: teacher and student compared on the validation cases."""
-    student, s_result, info = self_train(
-        cfg, result["strategy"], model, train, val, semi.unlabelled, work_dir / "semi", device, dist, progress
+    """Semi-supervised student of a single model: teacher and student compared on the validation cases."""
+    student, s_result, info = train_student(
+        semi.method, cfg, result["strategy"], model, train, val, semi.unlabelled, work_dir / "semi", device,
+        dist, progress,
     )
     semi.per_fold.append(dict(info, fold=None))
     semi.guard = harm_guard(

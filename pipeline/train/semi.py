@@ -1,6 +1,8 @@
-"""Semi-supervised training from unlabelled cases: self-training with pseudo-labels from the fold ensemble.
+"""Semi-supervised training from unlabelled cases: self-training with pseudo-labels from the fold ensemble,
+or Mean Teacher (:mod:`pipeline.train.mean_teacher`); both share steps 1, 4 (start) and 5 below.
 
-The recipe (``train.semi_supervised: pseudo_label``; ``auto`` uses it whenever unlabelled cases exist):
+The pseudo-label recipe (``train.semi_supervised: pseudo_label``; ``auto`` uses it whenever unlabelled
+cases exist, until the bench says otherwise):
 
 1. **Teacher.** Each supervised fold model (or the single model) scores the unlabelled cases with its TTA.
    In a k-fold ensemble the pseudo-labels for fold k come from fold k's own supervised model, which never
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 
 UNLABELLED = "unlabelled"
 HELD_OUT_SPLITS = ("val", "calibration", "test")
-METHODS = ("pseudo_label",)
+METHODS = ("pseudo_label", "mean_teacher")
 
 
 def method_for(requested: str, n_unlabelled: int) -> str | None:
@@ -116,7 +118,45 @@ def select_pseudo_labels(probs: np.ndarray, prior: np.ndarray, threshold: float,
     return PseudoLabels(index.astype(np.int64), lab[index].astype(np.int64), conf[index])
 
 
-def self_train(
+def student_config(cfg, teacher: nn.Module, work_dir: Path, **train_update: Any):
+    """The config of a student that starts from ``teacher``'s weights (saved as the warm start in
+    ``work_dir``): ``ssl_student_epochs`` of the epochs, no warm-up, probe or BatchNorm re-estimation."""
+    from pipeline.train.network import WARM_START_FILE
+
+    tc = cfg.train
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({kk: v.detach().cpu() for kk, v in teacher.state_dict().items()}, work_dir / WARM_START_FILE)
+    update = {
+        "epochs": max(1, math.ceil(tc.epochs * tc.ssl_student_epochs)),
+        "warmup_epochs": 0,
+        "probe_init": False,
+        "bn_reestimate": False,
+    }
+    return cfg.model_copy(update={"train": tc.model_copy(update=dict(update, **train_update))})
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """One semi-supervised student: its teacher (a supervised model), its data and where it trains.
+
+    ``unlabelled`` is already the fold's bounded sample (:func:`sample_unlabelled`).
+    """
+
+    cfg: Any
+    strategy: str
+    teacher: nn.Module
+    train: SplitData
+    val: SplitData
+    unlabelled: SplitData
+    work_dir: Path
+    device: torch.device
+    dist: Any
+    progress: bool
+    fold: int = 0
+
+
+def train_student(
+    method: str,
     cfg,
     strategy: str,
     teacher: nn.Module,
@@ -129,20 +169,40 @@ def self_train(
     progress: bool,
     fold: int = 0,
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Pseudo-label ``unlabelled`` with ``teacher`` and fine-tune a student from it (see module doc).
+    """A student of ``teacher`` by semi-supervised ``method`` (one of :data:`METHODS`).
+
+    At most ``train.ssl_unlabelled_per_labelled`` unlabelled cases per labelled one are used (a seeded
+    sample per fold).
+
+    Returns:
+        The student network, its training result and what the method did (counts, no ids).
+    """
+    tc = cfg.train
+    u = sample_unlabelled(unlabelled, max(1, tc.ssl_unlabelled_per_labelled * len(train)), tc.seed, fold)
+    job = StudentJob(cfg, strategy, teacher, train, val, u, work_dir, device, dist, progress, fold)
+    if method == "pseudo_label":
+        return self_train(job)
+    if method == "mean_teacher":
+        from pipeline.train.mean_teacher import train_mean_teacher
+
+        return train_mean_teacher(job)
+    raise ValueError(f"train.semi_supervised: {method!r}; expected one of {list(METHODS)}")
+
+
+def self_train(job: StudentJob) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Pseudo-label the job's unlabelled cases with its teacher and fine-tune a student from it (see
+    module doc).
 
     Returns:
         The student network, its training result and what was pseudo-labelled (counts, no ids).
     """
     from pipeline.train.loop import run_strategy
-    from pipeline.train.network import WARM_START_FILE
 
+    cfg, train, u, device = job.cfg, job.train, job.unlabelled, job.device
     tc = cfg.train
     k = len(cfg.task.classes)
-    u = sample_unlabelled(unlabelled, max(1, tc.ssl_unlabelled_per_labelled * len(train)), tc.seed, fold)
-    probs = torch.softmax(
-        torch.from_numpy(predict_logits(with_tta(teacher, tc.tta, cfg.preprocess.spatial_dims), u.x, device)), 1
-    ).numpy()
+    scorer = with_tta(job.teacher, tc.tta, cfg.preprocess.spatial_dims)
+    probs = torch.softmax(torch.from_numpy(predict_logits(scorer, u.x, device)), 1).numpy()
     prior = np.bincount(train.y, minlength=k) / max(len(train), 1)
     pl = select_pseudo_labels(probs, prior, tc.ssl_threshold, int(tc.ssl_pseudo_per_labelled * len(train)))
     info: dict[str, Any] = {
@@ -153,23 +213,14 @@ def self_train(
     }
     pseudo = subset(u, pl.index)
     pseudo.y = pl.labels
-    work_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({kk: v.detach().cpu() for kk, v in teacher.state_dict().items()}, work_dir / WARM_START_FILE)
-    student_train = tc.model_copy(
-        update={
-            "epochs": max(1, math.ceil(tc.epochs * tc.ssl_student_epochs)),
-            "warmup_epochs": 0,
-            "probe_init": False,
-            "bn_reestimate": False,
-        }
-    )
-    scfg = cfg.model_copy(update={"train": student_train})
+    scfg = student_config(cfg, job.teacher, job.work_dir)
     student, result = run_strategy(
-        scfg, strategy, concat(train, pseudo) if len(pseudo) else train, val, work_dir, device, dist, progress
+        scfg, job.strategy, concat(train, pseudo) if len(pseudo) else train, job.val, job.work_dir, device,
+        job.dist, job.progress,
     )
     log.info(
         "FineTune semi-supervised (fold %d): %d of %d unlabelled cases pseudo-labelled %s",
-        fold, info["pseudo_labelled"], len(u), info["pseudo_per_class"],
+        job.fold, info["pseudo_labelled"], len(u), info["pseudo_per_class"],
     )
     return student, result, info
 

@@ -39,7 +39,7 @@ def multilabel_refusals(cfg) -> list[tuple[str, str]]:
     """``(field, message)`` for each training setting a multilabel task cannot use (empty otherwise).
 
     Refused: ``train.strategy: linear_probe`` and ``train.probe_init`` (the probe is a single-label
-    logistic regression), ``train.semi_supervised: pseudo_label`` (pseudo-labels are one class per case),
+    logistic regression), ``train.semi_supervised: pseudo_label`` / ``mean_teacher`` (single-label),
     ``evaluate.study_label_fractions`` (the transfer study selects and compares single-label models);
     ``auto`` candidates and ``semi_supervised: auto`` are narrowed instead, with a log line, by
     :func:`multilabel_training`.
@@ -55,9 +55,9 @@ def multilabel_refusals(cfg) -> list[tuple[str, str]]:
         out.append(("train.auto_candidates", "only 'linear_probe', which is single-label; add 'finetune'"))
     if tc.probe_init:
         out.append(("train.probe_init", "the linear probe is single-label; expected false"))
-    if tc.semi_supervised == "pseudo_label":
+    if tc.semi_supervised in ("pseudo_label", "mean_teacher"):
         out.append(
-            ("train.semi_supervised", "pseudo-labelling is single-label; expected 'off' or 'auto' (= off)")
+            ("train.semi_supervised", "its methods are single-label; expected 'off' or 'auto' (= off)")
         )
     if cfg.evaluate.study_label_fractions:  # it would train its models for nothing
         out.append(("evaluate.study_label_fractions", "the transfer study is single-label; expected none"))

@@ -32,13 +32,26 @@ def scarce_labels_section(doc: Doc, run: ReportInputs) -> None:
         )
     else:
         per_fold = semi.get("per_fold") or []
-        n_pseudo = sum(f.get("pseudo_labelled") or 0 for f in per_fold)
         level = guard.get("ci_level", 0.95)
         ci = guard.get("ci") or [None, None]
+        if method == "mean_teacher":
+            first = per_fold[0] if per_fold else {}
+            how = (
+                "each supervised model started a student trained with a consistency loss between its "
+                "predictions and those of its exponential-moving-average teacher on differently augmented "
+                f"unlabelled cases (weight {fmt(first.get('consistency_weight'), 1)}, EMA decay "
+                f"{fmt(first.get('ema_decay'))}); {len(per_fold)} model(s), each using up to "
+                f"{max((f.get('unlabelled_used') or 0 for f in per_fold), default=0)} unlabelled case(s). "
+                "The EMA teacher (the model kept)"
+            )
+        else:
+            n_pseudo = sum(f.get("pseudo_labelled") or 0 for f in per_fold)
+            how = (
+                "each supervised model pseudo-labelled unlabelled cases (distribution alignment, confidence "
+                f"threshold); {n_pseudo} pseudo-label(s) in all over {len(per_fold)} model(s). The student"
+            )
         doc.p(
-            f"Semi-supervised training ({method}): each supervised model pseudo-labelled unlabelled cases "
-            f"(distribution alignment, confidence threshold); {n_pseudo} pseudo-label(s) in all over "
-            f"{len(per_fold)} model(s). The student was compared with the supervised model on the same "
+            f"Semi-supervised training ({method}): {how} was compared with the supervised model on the same "
             f"out-of-fold (or validation) cases: AUROC {fmt(guard.get('auroc_semi_supervised'))} vs "
             f"{fmt(guard.get('auroc_supervised'))}, difference {fmt({'value': guard.get('difference'), 'ci': ci})} "
             f"({level:.0%} CI, {str(guard.get('ci_method', '')).replace('_', ' ')}). Decision: "
