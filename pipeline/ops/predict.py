@@ -7,7 +7,8 @@ Every registered model gets a small *bundle* in ``<workspace>/ops/models/<id>/``
   are the ones its Evaluate stage fitted and saved (``evaluate/<digest>/calibrator.json``, loaded with the
   verified model by :class:`pipeline.trained.artefact.TrainedModel`), never refitted;
 * ``reference.json``: what the training data looked like (kinds, modalities, manufacturers, spacing range,
-  intensity percentile range, number of slices) for out-of-distribution flags.
+  intensity percentile range, number of slices) for out-of-distribution flags, and its label prevalence
+  (per class index; per finding for a multilabel model).
 
 :func:`predict_folder` ingests a folder the way the Ingest stage does (``scan_sources`` / ``load_item``),
 preprocesses each case with the model's recorded spec, and writes ``predictions.csv`` and
