@@ -23,7 +23,8 @@ guard as pseudo-labelling):
    :data:`RAMPUP_SHARE` of the student's steps.
 
 The teacher predicts in eval mode (BatchNorm running statistics): its targets are those of the model that
-is validated and kept; the two augmentations are the noise. Cost per fold: about
+is validated and kept; the two augmentations are the noise. The student's ``history.csv`` train loss
+includes the consistency term. Cost per fold: about
 ``ssl_student_epochs`` x 2.3 supervised epochs (the student's forward/backward on twice the cases, plus the
 teacher's forward): ~1.2 supervised trainings at the default 0.5, before early stopping.
 """
