@@ -21,7 +21,13 @@ from scipy.special import expit
 
 from pipeline.config import Config
 from pipeline.evaluate.multilabel import CONFORMAL_SKIPPED, binary_split, evaluate_multilabel, finding_task
-from pipeline.evaluate.stage import Evaluation, add_val_operating_points, collect_predictions, eval_options
+from pipeline.evaluate.stage import (
+    Evaluation,
+    add_val_operating_points,
+    collect_predictions,
+    eval_options,
+    run_block,
+)
 from pipeline.io import write_json, write_text
 from pipeline.trained.artefact import save_calibrator
 
@@ -76,14 +82,7 @@ def run_evaluate_multilabel(cfg: Config, plan, out_dir: Path) -> Evaluation:
         "excluded_patients": 0,
         "note": NOT_ADAPTED["promotion_holdout"],
     }
-    metrics["run"] = {
-        "name": cfg.name,
-        "data_snapshot": plan.snapshot,
-        "stages": {s: Path(getattr(plan, s)).name for s in ("ingest", "augment", "finetune", "evaluate")},
-        "config": cfg.public_dict(),
-    }
-    if cfg.evaluate.compare_with is not None:
-        metrics["run"]["config"]["evaluate"]["compare_with"] = Path(cfg.evaluate.compare_with).name
+    metrics["run"] = run_block(cfg, plan)
     metrics["headline"] = headline(metrics)
     _write_predictions(out_dir / "predictions.csv", preds, result.calibrated, names)
     write_json(out_dir / "metrics.json", metrics)

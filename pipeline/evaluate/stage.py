@@ -179,14 +179,8 @@ def run_evaluate(cfg: Config, plan, out_dir: Path) -> Evaluation:
     metrics = dict(result.metrics)
     metrics["promotion_holdout"] = holdout
     add_val_operating_points(metrics, preds, result.calibrated, task, cfg.evaluate.ci_level)
-    metrics["run"] = {
-        "name": cfg.name,
-        "data_snapshot": plan.snapshot,
-        "stages": {s: Path(getattr(plan, s)).name for s in ("ingest", "augment", "finetune", "evaluate")},
-        "config": cfg.public_dict(),
-    }
+    metrics["run"] = run_block(cfg, plan)
     if cfg.evaluate.compare_with is not None:
-        metrics["run"]["config"]["evaluate"]["compare_with"] = Path(cfg.evaluate.compare_with).name
         metrics["comparison"] = compare_with_previous(cfg, preds, kept)
     if cfg.evaluate.study_label_fractions:
         from pipeline.evaluate.study import collect_study
@@ -280,6 +274,20 @@ def _write_predictions(
 
 def load_metrics(stage_dir: Path) -> dict[str, Any]:
     return json.loads((stage_dir / "metrics.json").read_text())
+
+
+def run_block(cfg: Config, plan: Any) -> dict[str, Any]:
+    """``metrics["run"]``: the run's name, data snapshot, stage folders and public config (an earlier run
+    to compare with is named by its folder only)."""
+    block = {
+        "name": cfg.name,
+        "data_snapshot": plan.snapshot,
+        "stages": {s: Path(getattr(plan, s)).name for s in ("ingest", "augment", "finetune", "evaluate")},
+        "config": cfg.public_dict(),
+    }
+    if cfg.evaluate.compare_with is not None:
+        block["config"]["evaluate"]["compare_with"] = Path(cfg.evaluate.compare_with).name
+    return block
 
 
 def add_val_operating_points(
