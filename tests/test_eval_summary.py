@@ -137,7 +137,7 @@ def test_patient_clusters_drive_resampling_and_patient_level(binary_result) -> N
     assert m["evaluation"]["val"]["ci_resampling"] == "case"
     auroc = m["evaluation"]["test"]["calibrated"]["discrimination"]["auroc"]
     assert auroc["ci_method"] == "obuchowski_logit_t"  # patient-clustered variance, not case-level DeLong
-    assert m["evaluation"]["test"]["calibrated"]["discrimination"]["auprc"]["ci_method"] == "cluster_bootstrap"
+    assert m["evaluation"]["test"]["calibrated"]["discrimination"]["auprc"]["ci_method"] == "cluster_bootstrap_bca"
     assert auroc["ci"][0] < auroc["value"] < auroc["ci"][1] and auroc["dof"] >= 1
     pl = m["patient_level"]
     assert pl["n_patients"] == 400 and pl["label_rule"] == "any_positive"

@@ -407,7 +407,9 @@ def test_clustered_split_uses_cluster_bootstrap_for_every_metric(rng: np.random.
     yb = (y == 0).astype(int)
     pb = np.column_stack([probs[:, 1:].sum(1), probs[:, 0]])
     outb = discrimination_block(pb, yb, "binary", ["rest", "a"], 1, bs)
-    assert {e["ci_method"] for _, e in _walk(outb)} == {"cluster_bootstrap", "obuchowski_logit_t"}
+    assert {e["ci_method"] for _, e in _walk(outb)} == {
+        "cluster_bootstrap", "cluster_bootstrap_bca", "obuchowski_logit_t"
+    }
 
 
 def _walk(obj, path=""):
@@ -416,3 +418,24 @@ def _walk(obj, path=""):
             yield path, obj
         for key, val in obj.items():
             yield from _walk(val, f"{path}.{key}")
+
+
+def test_bca_interval_known_answers(rng: np.random.Generator) -> None:
+    """BCa on the bootstrap count rows: a mean (no bias, little skew) gives the expanded percentile
+    interval; leaving one cluster out is what the jackknife rows do (checked against a loop)."""
+    from pipeline.stats.bootstrap import expanded_level, mean_stat, percentile_ci
+
+    v = rng.normal(size=300)
+    bs = Bootstrap(300, 4000, seed=2)
+    st = mean_stat(v)
+    smp = bs.run({"m": st})["m"]
+    lo, hi = bs.bca_ci(smp, st, float(v.mean()))
+    plo, phi = percentile_ci(smp, expanded_level(0.95, 300))
+    assert lo == pytest.approx(plo, abs=0.01) and hi == pytest.approx(phi, abs=0.01)
+    skewed = rng.exponential(size=60) ** 2  # a skewed mean: BCa moves the interval up
+    bs2 = Bootstrap(60, 4000, seed=3)
+    st2 = mean_stat(skewed)
+    s2 = bs2.run({"m": st2})["m"]
+    blo, bhi = bs2.bca_ci(s2, st2, float(skewed.mean()))
+    qlo, qhi = percentile_ci(s2, expanded_level(0.95, 60))
+    assert blo > qlo and bhi > qhi

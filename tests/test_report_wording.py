@@ -121,7 +121,7 @@ def test_the_interval_method_named_is_the_one_used(run) -> None:
     # two cases per patient: the AUROC CI is the patient-clustered (Obuchowski) one, not case-level DeLong
     assert "DeLong on the logit scale with a t quantile for AUROC" not in text
     assert "patient-clustered DeLong (Obuchowski) on the logit scale with a t quantile for AUROC" in text
-    assert re.search(r"patient-cluster bootstrap \(200 resamples\) for [^;]*AUPRC", text)
+    assert re.search(r"patient-cluster bootstrap, bias-corrected and accelerated \(200 resamples\) for [^;]*AUPRC", text)
     m = copy.deepcopy(metrics)
     for variant in ("uncalibrated", "calibrated"):
         m["evaluation"]["test"][variant]["discrimination"]["auroc"]["ci_method"] = "delong"

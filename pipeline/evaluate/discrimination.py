@@ -251,7 +251,7 @@ def discrimination_block(
         )
         out["auroc"] = _auroc_entry(p_pos, y_pos, boot["auroc"], bootstrap)
         ap = average_precision_score(y_pos, p_pos) if y_pos.any() else float("nan")
-        out["auprc"] = value_ci(ap, bootstrap.ci(boot["auprc"]), bmethod)
+        out["auprc"] = value_ci(ap, bootstrap.bca_ci(boot["auprc"], stats["auprc"], ap), bmethod + "_bca")
         for name in ("sensitivity", "specificity", "ppv", "npv"):
             out[name] = prop(name)
         out["f1"] = value_ci(point["f1"], bootstrap.ci(samples["f1"]), bmethod)

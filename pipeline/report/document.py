@@ -118,6 +118,8 @@ CI_METHOD_WORDS = {
     "cluster_sandwich_t": "patient-cluster robust (sandwich) standard error with a t quantile",
     "bootstrap": "case bootstrap",
     "cluster_bootstrap": "patient-cluster bootstrap",
+    "bootstrap_bca": "case bootstrap, bias-corrected and accelerated",
+    "cluster_bootstrap_bca": "patient-cluster bootstrap, bias-corrected and accelerated",
     "bootstrap_bias_shifted": "case bootstrap, bias-shifted",
     "cluster_bootstrap_bias_shifted": "patient-cluster bootstrap, bias-shifted",
     "parametric_bootstrap_inversion": "parametric-bootstrap test inversion (may lie below the plug-in value)",

@@ -189,6 +189,43 @@ class Bootstrap:
         """
         return percentile_ci(samples, expanded_level(self.ci_level, self.effective_n))
 
+    def bca_ci(self, samples: np.ndarray, stat: Statistic, point: float) -> tuple[float, float]:
+        """Bias-corrected and accelerated (BCa; Efron 1987) interval at the expanded level of :meth:`ci`.
+
+        The bias correction ``z0`` comes from the share of replicates below ``point``; the acceleration
+        from the leave-one-cluster-out jackknife of ``stat`` (count rows with one patient removed, so the
+        same vectorised statistic serves). Used where the estimator is biased in small samples (AUPRC:
+        the expanded percentile interval covered 92-93% for a well-calibrated model at 150 test cases,
+        this one 94-96%, BENCHMARKS.md). scipy's ``bootstrap(method="BCa")`` resamples cases, not patients.
+        """
+        from scipy.stats import norm
+
+        s = np.asarray(samples, dtype=np.float64)
+        s = s[np.isfinite(s)]
+        level = expanded_level(self.ci_level, self.effective_n)
+        if len(s) < max(2, 0.5 * self.n_resamples) or not np.isfinite(point):
+            return percentile_ci(samples, level)
+        below = (np.sum(s < point) + 0.5 * np.sum(s == point)) / len(s)
+        z0 = float(norm.ppf(np.clip(below, 1.0 / len(s), 1.0 - 1.0 / len(s))))
+        codes, g = self.cluster_codes, self.n_clusters
+        jack = []
+        step = max(1, _CHUNK_ELEMENTS // max(self.n_cases, 1))
+        for start in range(0, g, step):
+            rows = np.arange(start, min(g, start + step))
+            w = np.ones((len(rows), self.n_cases))
+            w[rows[:, None] == codes[None, :]] = 0.0  # row r leaves cluster rows[r] out
+            jack.append(np.asarray(stat(w), dtype=np.float64))
+        j = np.concatenate(jack)
+        j = j[np.isfinite(j)]
+        d = j.mean() - j if len(j) > 2 else np.zeros(1)
+        den = 6.0 * float(np.sum(d**2)) ** 1.5
+        acc = float(np.sum(d**3)) / den if den > 0 else 0.0
+        out = []
+        for tail in ((1.0 - level) / 2.0, (1.0 + level) / 2.0):
+            z = z0 + float(norm.ppf(tail))
+            out.append(float(np.quantile(s, norm.cdf(z0 + z / (1.0 - acc * z)))))
+        return out[0], out[1]
+
 
 def mean_stat(values: np.ndarray) -> Statistic:
     """Weighted mean of per-case values (e.g. squared error, log-loss, correctness)."""
