@@ -190,6 +190,11 @@ def test_end_to_end_macro_auroc_well_above_chance(ml_run: Path) -> None:
         auc = block["evaluation"]["test"]["uncalibrated"]["discrimination"]["auroc"]
         assert auc["value"] > 0.7, (name, auc)
     assert metrics["conformal"]["methods"] == {} and "multilabel" in metrics["conformal"]["reason"]
+    # the locked promotion holdout is handled as for single-label tasks: left out when usable, said either way
+    hold = metrics["promotion_holdout"]
+    assert "promotion_holdout" not in metrics.get("not_adapted", {}) and hold["note"]
+    if hold["excluded_cases"]:
+        assert hold["reported_cases"] == metrics["splits"]["test"]["cases"]
     info = json.loads((_stage(ml_run, "finetune") / "model_info.json").read_text())
     assert info["kind"] == "multilabel" and info["findings"] == ["effusion", "nodule"]
     report = json.loads((_stage(ml_run, "ingest") / "ingest_report.json").read_text())

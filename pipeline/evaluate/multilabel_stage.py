@@ -5,8 +5,8 @@ probability column per finding, ``metrics.json`` and ``calibrator.json``.
 What is not adapted to findings that co-occur is skipped, and ``metrics.json`` says why
 (``not_adapted``: feature -> sentence; the report prints them): conformal prediction sets, the model
 comparison (``evaluate.compare_with``), the TRIPOD+AI / CLAIM statistics that assume one
-label per case, Grad-CAM, and the locked promotion holdout (champion/challenger promotion is not adapted, so
-the whole test split is reported).
+label per case and Grad-CAM. The locked promotion holdout is left out of the reported test split as for
+single-label tasks (usable when every finding has positive and negative cases in it).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pipeline.evaluate.stage import (
     add_val_operating_points,
     collect_predictions,
     eval_options,
+    exclude_promotion_holdout,
     run_block,
 )
 from pipeline.io import write_json, write_text
@@ -36,10 +37,6 @@ __all__ = ["NOT_ADAPTED", "run_evaluate_multilabel"]
 #: Features skipped for multilabel tasks, with the sentence the report prints.
 NOT_ADAPTED = {
     "conformal": CONFORMAL_SKIPPED,
-    "promotion_holdout": (
-        "champion/challenger promotion is not adapted to multilabel tasks, so no locked promotion holdout is "
-        "set aside: the whole test split is reported"
-    ),
     "comparison": "the comparison with a previous model (evaluate.compare_with) is not adapted to multilabel "
     "tasks and was skipped",
     "reporting": "the TRIPOD+AI / CLAIM statistics (sample size, participants, subgroup differences, site "
@@ -60,6 +57,7 @@ def run_evaluate_multilabel(cfg: Config, plan, out_dir: Path) -> Evaluation:
     names = cfg.task.class_names
     kept: dict[str, Any] = {}
     preds = collect_predictions(cfg, Path(plan.augment), Path(plan.finetune), keep=kept)
+    holdout = exclude_promotion_holdout(cfg, Path(plan.workspace), preds, kept)
     result = evaluate_multilabel(preds, names, eval_options(cfg), seed=cfg.train.seed)
     metrics = dict(result.metrics)
     for j, name in enumerate(names):  # val figures of every finding's operating points
@@ -76,12 +74,7 @@ def run_evaluate_multilabel(cfg: Config, plan, out_dir: Path) -> Evaluation:
     if cfg.evaluate.explain_cases <= 0:
         skipped.pop("explanations")
     metrics["not_adapted"] = skipped
-    metrics["promotion_holdout"] = {
-        "fraction": 0.0,
-        "excluded_cases": 0,
-        "excluded_patients": 0,
-        "note": NOT_ADAPTED["promotion_holdout"],
-    }
+    metrics["promotion_holdout"] = holdout
     metrics["run"] = run_block(cfg, plan)
     metrics["headline"] = headline(metrics)
     _write_predictions(out_dir / "predictions.csv", preds, result.calibrated, names)

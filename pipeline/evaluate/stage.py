@@ -97,7 +97,7 @@ def exclude_promotion_holdout(
     """
     from pipeline.evaluate.summary import SplitPredictions
     from pipeline.ingest.deid import load_or_create_key
-    from pipeline.ingest.splits import usable_holdout
+    from pipeline.ingest.splits import every_class, usable_holdout
 
     policy = cfg.ops.promotion
     info: dict[str, Any] = {"fraction": policy.holdout_fraction, "excluded_cases": 0, "excluded_patients": 0}
@@ -107,8 +107,11 @@ def exclude_promotion_holdout(
         return info
     key = load_or_create_key(workspace / "private", cfg.deid.key_env)
     n_classes = len(cfg.task.classes)
-    mask = usable_holdout(sp.patient, sp.y, n_classes, key, policy.holdout_fraction, policy.min_holdout_cases)
-    if mask is None or len(np.unique(sp.y[~mask])) < 2:
+    y = np.asarray(sp.y)
+    if y.ndim == 2:  # multilabel: every finding both ways, in the holdout and in what is reported
+        n_classes = y.shape[1]
+    mask = usable_holdout(sp.patient, y, n_classes, key, policy.holdout_fraction, policy.min_holdout_cases)
+    if mask is None or not (every_class(y[~mask], n_classes) if y.ndim == 2 else len(np.unique(y[~mask])) >= 2):
         info["note"] = (
             "the locked holdout is too small to be used (promotion decisions use the whole test split), so "
             "the whole test split is reported"

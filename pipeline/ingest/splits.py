@@ -289,9 +289,18 @@ def usable_holdout(
     """The locked holdout mask when it is usable (at least ``min_cases`` cases and every class), else None.
 
     The one rule shared by promotion decisions (which use the holdout) and the Evaluate report (which
-    leaves it out of its test metrics, so the holdout serves promotion decisions only).
+    leaves it out of its test metrics, so the holdout serves promotion decisions only). ``y`` may be a
+    multilabel matrix ``(N, F)``: then "every class" is "positive and negative cases of every finding".
     """
     mask = holdout_mask(patients, key, fraction)
-    if mask.sum() >= min_cases and len(np.unique(y[mask])) == n_classes:
+    if mask.sum() >= min_cases and every_class(np.asarray(y)[mask], n_classes):
         return mask
     return None
+
+
+def every_class(y: np.ndarray, n_classes: int) -> bool:
+    """All ``n_classes`` labels occur in ``y`` (a multilabel matrix: every finding both present and absent)."""
+    y = np.asarray(y)
+    if y.ndim == 2:
+        return bool(len(y)) and all(0 < int(y[:, j].sum()) < len(y) for j in range(y.shape[1]))
+    return len(np.unique(y)) == n_classes

@@ -354,12 +354,10 @@ def usable_multilabel_holdout(
     patients: np.ndarray, y: np.ndarray, key: bytes, fraction: float, min_cases: int
 ) -> np.ndarray | None:
     """The locked holdout mask of a multilabel test split when it is usable (at least ``min_cases`` cases
-    and positive and negative cases of every finding), else None (the counterpart of
-    :func:`pipeline.ingest.splits.usable_holdout`, whose "every class" is "every finding both ways" here)."""
-    mask = holdout_mask(patients, key, fraction)
-    if mask.sum() >= min_cases and len(_usable_findings(np.asarray(y)[mask])) == np.asarray(y).shape[1]:
-        return mask
-    return None
+    and positive and negative cases of every finding), else None: :func:`pipeline.ingest.splits.
+    usable_holdout` on the label matrix, the rule Evaluate uses to leave the holdout out of its report."""
+    y = np.asarray(y)
+    return usable_holdout(patients, y, y.shape[1], key, fraction, min_cases)
 
 
 # ------------------------------------------------------------------------------------------ scoring glue

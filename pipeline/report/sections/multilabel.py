@@ -246,8 +246,9 @@ def _not_adapted(doc: Doc, metrics: dict[str, Any]) -> None:
     for title, key in SKIPPED_SECTIONS.items():
         if key in reasons:
             doc.p(f"{title}: {reasons[key]}.")
-    if "promotion_holdout" in reasons:
-        doc.p(f"Promotion holdout: {reasons['promotion_holdout']}.")
+    note = (metrics.get("promotion_holdout") or {}).get("note")
+    if note:
+        doc.p(f"Promotion holdout: {note}.")
     doc.p(
         "Subgroup and patient-level figures are computed per finding (metrics.json, per_finding.<finding>."
         "subgroups and .patient_level); this report does not tabulate them."
