@@ -194,10 +194,15 @@ def first_model_check(
         lo, hi = percentile_ci(samples, policy.ci_level)
         out["method"] = "bootstrap"
     out.update(auroc_challenger=float(auc), auroc_ci=[float(lo), float(hi)], brier_challenger=brier(probs, y))
+    return _first_model_verdict(out, "AUROC", float(auc), float(lo), policy)
+
+
+def _first_model_verdict(out: dict[str, Any], what: str, auc: float, lo: float, policy) -> dict[str, Any]:
+    """A first model is promoted when the lower CI bound of its (macro) AUROC exceeds ``min_auroc``."""
     ok = bool(np.isfinite(lo) and lo > policy.min_auroc)
     out["promote"] = ok
     out["reasons"] = [
-        f"first model: AUROC {auc:.4f}, lower {policy.ci_level:.0%} bound {lo:.4f} "
+        f"first model: {what} {auc:.4f}, lower {policy.ci_level:.0%} bound {lo:.4f} "
         + ("> " if ok else "<= ")
         + f"min_auroc {policy.min_auroc}"
     ]
@@ -340,14 +345,7 @@ def first_model_check_multilabel(
     bs = Bootstrap(len(y), policy.n_bootstrap, seed=seed, clusters=patients, ci_level=policy.ci_level)
     lo, hi = bs.ci(bs.run({"a": _macro_auroc_stat(probs, y, usable)})["a"])
     out.update(auroc_challenger=auc, auroc_ci=[float(lo), float(hi)])
-    ok = bool(np.isfinite(lo) and lo > policy.min_auroc)
-    out["promote"] = ok
-    out["reasons"] = [
-        f"first model: macro AUROC {auc:.4f}, lower {policy.ci_level:.0%} bound {lo:.4f} "
-        + ("> " if ok else "<= ")
-        + f"min_auroc {policy.min_auroc}"
-    ]
-    return out
+    return _first_model_verdict(out, "macro AUROC", auc, float(lo), policy)
 
 
 def usable_multilabel_holdout(
