@@ -23,6 +23,14 @@ def _setup_logging(verbose: bool) -> None:
         lg.setLevel(level)
         lg.handlers[:] = [handler]
         lg.propagate = False
+    # Luigi adds its own stderr handler once per process (luigi.setup_logging.InterfaceLogging), bound to
+    # the stderr of that first run; when main runs again in the same process (tests, notebooks, an
+    # embedding scheduler) that stream may be closed: point the handler at the current stderr (assigned,
+    # not setStream, which would flush the closed stream first)
+    for h in logging.getLogger("luigi-interface").handlers:
+        if type(h) is logging.StreamHandler and h.stream is not sys.stderr:
+            with h.lock:  # type: ignore[union-attr]
+                h.stream = sys.stderr
 
 
 def run_pipeline(config: str | Path, workers: int | None = None, scheduler_host: str | None = None,
