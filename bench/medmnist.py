@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in pub:
         print(f"  {p['method']:<22s} AUC {p['test_auc']:.3f}           ACC {p['test_acc']:.3f}")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # e.g. bench/results/, which git ignores
         args.out.write_text(
             json.dumps(
                 {
