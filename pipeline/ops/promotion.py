@@ -551,34 +551,15 @@ def decide(
         )
     pos = cfg.task.positive_index
     names = cfg.task.class_names
-    if multilabel and champion is None:
-        res = first_model_check_multilabel(
-            y[sel], challenger.calibrated["test"][sel], patients[sel], policy, names, cfg.train.seed
-        )
-    elif multilabel:
-        res = compare_multilabel(
-            y[sel],
-            champion.calibrated["test"][sel],
-            challenger.calibrated["test"][sel],
-            patients[sel],
-            policy,
-            names,
-            cfg.train.seed,
-        )
-    elif champion is None:
-        res = first_model_check(
-            y[sel], challenger.calibrated["test"][sel], patients[sel], policy, pos, cfg.train.seed
-        )
+    # the same call shape for both task kinds: the last-but-one argument is the finding names (multilabel)
+    # or the positive class index
+    first, pair = (first_model_check_multilabel, compare_multilabel) if multilabel else (first_model_check, compare)
+    target = names if multilabel else pos
+    new = challenger.calibrated["test"][sel]
+    if champion is None:
+        res = first(y[sel], new, patients[sel], policy, target, cfg.train.seed)
     else:
-        res = compare(
-            y[sel],
-            champion.calibrated["test"][sel],
-            challenger.calibrated["test"][sel],
-            patients[sel],
-            policy,
-            pos,
-            cfg.train.seed,
-        )
+        res = pair(y[sel], champion.calibrated["test"][sel], new, patients[sel], policy, target, cfg.train.seed)
     res.update(
         evaluated_on=evaluated_on,
         note=note,
