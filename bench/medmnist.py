@@ -1,7 +1,7 @@
 """MedMNIST benchmark through the real pipeline (the same code as ``medtl run``).
 
     python bench/medmnist.py --npz ../shared/data/medmnist/breastmnist.npz [--config CONFIG]
-        [--label-fraction F [--supervised-only]] [--seeds N] [--out results.json] [--workdir DIR]
+        [--label-fraction F [--supervised-only]] [--seeds N] [--first-seed S] [--out results.json] [--workdir DIR]
 
 Converts a MedMNIST-format ``.npz`` (``{train,val,test}_images`` uint8, 2D ``(N, H, W[, 3])`` or 3D
 ``(N, D, H, W)``; ``{split}_labels`` ``(N, 1)``) into a medtl dataset: 2D images as PNG files, 3D volumes
@@ -293,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--supervised-only", action="store_true", help="with --label-fraction: train.semi_supervised off"
     )
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="seeds run are FIRST..FIRST+N-1 (default 0), to add seeds"
+    )
     ap.add_argument("--out", type=Path, help="results JSON")
     ap.add_argument(
         "--workdir", type=Path, help="dataset + workspace folder (default /tmp/medtl-bench/<npz stem>)"
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(npz) as z:
         n_test = len(z["test_labels"])
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         if args.label_fraction < 1.0:
             withhold_labels(work / "data", args.label_fraction, seed)
         cfg = make_config(info, dims, work / "data", work / "ws", seed, args.label_fraction, user)
