@@ -1,7 +1,8 @@
 """MedMNIST benchmark through the real pipeline (the same code as ``medtl run``).
 
     python bench/medmnist.py --npz ../shared/data/medmnist/breastmnist.npz [--config CONFIG]
-        [--label-fraction F [--supervised-only]] [--seeds N] [--first-seed S] [--out results.json] [--workdir DIR]
+        [--label-fraction F [--supervised-only]] [--seeds N] [--first-seed S]
+        [--out results.json] [--workdir DIR]
 
 Converts a MedMNIST-format ``.npz`` (``{train,val,test}_images`` uint8, 2D ``(N, H, W[, 3])`` or 3D
 ``(N, D, H, W)``; ``{split}_labels`` ``(N, 1)``) into a medtl dataset: 2D images as PNG files, 3D volumes
