@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "summarise_study",
 ]
 
+log = logging.getLogger(__name__)
 STUDY_VERSION = 2
 PRETRAINED_STRATEGIES = ("linear_probe", "partial", "finetune", "gradual")
 VERDICTS = {"better": "pretrained better", "worse": "pretrained worse (negative transfer)"}
@@ -141,6 +143,7 @@ def run_study_member(
     scfg = study_config(cfg, label_fraction, strategy)
     reused = study_reuses_main_model(cfg, plan, label_fraction, strategy)
     if not reused:
+        log.info("Transfer study: training %s at label fraction %g", strategy, label_fraction)
         run_finetune(scfg, Path(plan.augment), out_dir, work_dir, progress=False)
     model_dir = Path(plan.finetune) if reused else out_dir
     summary_path = model_dir / "train_summary.json"

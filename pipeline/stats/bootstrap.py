@@ -170,8 +170,11 @@ class Bootstrap:
         Returns:
             Name -> replicates of shape (B,) or (B, M).
         """
+        from pipeline.progress import track
+
         parts: dict[str, list[np.ndarray]] = {k: [] for k in statistics}
-        for w in self.counts():
+        # a test set of thousands of patients makes many chunks: say how far the resampling is
+        for w in track(self.counts(), self.n_resamples, "bootstrap", unit="resample", size=len):
             for name, fn in statistics.items():
                 parts[name].append(np.asarray(fn(w), dtype=np.float64))
         return {k: np.concatenate(v, axis=0) for k, v in parts.items()}

@@ -333,9 +333,10 @@ def train_epochs(
         state["history"].append(row)
         state["epoch"] = epoch + 1
         log.info(
-            "%s epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f%s (%.1f s, %.0f img/s)",
+            "%s epoch %d/%d: train loss %.4f, val loss %.4f, val AUROC %.4f%s (%.1f s, %.0f img/s)",
             strategy,
             epoch + 1,
+            tc.epochs,
             row["train_loss"],
             vloss,
             score,
