@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.evaluate.calibration_metrics import binned_error_ci, calibration_block  # noqa: E402
 from pipeline.evaluate.conformal import SplitConformal  # noqa: E402
+from pipeline.evaluate.summary import CONFORMAL_METHODS  # noqa: E402
 from pipeline.evaluate.discrimination import discrimination_block  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.stats.bootstrap import Bootstrap  # noqa: E402
@@ -213,7 +214,7 @@ CALIBRATION = (
     "calibration_slope",
 )
 ERRORS = ("ece", "ece_equal_mass", "l2_ce_debiased")
-CONFORMAL = (("lac", False, False), ("aps", False, False), ("aps", True, False), ("lac", False, True))
+CONFORMAL = CONFORMAL_METHODS  # the sets the report prints
 CLASS_NAMES = ["negative", "positive"]
 
 

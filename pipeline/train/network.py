@@ -81,7 +81,9 @@ def warm_start_into(model: nn.Module, work_dir: Path) -> bool:
             f"({type(model).__name__}, {cfg_summary(model)}); expected the same backbone and classes. "
             "Use warm_start: pretrained after changing the backbone or the classes"
         ) from err
-    log.info("FineTune: warm start from the champion's weights")
+    note = path.with_suffix(".txt")  # who put the weights there, when not the FineTune task's champion copy
+    source = note.read_text().strip()[:200] if note.is_file() else "the champion's weights"
+    log.info("FineTune: warm start from %s", source)
     return True
 
 
