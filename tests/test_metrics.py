@@ -395,20 +395,21 @@ def test_macro_f1_averages_over_all_classes_like_sklearn() -> None:
     assert confusion_metrics(cm, labels=np.unique(y))["macro_f1"][0] == pytest.approx(ref)
 
 
-def test_clustered_split_uses_cluster_bootstrap_for_every_metric(rng: np.random.Generator) -> None:
+def test_clustered_split_uses_patient_level_intervals_for_every_metric(rng: np.random.Generator) -> None:
     n_pat = 150
     y = np.repeat(rng.integers(0, 3, n_pat), 2)
     probs = softmax(rng.normal(size=(2 * n_pat, 3)) + 1.5 * np.eye(3)[y], axis=1)
     bs = Bootstrap(2 * n_pat, 300, seed=0, clusters=np.repeat(np.arange(n_pat), 2))
     out = discrimination_block(probs, y, "multiclass", ["a", "b", "c"], None, bs)
     methods = {e["ci_method"] for _, e in _walk(out)}
-    # every interval is patient-level: the cluster bootstrap, and Obuchowski's clustered AUROC variance
-    assert methods == {"cluster_bootstrap", "obuchowski_logit_t"}
+    # every interval is patient-level: the cluster bootstrap, the design-effect Wilson interval of the
+    # proportions and Obuchowski's clustered AUROC variance
+    assert methods == {"cluster_bootstrap", "cluster_wilson_t", "obuchowski_logit_t"}
     yb = (y == 0).astype(int)
     pb = np.column_stack([probs[:, 1:].sum(1), probs[:, 0]])
     outb = discrimination_block(pb, yb, "binary", ["rest", "a"], 1, bs)
     assert {e["ci_method"] for _, e in _walk(outb)} == {
-        "cluster_bootstrap", "cluster_bootstrap_bca", "obuchowski_logit_t"
+        "cluster_bootstrap", "cluster_bootstrap_bca", "cluster_wilson_t", "obuchowski_logit_t"
     }
 
 
@@ -439,3 +440,46 @@ def test_bca_interval_known_answers(rng: np.random.Generator) -> None:
     blo, bhi = bs2.bca_ci(s2, st2, float(skewed.mean()))
     qlo, qhi = percentile_ci(s2, expanded_level(0.95, 60))
     assert blo > qlo and bhi > qhi
+
+
+def test_cluster_wilson_ci_known_answers() -> None:
+    """One case per patient: Wilson with the t quantile and deff = G/(G-1); perfectly correlated pairs of
+    identical cases: the design effect is 2 and the interval is the one of half the cases."""
+    from scipy.stats import t as t_dist
+
+    from pipeline.evaluate.intervals import cluster_wilson_ci, wilson_ci
+
+    y = np.r_[np.ones(30), np.zeros(70)]
+    lo, hi, info = cluster_wilson_ci(y, np.ones(100), np.arange(100), 0.95)
+    q = t_dist.ppf(0.975, 99)
+    n_eff, p = 100 / (100 / 99), 0.3
+    centre = (p + q * q / (2 * n_eff)) / (1 + q * q / n_eff)
+    half = q / (1 + q * q / n_eff) * np.sqrt(p * (1 - p) / n_eff + q * q / (4 * n_eff**2))
+    assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    assert info == {"n": 100, "clusters": 100, "deff": pytest.approx(100 / 99, abs=1e-4)}
+    assert hi - lo == pytest.approx(np.diff(wilson_ci(30, 100))[0], rel=0.03)  # close to plain Wilson
+    # every patient twice with the same outcome: deff 2, as wide as 100 independent cases
+    lo2, hi2, info2 = cluster_wilson_ci(np.r_[y, y], np.ones(200), np.r_[np.arange(100), np.arange(100)])
+    assert info2["deff"] == pytest.approx(2 * 100 / 99, abs=1e-3)
+    assert (lo2, hi2) == pytest.approx((lo, hi), abs=1e-9)
+    # the denominator picks the cases: sensitivity of 8/10 positives
+    num, den = np.r_[np.ones(8), np.zeros(2), np.ones(5)], np.r_[np.ones(10), np.zeros(5)]
+    lo3, hi3, info3 = cluster_wilson_ci(num, den, np.arange(15))
+    assert info3["n"] == 10 and info3["clusters"] == 10 and lo3 < 0.8 < hi3
+    assert cluster_wilson_ci(np.zeros(3), np.zeros(3), np.arange(3))[2]["n"] == 0
+
+
+def test_clustered_discrimination_uses_cluster_wilson(rng: np.random.Generator) -> None:
+    """With patients holding several cases the proportions get the design-effect Wilson interval, wider
+    than the case-level one when a patient's cases agree."""
+    y = np.repeat(rng.integers(0, 2, 60), 2)
+    p = np.clip(np.repeat(rng.random(60), 2) * 0.6 + 0.4 * y, 0, 1)
+    probs = np.column_stack([1 - p, p])
+    pats = np.repeat(np.arange(60), 2)
+    clustered = discrimination_block(probs, y, "binary", ["n", "p"], 1, Bootstrap(120, 200, 0, clusters=pats))
+    flat = discrimination_block(probs, y, "binary", ["n", "p"], 1, Bootstrap(120, 200, 0))
+    for name in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "prevalence"):
+        e = clustered[name]
+        assert e["ci_method"] == "cluster_wilson_t" and e["deff"] > 1.5, name
+        assert e["ci"][1] - e["ci"][0] > flat[name]["ci"][1] - flat[name]["ci"][0], name
+        assert e["ci"][0] <= e["value"] <= e["ci"][1]

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from pipeline.evaluate.delong import auroc_logit_ci, delong_ci
-from pipeline.evaluate.intervals import _num, value_ci, wilson_ci
+from pipeline.evaluate.intervals import _num, cluster_wilson_ci, value_ci, wilson_ci
 from pipeline.stats.bootstrap import (
     Bootstrap,
     auroc_stat,
@@ -227,9 +227,30 @@ def discrimination_block(
     samples = confusion_metrics(cm_boot, positive_index if binary else None, labels)
     bmethod = "cluster_bootstrap" if bootstrap.clustered else "bootstrap"
 
+    codes = bootstrap.cluster_codes
+    hit = (pred == y).astype(np.float64)
+
+    def clustered_prop(value: float, num: np.ndarray, den: np.ndarray) -> dict:
+        """A proportion over patient-clustered cases: the design-effect Wilson interval."""
+        lo, hi, info = cluster_wilson_ci(num, den, codes, level)
+        return value_ci(value, (lo, hi), "cluster_wilson_t", **info)
+
+    def case_sets(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(numerator, denominator) indicators per case of a binary proportion metric."""
+        pos, ppos = y_pos.astype(np.float64), (pred == positive_index).astype(np.float64)
+        return {
+            "accuracy": (hit, np.ones(len(y))),
+            "sensitivity": (ppos, pos),
+            "specificity": (1.0 - ppos, 1.0 - pos),
+            "ppv": (pos, ppos),
+            "npv": (1.0 - pos, 1.0 - ppos),
+        }[name]
+
     def prop(name: str) -> dict:
         if bootstrap.clustered:
-            return value_ci(point[name], bootstrap.ci(samples[name]), bmethod)
+            if name == "accuracy":
+                return clustered_prop(point[name], hit, np.ones(len(y)))
+            return clustered_prop(point[name], *case_sets(name))
         num, den = _counts_for(name, cm_point, positive_index)
         return value_ci(point[name], wilson_ci(num, den, level), "wilson", n=den)
 
@@ -241,14 +262,10 @@ def discrimination_block(
     if binary:
         out["prediction_rule"] = f"positive if p[{class_names[positive_index]}] >= {threshold:g}"
         out["positive_class"] = class_names[positive_index]
-        prev_ci = (
-            bootstrap.ci((cm_boot[:, positive_index, :].sum(axis=1)) / cm_boot.sum(axis=(1, 2)))
-            if bootstrap.clustered
-            else wilson_ci(int(y_pos.sum()), len(y), level)
-        )
-        out["prevalence"] = value_ci(
-            float(y_pos.mean()), prev_ci, bmethod if bootstrap.clustered else "wilson"
-        )
+        if bootstrap.clustered:
+            out["prevalence"] = clustered_prop(float(y_pos.mean()), y_pos.astype(np.float64), np.ones(len(y)))
+        else:
+            out["prevalence"] = value_ci(float(y_pos.mean()), wilson_ci(int(y_pos.sum()), len(y), level), "wilson")
         out["auroc"] = _auroc_entry(p_pos, y_pos, boot["auroc"], bootstrap)
         ap = average_precision_score(y_pos, p_pos) if y_pos.any() else float("nan")
         out["auprc"] = value_ci(ap, bootstrap.bca_ci(boot["auprc"], stats["auprc"], ap), bmethod + "_bca")
@@ -265,19 +282,15 @@ def discrimination_block(
             entry = _auroc_entry(probs[:, j], yj, boot[f"auroc_{j}"], bootstrap)
             tp = int(cm_point[j, j])
             n_true, n_pred = int(yj.sum()), int(cm_point[:, j].sum())
+            sens_v, ppv_v = tp / n_true if n_true else np.nan, tp / n_pred if n_pred else np.nan
             if bootstrap.clustered:
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    rec_ci = bootstrap.ci(cm_boot[:, j, j] / cm_boot[:, j, :].sum(axis=1))
-                    ppv_ci = bootstrap.ci(cm_boot[:, j, j] / cm_boot[:, :, j].sum(axis=1))
-                pmethod = bmethod
+                pj = (pred == j).astype(np.float64)
+                sens = clustered_prop(sens_v, pj, yj.astype(np.float64))
+                ppv = clustered_prop(ppv_v, yj.astype(np.float64), pj)
             else:
-                rec_ci, ppv_ci, pmethod = wilson_ci(tp, n_true, level), wilson_ci(tp, n_pred, level), "wilson"
-            per_class[class_names[j]] = {
-                "n": n_true,
-                "auroc": entry,
-                "sensitivity": value_ci(tp / n_true if n_true else np.nan, rec_ci, pmethod),
-                "ppv": value_ci(tp / n_pred if n_pred else np.nan, ppv_ci, pmethod),
-            }
+                sens = value_ci(sens_v, wilson_ci(tp, n_true, level), "wilson")
+                ppv = value_ci(ppv_v, wilson_ci(tp, n_pred, level), "wilson")
+            per_class[class_names[j]] = {"n": n_true, "auroc": entry, "sensitivity": sens, "ppv": ppv}
             if yj.any() and not yj.all():
                 auc_samples.append(boot[f"auroc_{j}"])
                 auc_values.append(entry["value"])

@@ -111,6 +111,7 @@ def level_words(metrics: dict[str, Any]) -> str:
 #: How each ``ci_method`` of ``metrics.json`` is named in a sentence.
 CI_METHOD_WORDS = {
     "wilson": "Wilson score",
+    "cluster_wilson_t": "Wilson score on the patient-cluster design-effect sample size with a t quantile",
     "delong": "DeLong",
     "delong_logit_t": "DeLong on the logit scale with a t quantile",
     "obuchowski_logit_t": "patient-clustered DeLong (Obuchowski) on the logit scale with a t quantile",
