@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from models.errors import WeightsError
 from models.locate import locate_weights, sha256_file
@@ -80,6 +81,12 @@ def data_snapshot(source: Path, labels_csv: Path) -> str:
     """
     st = labels_csv.stat()
     return _snapshot_cached(str(source), str(labels_csv), st.st_size, st.st_mtime_ns, _tree_stamp(source))
+
+
+def external_snapshots(cfg: Config) -> list[list[str]]:
+    """``[name, snapshot]`` of each ``evaluate.external`` source: its files and labels stand for it in the
+    Evaluate digest and the night's config hash, as the data snapshot stands for ``data.source``."""
+    return [[e.name, data_snapshot(Path(e.source), Path(e.labels_csv))] for e in cfg.evaluate.external]
 
 
 def _tree_stamp(source: Path) -> tuple[tuple[str, int, int], ...]:
@@ -337,11 +344,10 @@ def plan_stages(cfg: Config, inputs: PlanInputs | None = None) -> StagePlan:
             choice = (key, warm)
     finetune = finetune_digest(cfg, augment, inputs.weights_sha256, warm)
     holdout = {"fraction": cfg.ops.promotion.holdout_fraction, "min": cfg.ops.promotion.min_holdout_cases}
-    evaluate = cfg.hashed(
-        "evaluate",
-        "report",
-        extra={"finetune": finetune, "holdout": holdout, "v": STAGE_VERSIONS["evaluate"]},
-    )
+    extra: dict[str, Any] = {"finetune": finetune, "holdout": holdout, "v": STAGE_VERSIONS["evaluate"]}
+    if cfg.evaluate.external:
+        extra["external"] = external_snapshots(cfg)
+    evaluate = cfg.hashed("evaluate", "report", extra=extra)
     return StagePlan(
         workspace=ws,
         snapshot=snap,

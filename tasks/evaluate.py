@@ -25,6 +25,12 @@ class Evaluate(StageTask):
         from pipeline.report.render import write_reports
 
         ev = run_evaluate(cfg, plan, tmp)
+        if cfg.evaluate.external:  # second test sources, scored with this model and its new calibrator
+            from pipeline.io import write_json
+            from pipeline.ops.external import evaluate_external_sources
+
+            ev.metrics["external"] = evaluate_external_sources(cfg, plan, tmp)
+            write_json(tmp / "metrics.json", ev.metrics)
         write_reports(
             cfg, plan, ev.metrics, ev.preds, ev.calibrated, tmp, explanations=ev.explanations, raw=ev.raw
         )

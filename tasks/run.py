@@ -127,9 +127,20 @@ class RunPipeline(luigi.Task):
 
 
 def record_path(cfg: Any, snapshot: str, night: str) -> Path:
-    """``<workspace>/runs/<night>_<snapshot>_<config hash>.json``: the night's record."""
+    """``<workspace>/runs/<night>_<snapshot>_<config hash>.json``: the night's record.
+
+    With ``evaluate.external`` the external sources' snapshots join the data snapshot (``<snap>-<digest>``):
+    a changed second test source is new work for the night, as changed training data is.
+    """
     from pipeline.ops.nightly import record_name
 
+    if cfg.evaluate.external:
+        import hashlib
+
+        from pipeline.workspace import external_snapshots
+
+        blob = json.dumps(external_snapshots(cfg)).encode()
+        snapshot = f"{snapshot}-{hashlib.sha256(blob).hexdigest()[:8]}"
     return Path(cfg.runtime.workspace) / "runs" / record_name(cfg, snapshot, night)
 
 

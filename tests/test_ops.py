@@ -404,7 +404,11 @@ def test_validate_on_an_external_source(project: Path, tmp_path: Path, capsys) -
     assert "External validation of model 1: 33 labelled case(s) of 36 scored" in capsys.readouterr().out
     doc = json.loads((out / "external_validation.json").read_text())
     assert doc["counts"] == {
-        "scored": 36, "labelled": 33, "unlabelled": 1, "no_label_row": 2, "label_rows_without_case": 1
+        "scored": 36,
+        "labelled": 33,
+        "unlabelled": 1,
+        "no_label_row": 2,
+        "label_rows_without_case": 1,
     }
     assert doc["problems"]["labels_csv"] == [{"row": 3, "code": "unknown_label"}]
     auroc = doc["calibrated"]["discrimination"]["auroc"]
@@ -413,10 +417,57 @@ def test_validate_on_an_external_source(project: Path, tmp_path: Path, capsys) -
     diff = doc["auroc_difference"]
     assert diff["value"] == pytest.approx(diff["external"] - diff["internal"])
     assert diff["ci"][0] <= diff["value"] <= diff["ci"][1] and diff["verdict"] in (
-        "no evidence of a difference", "lower externally", "higher externally"
+        "no evidence of a difference",
+        "lower externally",
+        "higher externally",
     )
     html = (out / "external_validation.html").read_text()
     assert "External validation" in html and "nothing was refitted" in html
-    text = html + (out / "external_validation.json").read_text() + (out / "scored" / "predictions.csv").read_text()
+    text = (
+        html
+        + (out / "external_validation.json").read_text()
+        + (out / "scored" / "predictions.csv").read_text()
+    )
     for needle in (PHI_NAME, PHI_ID_PREFIX, PHI_PATH_WORD, str(ext), "maybe"):
+        assert needle not in text
+
+
+def test_evaluate_external_source_in_the_report(project: Path, tmp_path: Path) -> None:
+    """`evaluate.external`: a second labelled source is scored in Evaluate with this run's model and the
+    calibrator it has just fitted (nothing refitted), the report gains its section, only Evaluate runs
+    again, and no identifier reaches the outputs. (Last in this file: the run registers a second model.)"""
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.workspace import plan_stages
+
+    ext = make_dataset(tmp_path / "ext2", n_patients=30, seed=12)
+    cfg = yaml.safe_load(project.read_text())
+    cfg["evaluate"]["external"] = [
+        {"name": "siteB", "source": str(ext / "images"), "labels_csv": str(ext / "labels.csv")}
+    ]
+    path = project.parent / "config_external.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    finetune_before = sorted(p.name for p in (project.parent / "ws" / "finetune").iterdir())
+    assert run_pipeline(path) == 0
+    assert sorted(p.name for p in (project.parent / "ws" / "finetune").iterdir()) == finetune_before
+    ev = plan_stages(load_config(path)).evaluate
+    assert ev != plan_stages(load_config(project)).evaluate  # the source is part of Evaluate's digest
+    metrics = json.loads((ev / "metrics.json").read_text())
+    (src,) = metrics["external"]
+    assert src["name"] == "siteB" and src["counts"]["scored"] == 30 and src["counts"]["labelled"] == 30
+    auroc = src["metrics"]["discrimination"]["auroc"]
+    assert auroc["value"] > 0.8 and auroc["ci"][0] <= auroc["value"] <= auroc["ci"][1]
+    assert src["auroc_difference"]["verdict"] in (
+        "no evidence of a difference",
+        "lower externally",
+        "higher externally",
+    )
+    html = (ev / "report.html").read_text()
+    assert (
+        "Robustness and external validation" in html and "Source &#39;siteB&#39;: 30 case(s) scored" in html
+    )
+    text = html + (ev / "metrics.json").read_text() + (ev / "model_card.md").read_text()
+    text += (ev / "external" / "siteB" / "scored" / "predictions.csv").read_text()
+    for needle in (PHI_NAME, PHI_ID_PREFIX, PHI_PATH_WORD, str(ext)):
         assert needle not in text

@@ -188,9 +188,14 @@ def test_limitations_state_this_runs_counts(run) -> None:
     text2 = _text(cfg, plan, m, preds, cal)
     assert "the 57 test cases" in text2 and "of 31 patients" in text2
     assert "runs from 0.610 to 0.930 (width 0.320)" in text2
-    m["external"] = {"source": "site-b", "cases": 80, "patients": 80, "metrics": {}}
+    m["external"] = [
+        {"name": "site-b", "counts": {"scored": 80, "labelled": 77, "unlabelled": 3}, "metrics": {},
+         "problem_codes": {"unreadable": 2}, "ood_rate": 0.25}
+    ]
     text3 = _text(cfg, plan, m, preds, cal)
     assert "Internal validation only" not in text3 and "Robustness and external validation" in text3
+    assert "Source 'site-b': 80 case(s) scored, 77 with a label (3 with an empty label" in text3
+    assert "not scored or refused: 2 unreadable; 25% of the scored cases look unlike" in text3
 
 
 def test_size_warnings_and_detectable_difference_follow_the_reporting_block(run) -> None:

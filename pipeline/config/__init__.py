@@ -35,7 +35,7 @@ from pipeline.config.sections import (
     SplitConfig,
     TaskConfig,
 )
-from pipeline.config.training import EvaluateConfig, ReportConfig, TrainConfig
+from pipeline.config.training import EvaluateConfig, ExternalSource, ReportConfig, TrainConfig
 
 __all__ = [
     "ID_TYPES",
@@ -45,6 +45,7 @@ __all__ = [
     "DataConfig",
     "DeidConfig",
     "EvaluateConfig",
+    "ExternalSource",
     "IngestConfig",
     "ModelConfig",
     "NotifyConfig",

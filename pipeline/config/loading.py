@@ -105,12 +105,30 @@ def _resolve_paths(cfg: Config, path: Path) -> Config:
     data = cfg.data.model_copy(update={"source": resolve(cfg.data.source), "labels_csv": resolve(cfg.data.labels_csv)})
     model = cfg.model.model_copy(update={"weights": resolve(cfg.model.weights)})
     runtime = cfg.runtime.model_copy(update={"workspace": resolve(cfg.runtime.workspace)})
-    cfg = cfg.model_copy(update={"data": data, "model": model, "runtime": runtime, "source_path": path})
+    external = tuple(
+        e.model_copy(update={"source": resolve(e.source), "labels_csv": resolve(e.labels_csv)})
+        for e in cfg.evaluate.external
+    )
+    evaluate = cfg.evaluate.model_copy(update={"external": external})
+    cfg = cfg.model_copy(
+        update={"data": data, "model": model, "runtime": runtime, "evaluate": evaluate, "source_path": path}
+    )
     problems = []
     if not data.source.is_dir():
         problems.append(f"  - data.source: folder {data.source} does not exist; expected a folder of images")
     if not data.labels_csv.is_file():
         problems.append(f"  - data.labels_csv: file {data.labels_csv} does not exist; expected a CSV file")
+    for e in external:
+        if not e.source.is_dir():
+            problems.append(
+                f"  - evaluate.external ({e.name}).source: folder {e.source} does not exist; expected a folder "
+                "of images"
+            )
+        if not e.labels_csv.is_file():
+            problems.append(
+                f"  - evaluate.external ({e.name}).labels_csv: file {e.labels_csv} does not exist; expected a "
+                "CSV file"
+            )
     if model.weights is not None and not model.weights.is_file():
         problems.append(f"  - model.weights: file {model.weights} does not exist; expected a weights file")
     if problems:

@@ -67,6 +67,7 @@ class Config(_Section):
         out = self.model_dump(mode="json", exclude={"runtime", "ops", "source_path"})
         out["data"]["source"] = "<data.source>"
         out["data"]["labels_csv"] = "<data.labels_csv>"
+        out["evaluate"]["external"] = [{"name": e["name"]} for e in out["evaluate"].get("external", [])]
         if out["model"].get("weights"):
             out["model"]["weights"] = Path(out["model"]["weights"]).name
         return out
@@ -78,5 +79,6 @@ _UNHASHED: dict[str, tuple[str, ...]] = {
     "ingest": ("processes",),
     "train": ("device", "amp"),
     "data": ("source", "labels_csv"),
+    "evaluate": ("external",),  # the external sources' snapshots are hashed instead (plan_stages)
     "model": ("weights", "weights_sha256", "allow_unpinned"),  # the weights' content is hashed instead
 }

@@ -145,6 +145,20 @@ class TrainConfig(_Section):
         return self
 
 
+class ExternalSource(_Section):
+    """A second labelled test source (another site, scanner or period) scored in Evaluate.
+
+    Attributes:
+        name: Short label shown in the report (letters, digits, ``_`` and ``-``; not a patient value).
+        source: Folder of scans, read like ``data.source`` (relative: against the config file's folder).
+        labels_csv: Its labels CSV, with the columns of ``data`` (id, label and patient columns).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    source: Path
+    labels_csv: Path
+
+
 class EvaluateConfig(_Section):
     """Evaluation.
 
@@ -164,6 +178,9 @@ class EvaluateConfig(_Section):
             e.g. ``[0.1, 0.25, 0.5, 1.0]``. Empty (default) turns the study off.
         study_strategies: Strategies of the study, e.g. ``[linear_probe, finetune, scratch]``; ``scratch``
             trains the same backbone from random initialisation (``model.pretrained: false``).
+        external: Second labelled test sources (:class:`ExternalSource`): each is scored with this run's
+            model and calibrator (nothing refitted) and reported beside the internal test set
+            (:func:`pipeline.ops.external.validate_external`, the work of ``medtl validate``).
     """
 
     calibration: Literal["none", "temperature", "vector", "platt", "isotonic", "auto"] = "temperature"
@@ -176,6 +193,7 @@ class EvaluateConfig(_Section):
     compare_with: Path | None = None
     study_label_fractions: tuple[float, ...] = ()
     study_strategies: tuple[Literal["linear_probe", "partial", "finetune", "gradual", "scratch"], ...] = ()
+    external: tuple[ExternalSource, ...] = ()
 
     @field_validator("study_label_fractions")
     @classmethod
@@ -186,6 +204,15 @@ class EvaluateConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"evaluate.study_label_fractions: duplicate fractions in {list(v)}")
         return tuple(sorted(v))
+
+    @field_validator("external")
+    @classmethod
+    def _unique_external(cls, v: tuple[ExternalSource, ...]) -> tuple[ExternalSource, ...]:
+        names = [e.name for e in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"evaluate.external: names {dup} appear more than once; expected unique names")
+        return v
 
     @model_validator(mode="after")
     def _study_complete(self) -> EvaluateConfig:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,16 @@ from pipeline.errors import MedtlError
 from pipeline.io import write_json, write_text
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def _internal_test(workspace: Path, model: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
     """The model's own test split from its Evaluate stage: labels, calibrated probabilities, patients."""
-    f = workspace / "evaluate" / str(model.get("evaluate")) / "predictions.csv"
+    return _test_split(workspace / "evaluate" / str(model.get("evaluate")) / "predictions.csv", names)
+
+
+def _test_split(f: Path, names: list[str]) -> dict[str, Any] | None:
+    """The test rows of an Evaluate ``predictions.csv``: labels, calibrated probabilities, patients."""
     if not f.is_file():
         return None
     with open(f, newline="") as fh:
@@ -78,9 +84,19 @@ def _auroc_difference(
 
 
 def validate_external(
-    cfg: Config, model: dict[str, Any], input_dir: Path, labels_csv: Path, out_dir: Path
+    cfg: Config,
+    model: dict[str, Any],
+    input_dir: Path,
+    labels_csv: Path,
+    out_dir: Path,
+    scorer: Any = None,
+    internal: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``input_dir`` with ``model`` and measure it against ``labels_csv`` (see the module doc).
+
+    ``scorer`` and ``internal`` serve Evaluate (``evaluate.external``), whose model is not registered yet:
+    the loaded :class:`pipeline.ops.predict.ModelScorer` and the internal test split (``y``, ``probs``,
+    ``patient``); by default both come from the registered ``model``.
 
     Returns:
         The JSON document also written to ``out_dir / "external_validation.json"``.
@@ -106,7 +122,7 @@ def validate_external(
         raise MedtlError(f"validate --labels: file {labels_csv} does not exist; expected a labels CSV")
     data = cfg.data.model_copy(update={"source": input_dir, "labels_csv": labels_csv, "split_column": None})
     rows, label_problems = read_labels(data, task)
-    summary = predict_folder(cfg, model, input_dir, out_dir / "scored")
+    summary = predict_folder(cfg, model, input_dir, out_dir / "scored", scorer=scorer)
     scored = json.loads((out_dir / "scored" / "predictions.json").read_text())["cases"]
 
     ws = Path(cfg.runtime.workspace)
@@ -176,13 +192,62 @@ def validate_external(
                 "discrimination": discrimination_block(probs, yy, task.kind, names, pos, bs),
                 "calibration": calibration_block(probs, yy, task.kind, pos, bs, cfg.evaluate.ece_bins),
             }
-        internal = _internal_test(ws, model, names)
+        internal = internal if internal is not None else _internal_test(ws, model, names)
         if task.kind == "binary" and internal is not None and len(set(internal["y"].tolist())) == 2:
             ext = {"y": yy, "probs": np.asarray(cal), "patient": pts}
             doc["auroc_difference"] = _auroc_difference(ext, internal, pos, level)
     write_json(out_dir / "external_validation.json", doc)
     write_text(out_dir / "external_validation.html", _html(doc, level))
     return doc
+
+
+def evaluate_external_sources(cfg: Config, plan: Any, evaluate_dir: Path) -> list[dict[str, Any]]:
+    """``evaluate.external``: each second test source scored with this run's model and the calibrator its
+    Evaluate just fitted (``evaluate_dir`` holds ``calibrator.json`` and ``predictions.csv``), nothing
+    refitted. Writes ``evaluate_dir/external/<name>/`` (JSON, HTML, pseudonymous predictions); returns the
+    entries of ``metrics["external"]`` (name, counts, problem codes counted, metrics, AUROC difference).
+    """
+    from collections import Counter
+
+    from pipeline.ingest.stage import read_manifest
+    from pipeline.ops.predict import ModelScorer, reference_profile
+
+    ws = Path(cfg.runtime.workspace)
+    reference = reference_profile(read_manifest(Path(plan.ingest)), ws)
+    scorer = ModelScorer.from_folders(ws, Path(plan.finetune), Path(evaluate_dir), reference, cfg)
+    internal = _test_split(Path(evaluate_dir) / "predictions.csv", list(cfg.task.class_names))
+    out = []
+    for src in cfg.evaluate.external:
+        doc = validate_external(
+            cfg,
+            {"id": None},
+            src.source,
+            src.labels_csv,
+            Path(evaluate_dir) / "external" / src.name,
+            scorer=scorer,
+            internal=internal,
+        )
+        entry = {
+            k: doc[k]
+            for k in ("counts", "ci_resampling", "prevalence", "auroc_difference", "error")
+            if k in doc
+        }
+        entry["name"] = src.name
+        entry["problem_codes"] = dict(
+            Counter(p["code"] for p in doc["problems"]["scans"] + doc["problems"]["labels_csv"])
+        )
+        entry["ood_rate"] = doc.get("ood_rate")
+        if "calibrated" in doc:
+            entry["metrics"] = doc["calibrated"]
+            entry["metrics_uncalibrated"] = doc["uncalibrated"]
+        log.info(
+            "Evaluate: external source %s: %d labelled case(s) of %d scored",
+            src.name,
+            doc["counts"]["labelled"],
+            doc["counts"]["scored"],
+        )
+        out.append(entry)
+    return out
 
 
 def _html(doc: dict[str, Any], level: float) -> str:
@@ -192,8 +257,9 @@ def _html(doc: dict[str, Any], level: float) -> str:
     d = Doc()
     c = doc["counts"]
     d.h("External validation")
+    who = "This run's model" if doc["model_id"] is None else f"Model {doc['model_id']}"
     d.p(
-        f"Model {doc['model_id']} ({doc['task']['kind']}, classes {', '.join(doc['task']['classes'])}) scored "
+        f"{who} ({doc['task']['kind']}, classes {', '.join(doc['task']['classes'])}) scored "
         f"{c['scored']} case(s) of the external source with its own calibrator ({doc.get('calibrator')}; "
         f"nothing was refitted on these data). {c['labelled']} had a label, {c['unlabelled']} an empty label, "
         f"{c['no_label_row']} no row in the labels CSV; {c['label_rows_without_case']} label row(s) named no "

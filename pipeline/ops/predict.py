@@ -157,7 +157,6 @@ class ModelScorer:
 
     def __init__(self, workspace: Path, model: dict[str, Any], cfg: Config) -> None:
         from pipeline.trained.artefact import TrainedModel
-        from pipeline.trained.scorer import Scorer
 
         self.workspace = Path(workspace)
         self.model = model
@@ -172,13 +171,36 @@ class ModelScorer:
             self.workspace / "evaluate" / model["evaluate"],
             expected=model.get("files") or None,
         )
+        spec = trained.preprocessing or json.loads(
+            (self.workspace / "augment" / model["augment"] / "transform_spec.json").read_text()
+        )["deterministic"]
+        self._setup(trained, cfg, spec, json.loads((bdir / "reference.json").read_text()))
+
+    @classmethod
+    def from_folders(
+        cls, workspace: Path, finetune_dir: Path, evaluate_dir: Path, reference: dict[str, Any], cfg: Config
+    ) -> ModelScorer:
+        """A model not registered yet: this run's FineTune folder and the Evaluate folder being written
+        (its ``calibrator.json``), with the training data's reference profile (:func:`reference_profile`)."""
+        from pipeline.trained.artefact import TrainedModel
+
+        self = cls.__new__(cls)
+        self.workspace = Path(workspace)
+        self.model = {"id": None}
+        trained = TrainedModel.load(Path(finetune_dir), Path(evaluate_dir))
+        if trained.preprocessing is None:
+            raise MedtlError(f"{Path(finetune_dir).name}: no preprocessing spec recorded", code="model_schema")
+        self._setup(trained, cfg, trained.preprocessing, reference)
+        return self
+
+    def _setup(self, trained: Any, cfg: Config, spec: dict[str, Any], reference: dict[str, Any]) -> None:
+        from pipeline.trained.scorer import Scorer
+
         self.scorer = Scorer(trained, cfg.train.device)
         self.device = self.scorer.device
         self.info = trained.info
-        self.spec = trained.preprocessing or json.loads(
-            (self.workspace / "augment" / model["augment"] / "transform_spec.json").read_text()
-        )["deterministic"]
-        self.reference = json.loads((bdir / "reference.json").read_text())
+        self.spec = spec
+        self.reference = reference
         doc = trained.calibrator_info or {}
         self.calibrator = trained.calibrator
         self.calibrator_info = {"method": doc.get("method", "none"), "fitted_on": doc.get("fitted_on")}
@@ -249,8 +271,12 @@ def ood_flags(meta: dict[str, Any], kind: str, array: np.ndarray, ref: dict[str,
     return flags
 
 
-def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir: Path) -> dict[str, Any]:
+def predict_folder(
+    cfg: Config, model: dict[str, Any], input_dir: Path, out_dir: Path, scorer: ModelScorer | None = None
+) -> dict[str, Any]:
     """Score every readable case under ``input_dir`` with ``model``; write CSV and JSON into ``out_dir``.
+
+    ``scorer``: an already loaded model (default: the registered ``model``'s, :class:`ModelScorer`).
 
     Returns:
         The summary (also the ``summary`` block of ``predictions.json``), including drift figures.
@@ -267,7 +293,7 @@ def predict_folder(cfg: Config, model: dict[str, Any], input_dir: Path, out_dir:
         raise MedtlError(f"predict --input: folder {input_dir} does not exist; expected a folder of scans")
     private = ensure_private_dir(ws / "private")
     key = load_or_create_key(private, cfg.deid.key_env)
-    scorer = ModelScorer(ws, model, cfg)
+    scorer = scorer or ModelScorer(ws, model, cfg)
     spec = preprocess_spec(scorer.spec)
     _check_channels(cfg, spec)
     items, rejected = scan_sources(input_dir, kinds=tuple(cfg.data.kinds))

@@ -40,7 +40,8 @@ def multilabel_refusals(cfg) -> list[tuple[str, str]]:
 
     Refused: ``train.strategy: linear_probe`` and ``train.probe_init`` (the probe is a single-label
     logistic regression), ``train.semi_supervised: pseudo_label`` / ``mean_teacher`` (single-label),
-    ``evaluate.study_label_fractions`` (the transfer study selects and compares single-label models);
+    ``evaluate.study_label_fractions`` (the transfer study selects and compares single-label models),
+    ``evaluate.external`` (:func:`pipeline.ops.external.validate_external` is single-label);
     ``auto`` candidates and ``semi_supervised: auto`` are narrowed instead, with a log line, by
     :func:`multilabel_training`.
     """
@@ -61,6 +62,8 @@ def multilabel_refusals(cfg) -> list[tuple[str, str]]:
         )
     if cfg.evaluate.study_label_fractions:  # it would train its models for nothing
         out.append(("evaluate.study_label_fractions", "the transfer study is single-label; expected none"))
+    if cfg.evaluate.external:
+        out.append(("evaluate.external", "external validation is single-label so far; expected none"))
     return [(f, f"{f}: {m} (task.kind: multilabel)") for f, m in out]
 
 

@@ -137,8 +137,8 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
             "30, 32",
             "Robustness and external validation"
             if metrics.get("external")
-            else "not in this report: internal validation only (`medtl validate` measures the model on a "
-            "second labelled source)",
+            else "not in this report: internal validation only (evaluate.external in the config, or "
+            "`medtl validate`, measures the model on a second labelled source)",
         ],
         [
             "Explainability",
@@ -164,8 +164,9 @@ def limitations(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) ->
             f"Internal validation only: the {test.get('cases', '?')} test cases ({per_class}) of "
             f"{test.get('patients', '?')} patients come from the same source as the training data; "
             "performance on "
-            "other scanners, sites or populations is unknown until measured (`medtl validate CONFIG --input "
-            "DIR --labels CSV` scores a second labelled source and compares it with this test set)."
+            "other scanners, sites or populations is unknown until measured (evaluate.external in the config "
+            "adds a second labelled source to this report; `medtl validate CONFIG --input DIR --labels CSV` "
+            "scores one with a registered model)."
         )
     ev = (metrics.get("evaluation") or {}).get("test") or {}
     prim = (

@@ -36,7 +36,9 @@ def flow_section(doc: Doc, run: ReportInputs) -> None:
     boxes = []
     if ingest:
         inputs = ingest.get("inputs")
-        n_in = inputs.get("entries", "?") if isinstance(inputs, dict) else inputs if inputs is not None else "?"
+        n_in = (
+            inputs.get("entries", "?") if isinstance(inputs, dict) else inputs if inputs is not None else "?"
+        )
         boxes.append((f"{n_in} entries under the source", []))
         boxes.append(
             (
@@ -355,19 +357,42 @@ def error_section(doc: Doc, metrics: dict[str, Any]) -> None:
 
 
 def external_section(doc: Doc, metrics: dict[str, Any]) -> None:
-    """Robustness / external validation on a second test source (``metrics["external"]``), when present."""
-    ext = metrics.get("external")
-    if not ext:
+    """Robustness / external validation: each second test source of ``evaluate.external``
+    (``metrics["external"]``), scored with this model and its calibrator, beside the internal test set."""
+    sources = metrics.get("external")
+    if not sources:
         return
     doc.h("Robustness and external validation")
     doc.p(
-        f"Second test source '{ext.get('source', 'external')}' ({ext.get('cases', '?')} cases, "
-        f"{ext.get('patients', '?')} patients), scored with the same model and calibrator, "
-        f"{level_words(metrics)} CIs."
+        f"{len(sources)} second test source(s), named in the config (evaluate.external), were scored with this "
+        "run's model and the calibrator fitted on its own calibration split; nothing was refitted on them. "
+        f"Intervals are {level_words(metrics)} CIs, as for the internal test set."
     )
-    rows = []
-    for blk in ("discrimination", "calibration"):
-        for k, v in metric_rows((ext.get("metrics") or {}).get(blk) or {}):
-            rows.append([nice(k), fmt(v)])
-    if rows:
-        doc.table(["metric (external source)", "value (CI)"], rows)
+    for src in sources:
+        c = src.get("counts") or {}
+        codes = ", ".join(f"{n} {code}" for code, n in sorted((src.get("problem_codes") or {}).items()))
+        ood = src.get("ood_rate")
+        doc.p(
+            f"Source '{src.get('name')}': {c.get('scored', 0)} case(s) scored, {c.get('labelled', 0)} with a "
+            f"label ({c.get('unlabelled', 0)} with an empty label, {c.get('no_label_row', 0)} without a row in "
+            f"its labels CSV; {c.get('label_rows_without_case', 0)} row(s) naming no scored case)"
+            + (f"; not scored or refused: {codes}" if codes else "")
+            + (f"; {100 * ood:.0f}% of the scored cases look unlike the training data" if ood else "")
+            + "."
+        )
+        if src.get("error"):
+            doc.warn(f"Source '{src.get('name')}': {src['error']}.")
+            continue
+        rows = []
+        for blk in ("discrimination", "calibration"):
+            for k, v in metric_rows((src.get("metrics") or {}).get(blk) or {}):
+                rows.append([nice(k), fmt(v)])
+        if rows:
+            doc.table([f"metric ('{src.get('name')}', calibrated)", "value (CI)"], rows)
+        diff = src.get("auroc_difference")
+        if diff:
+            doc.p(
+                f"AUROC on '{src.get('name')}' {fmt(diff.get('external'))} vs the internal test set "
+                f"{fmt(diff.get('internal'))}: difference {fmt(diff)} ({diff.get('verdict')}; independent "
+                "samples, the two variances added)."
+            )
