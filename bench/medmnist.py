@@ -219,19 +219,13 @@ def make_config(
 
 def withhold_labels(data_dir: Path, fraction: float, seed: int) -> Path:
     """``labels_f<F>_s<seed>.csv``: a stratified share F of the train and of the val rows keeps its label
-    (per class, at least one, in a seeded order); the other train/val rows get an empty label cell."""
-    import hashlib
+    (per class, at least one, in a seeded order); the other train/val rows get an empty label cell
+    (:func:`pipeline.demo.withhold_labels`, the rule of ``medtl demo --label-fraction``)."""
+    from pipeline.demo import withhold_labels as withhold
 
     out = data_dir / f"labels_f{fraction:g}_s{seed}.csv"
     with open(data_dir / "labels.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for split in ("train", "val"):
-        for label in sorted({r["label"] for r in rows if r["split"] == split}):
-            group = [r for r in rows if r["split"] == split and r["label"] == label]
-            group.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['path']}".encode()).digest())
-            keep = max(1, int(np.ceil(fraction * len(group))))
-            for r in group[keep:]:
-                r["label"] = ""
+        rows = withhold(list(csv.DictReader(fh)), fraction, seed)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["path", "label", "split", "patient"], lineterminator="\n")
     w.writeheader()

@@ -105,8 +105,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import prepare_demo
 
-    config = prepare_demo(Path(args.workspace), epochs=args.epochs)
-    return run_pipeline(config, args.workers)
+    try:
+        config = prepare_demo(Path(args.workspace), epochs=args.epochs, label_fraction=args.label_fraction)
+    except ValueError as err:
+        print(f"medtl: {err}", file=sys.stderr)
+        return 2
+    rc = run_pipeline(config, args.workers)
+    if rc == 0 and args.label_fraction is not None:
+        print(f"medtl demo: next, rank the unlabelled cases to label: medtl suggest {config} -n 20")
+    return rc
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -412,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="BreastMNIST demo: write bundled images as DICOM, then run the chain")
     d.add_argument("--workspace", default="medtl-demo", help="folder for the demo data and outputs")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's epochs (for a quick look)")
+    d.add_argument(
+        "--label-fraction",
+        type=float,
+        default=None,
+        help="scarce labels: keep this share of the train/val labels (e.g. 0.1); the rest are unlabelled "
+        "cases for semi-supervised training and `medtl suggest` (use its own --workspace)",
+    )
     d.add_argument("--workers", type=int, default=None)
     d.set_defaults(func=_cmd_demo)
 

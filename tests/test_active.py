@@ -86,3 +86,36 @@ def test_suggest_writes_the_labellers_list_privately(tmp_path: Path) -> None:
     assert "PATIENT_NAME" not in shared and "/data/" not in shared  # ...shared outputs never see them
     with pytest.raises(MedtlError, match="positive"):
         suggest_cases(cfg, plan, 0)
+
+
+def test_scarce_label_demo_and_example_config(tmp_path: Path) -> None:
+    """`medtl demo --label-fraction 0.1` writes the bundled images with 10% of the train and val labels
+    kept (stratified, test labels all kept), and configs/example_scarce_labels.yaml is the same run: every
+    result-changing section hashes the same once its paths point at that workspace."""
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.demo import prepare_demo
+
+    ws = tmp_path / "medtl-scarce"
+    config = prepare_demo(ws, label_fraction=0.1)
+    with open(ws / "labels_f0.1.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 780 and len(list((ws / "dicom").rglob("*.dcm"))) == 780
+    for split, n in (("train", 546), ("val", 78), ("test", 156)):
+        part = [r for r in rows if r["split"] == split]
+        labelled = [r for r in part if r["label"] != ""]
+        assert len(part) == n
+        if split == "test":
+            assert len(labelled) == n
+        else:  # about 10% per class, at least one of each
+            assert abs(len(labelled) - 0.1 * n) <= 2 and {r["label"] for r in labelled} == {"0", "1"}
+    root = Path(__file__).resolve().parents[1]
+    example = yaml.safe_load((root / "configs" / "example_scarce_labels.yaml").read_text())
+    example["data"].update(source=str(ws / "dicom"), labels_csv=str(ws / "labels_f0.1.csv"))
+    example["runtime"]["workspace"] = str(ws)
+    (tmp_path / "example.yaml").write_text(yaml.safe_dump(example))
+    a, b = load_config(config), load_config(tmp_path / "example.yaml")
+    sections = ("task", "data", "split", "preprocess", "augment", "model", "train", "evaluate", "report")
+    assert a.hashed(*sections) == b.hashed(*sections)
+    assert a.train.semi_supervised == "auto" and b.runtime.workspace == a.runtime.workspace
