@@ -249,3 +249,20 @@ def test_fold_ensemble_provenance_is_reported_per_member(run, tmp_path) -> None:
     assert "pretrained (provenance not recorded: file and sha256 unknown)" in text2
     plan3 = _plan(tmp_path / "y", dict(TRAIN_SINGLE, pretrained=False, weights=None, weights_per_member=None))
     assert "none (from scratch)" in _text(cfg, plan3, metrics, preds, cal)
+
+
+def test_checklist_uses_claim_2024_numbers() -> None:
+    """CLAIM numbers are those of the 44-item 2024 update (RSNA's checklist), not the 2020 list."""
+    from pipeline.config import Config
+    from pipeline.report.sections.checklist import CLAIM_NOTE, checklist
+
+    cfg = Config.model_validate(
+        {"task": {"kind": "binary", "classes": {"0": "a", "1": "b"}, "positive_class": "b"},
+         "data": {"source": ".", "labels_csv": "l.csv"}}
+    )
+    rows = {r[0]: r[2] for r in checklist(cfg, {}, {})}
+    assert rows["De-identification"] == "11" and rows["Missing data"] == "12"
+    assert rows["Sample size"] == "21" and rows["Data partitioning, level of disjointness"] == "19, 20"
+    assert rows["Participant flow"] == "35" and rows["Participant characteristics per split"] == "36"
+    assert rows["Robustness, external validation"] == "30, 33" and rows["Failure analysis"] == "39"
+    assert rows["Limitations"] == "40" and "CLAIM 2024" in CLAIM_NOTE and "2020" not in CLAIM_NOTE

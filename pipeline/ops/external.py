@@ -1,5 +1,6 @@
 """External validation: a registered model measured on a second labelled source (another site, scanner or
-period), beside its internal test set (TRIPOD+AI item 12/23 "external validation", CLAIM "robustness").
+period), beside its internal test set (TRIPOD+AI item 12/23 "external validation"; CLAIM 2024 items 30 and
+33, robustness and testing on external data).
 
 ``medtl validate CONFIG --input DIR --labels CSV [--model ID] [--output DIR]``
 

@@ -1,8 +1,10 @@
 """Reporting checklist (TRIPOD+AI / CLAIM) and limitations, every sentence from the run's numbers.
 
-Item numbers: TRIPOD+AI (Collins et al., BMJ 2024;385:e078378). CLAIM numbers follow the 2020 checklist
-(Mongan et al., Radiol Artif Intell 2020); the 2024 update's numbering could not be checked from here and is
-flagged in the report.
+Item numbers: TRIPOD+AI (Collins et al., BMJ 2024;385:e078378) and the 44-item CLAIM 2024 update (Tejani et
+al., Radiol Artif Intell 2024;6(4):e240300), as numbered in RSNA's own checklist (github.com/RSNA/CLAIM,
+docs/checklist.md). The 2024 update renumbered the 2020 list: e.g. de-identification 12 -> 11, intended
+sample size 19 -> 21, partitions 20-21 -> 19-20, external testing 32 -> 33, participant flow 33 -> 35,
+failure analysis 37 -> 39.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from pipeline.report.document import Doc, fmt, level_words
 from pipeline.report.sections.inputs import ReportInputs
 
 CLAIM_NOTE = (
-    "Item numbers: TRIPOD+AI 2024 (Collins et al., BMJ 2024); CLAIM as numbered in its 2020 checklist "
-    "(check against the CLAIM 2024 update before submission). 'not done' marks an item this run does not "
-    "cover."
+    "Item numbers: TRIPOD+AI 2024 (Collins et al., BMJ 2024) and the CLAIM 2024 update (Tejani et al., "
+    "Radiol Artif Intell 2024; 44 items). 'not done' marks an item this run does not cover."
 )
 
 
@@ -37,13 +38,13 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
         [
             "De-identification",
             "-",
-            "12",
+            "11",
             f"Data and splits: {ingest.get('deidentification') or 'keyed pseudonyms'}",
         ],
         [
             "Missing data",
             "11",
-            "13",
+            "12",
             "Participant characteristics (missing subgroup values, not imputed)"
             if rep.get("participants")
             else "not done",
@@ -62,7 +63,7 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
         [
             "Sample size",
             "10",
-            "19",
+            "21",
             "Participant flow and sample size (events per split, detectable difference)"
             if rep.get("sample_size")
             else "Data and splits table",
@@ -70,7 +71,7 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
         [
             "Data partitioning, level of disjointness",
             "12a",
-            "20, 21",
+            "19, 20",
             f"Split rule: {ingest.get('split_rule', 'n/a')}; patient level",
         ],
         [
@@ -98,7 +99,7 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
         [
             "Performance measures with uncertainty",
             "12e, 23a",
-            "28, 29, 35, 36",
+            "28, 29, 32, 37, 38",
             f"Discrimination and calibration ({level_words(metrics)} CIs; interval method per metric)",
         ],
         [
@@ -116,13 +117,13 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
         [
             "Participant flow",
             "20a",
-            "33",
+            "35",
             "Participant flow diagram" if rep.get("sample_size") else "Data and splits",
         ],
         [
             "Participant characteristics per split",
             "20b",
-            "34",
+            "36",
             "Participant characteristics per split" if rep.get("participants") else "not done",
         ],
         [
@@ -134,7 +135,7 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
         [
             "Robustness, external validation",
             "16",
-            "30, 32",
+            "30, 33",
             "Robustness and external validation"
             if metrics.get("external")
             else "not in this report: internal validation only (evaluate.external in the config, or "
@@ -146,8 +147,8 @@ def checklist(cfg: Config, ingest: dict[str, Any], metrics: dict[str, Any]) -> l
             "31",
             "Explanations (Grad-CAM)" if cfg.evaluate.explain_cases else "not done (explain_cases: 0)",
         ],
-        ["Failure analysis", "-", "37", "Error analysis" if rep.get("error_analysis") else "not done"],
-        ["Limitations", "26", "38", "Limitations"],
+        ["Failure analysis", "-", "39", "Error analysis" if rep.get("error_analysis") else "not done"],
+        ["Limitations", "26", "40", "Limitations"],
     ]
 
 
