@@ -165,3 +165,29 @@ def test_model_weights_options_are_validated_and_not_hashed(project: Path) -> No
     assert pinned.hashed("model", "train") == base.hashed("model", "train")
     with pytest.raises(ConfigError, match="model.weights_sha256"):
         load_config(write_config(project, model={"weights_sha256": "abc"}))
+
+
+def test_external_source_must_not_overlap_the_training_source(tmp_path) -> None:
+    """evaluate.external names a second source: the training folder itself, or a folder inside it, is
+    refused with the field named."""
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    (tmp_path / "images" / "siteB").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "labels.csv").write_text("file,diagnosis\n")
+    base = {
+        "task": {"kind": "binary", "classes": {"0": "a", "1": "b"}, "positive_class": "b"},
+        "data": {"source": "images", "labels_csv": "labels.csv"},
+    }
+    for folder, ok in (("images/siteB", False), ("images", False), ("other", True)):
+        cfg = dict(base, evaluate={"external": [{"name": "B", "source": folder, "labels_csv": "labels.csv"}]})
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        if ok:
+            assert load_config(path).evaluate.external[0].source == tmp_path / "other"
+        else:
+            with pytest.raises(ConfigError, match=r"evaluate.external \(B\).source: .* overlaps data.source"):
+                load_config(path)

@@ -119,6 +119,12 @@ def _resolve_paths(cfg: Config, path: Path) -> Config:
     if not data.labels_csv.is_file():
         problems.append(f"  - data.labels_csv: file {data.labels_csv} does not exist; expected a CSV file")
     for e in external:
+        src, train_src = Path(e.source).resolve(), Path(data.source).resolve()
+        if src == train_src or src.is_relative_to(train_src) or train_src.is_relative_to(src):
+            problems.append(
+                f"  - evaluate.external ({e.name}).source: folder {e.source} overlaps data.source; expected a "
+                "second source with other cases (its scans would otherwise be the training data)"
+            )
         if not e.source.is_dir():
             problems.append(
                 f"  - evaluate.external ({e.name}).source: folder {e.source} does not exist; expected a folder "
