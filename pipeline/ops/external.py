@@ -219,15 +219,20 @@ def evaluate_external_sources(cfg: Config, plan: Any, evaluate_dir: Path) -> lis
     internal = _test_split(Path(evaluate_dir) / "predictions.csv", list(cfg.task.class_names))
     out = []
     for src in cfg.evaluate.external:
-        doc = validate_external(
-            cfg,
-            {"id": None},
-            src.source,
-            src.labels_csv,
-            Path(evaluate_dir) / "external" / src.name,
-            scorer=scorer,
-            internal=internal,
-        )
+        try:
+            doc = validate_external(
+                cfg,
+                {"id": None},
+                src.source,
+                src.labels_csv,
+                Path(evaluate_dir) / "external" / src.name,
+                scorer=scorer,
+                internal=internal,
+            )
+        except MedtlError as err:  # this source cannot be scored (e.g. CSV-column channels): the run goes on
+            log.warning("Evaluate: external source %s not scored (%s)", src.name, err.code)
+            out.append({"name": src.name, "counts": {}, "error": f"not scored (code {err.code})"})
+            continue
         entry = {
             k: doc[k]
             for k in ("counts", "ci_resampling", "prevalence", "auroc_difference", "error")
