@@ -119,7 +119,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.errors import MedtlError
-
     from pipeline.preflight import preflight
 
     try:
@@ -144,13 +143,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     try:
+        data = None
+        if args.config:
+            from pipeline.config import load_config
+
+            data = load_config(args.config).data
         key = load_or_create_key(args.key_dir or ensure_private_dir(out / "private"), args.key_env)
-        summary = convert_tree(Path(args.input), out, key)
+        summary = convert_tree(Path(args.input), out, key, data=data)
     except MedtlError as err:
         print(f"medtl: {err}", file=sys.stderr)
         return 2
     n_ok = summary.get("converted", summary.get("n_converted", "?"))
     print(f"Converted into {out} ({n_ok} output(s)); per-file summary under {out / 'private'}")
+    if summary.get("cases") is not None:
+        c = summary["cases"]
+        codes = ", ".join(f"{n} {k}" for k, n in c["codes"].items()) or "none"
+        print(f"Cases with their channels combined (data.channels): {c['converted']}; not combined: {codes}")
     return 0
 
 
@@ -438,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output")
     v.add_argument("--key-env", default=None, help="environment variable holding the pseudonym key")
     v.add_argument("--key-dir", default=None, help="private folder holding the key (e.g. WORKSPACE/private)")
+    v.add_argument(
+        "--config", default=None, help="a run config: also write each case's data.channels combined, as Ingest does"
+    )
     v.set_defaults(func=_cmd_convert)
 
     b = sub.add_parser("backbones", help="list backbones, their weights here and where to put missing ones")

@@ -360,11 +360,12 @@ def test_preflight_refuses_bad_channels_with_the_field(tmp_path: Path, capsys, c
 
 def test_predict_groups_series_as_ingest_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A series_description model scores cases grouped by the same rule: the same combined volume as Ingest
-    cached, and the GE study refused with its code."""
+    cached, and the GE study refused with its code; `medtl convert --config` writes that volume too."""
+    from pipeline.ingest.channels import case_units, load_case
+    from pipeline.ingest.convert import convert_tree
     from pipeline.ingest.deid import load_or_create_key
     from pipeline.ingest.sources import LoadOptions, scan_sources
     from pipeline.ingest.volume_cache import load_volume
-    from pipeline.ops.predict import _channel_units, _load_unit
 
     config = _nih_config(
         tmp_path,
@@ -375,12 +376,24 @@ def test_predict_groups_series_as_ingest_does(tmp_path: Path, monkeypatch: pytes
     key = load_or_create_key(ws / "private")
     items, _ = scan_sources(NIH)
     problems: list[dict] = []
-    units = _channel_units(cfg, items, key, problems)
+    units = case_units(cfg.data, items, key, problems)
     assert len(units) == 1 and [p["code"] for p in problems] == ["missing_channel"]
-    vol = _load_unit(cfg, units[0][1], LoadOptions(), "C1")
+    vol = load_case(cfg.data, units[0][1], LoadOptions(), "C1")
     cached, _ = load_volume(ws, rows[0]["volume"])
     np.testing.assert_allclose(vol.array, cached)
     assert vol.meta["axis4"] == "channels"
+    # `medtl convert --config`: the per-series files, plus the combined case the model sees
+    out = tmp_path / "converted"
+    summary = convert_tree(NIH, out, key, data=cfg.data)
+    assert summary["cases"]["converted"] == 1 and summary["cases"]["codes"] == {"missing_channel": 1}
+    (case_file,) = summary["cases"]["outputs"]
+    import json
+
+    import nibabel as nib
+
+    np.testing.assert_allclose(np.asarray(nib.load(out / case_file).dataobj), cached, rtol=1e-5, atol=1e-3)
+    side = json.loads((out / case_file.replace(".nii.gz", ".json")).read_text())
+    assert side["channels"] == ["ap", "pa"] and side["axis_order"] == "i, j, k, channels"
 
 
 # --- a whole run --------------------------------------------------------------------------------------------

@@ -497,3 +497,52 @@ def run_channel_cases(
     out.n_decoded = n_decoded + tally["combined"]
     out.n_volumes = len(needed) + tally["combined"] + tally["reused"]
     return out
+
+
+def case_units(
+    data: Any, items: list[Any], key: bytes, problems: list[dict[str, Any]]
+) -> list[tuple[str, list[Any]]]:
+    """The cases of a folder without a labels CSV (``medtl predict``, ``validate``, ``convert``): series
+    grouped by ``data.id_type``, each channel's series picked by its SeriesDescription pattern
+    (:func:`select_cases`); cases without exactly one series per channel are appended to ``problems``
+    (pseudonym, code and channel name only).
+
+    Returns:
+        ``(case key, [the channels' items in channel order])`` per usable case.
+    """
+    from pipeline.ingest.deid import pseudonym
+
+    cases, _unused, _ = select_cases(data, items, {}, set(), lambda item: [])
+    units = []
+    for case in cases:
+        if case.problem is not None:
+            problems.append(
+                {
+                    "case_id": pseudonym(case.key, key, prefix="C"),
+                    "code": case.problem[0],
+                    "channel": data.channels[case.problem[1]].name,
+                }
+            )
+            continue
+        units.append((case.key, [items[i] for i in case.items]))
+    return units
+
+
+def load_case(data: Any, members: list[Any], options: Any, case_id: str) -> Any:
+    """One scan, or the channels of one case combined as Ingest combines them (``(X, Y, Z, C)``), as a
+    :class:`pipeline.ingest.volume.Volume` whose meta keeps only non-identifying keys."""
+    from pipeline.ingest.decode_jobs import check_values
+    from pipeline.ingest.sources import load_item
+    from pipeline.ingest.volume import Volume
+
+    if len(members) == 1 and not data.channels:
+        return load_item(members[0], options)
+    vols = [load_item(m, options) for m in members]
+    for ch, v in zip(data.channels, vols, strict=True):
+        check_values(v.array, f"case {case_id}: channel {ch.name!r}")
+    array, meta = combine(
+        [(v.array, dict(v.meta, affine=v.affine.tolist())) for v in vols], list(data.channels), case_id
+    )
+    keep = ("modality", "manufacturer", "flags", "geometry", "source_kind")
+    public = {k: v for k, v in meta.items() if k in keep}
+    return Volume(array, np.asarray(meta["affine"]), dict(public, axis4="channels"))

@@ -96,6 +96,7 @@ def convert_tree(
     output_dir: str | os.PathLike[str],
     key: bytes,
     options: LoadOptions | None = None,
+    data: Any = None,
 ) -> dict[str, Any]:
     """Convert every series/volume/image under ``input_dir`` into ``output_dir`` (see module doc).
 
@@ -104,11 +105,17 @@ def convert_tree(
         output_dir: Destination; must not lie inside ``input_dir``.
         key: Pseudonymisation key (:func:`pipeline.ingest.deid.load_or_create_key`).
         options: Tilt / uneven-spacing policy; defaults to correcting both.
+        data: A config's ``data`` section (``medtl convert --config``): with ``series_description``
+            channels, each case's channels are also combined as Ingest combines them
+            (:func:`pipeline.ingest.channels.load_case`) and written as ``<P>_<C-case>.nii.gz``
+            ``(i, j, k, channels)`` with its side-car; cases without exactly one series per channel are
+            counted by code.
 
     Returns:
         Public summary (no paths, no ids): ``converted`` (outputs written), ``refused`` (items that
         failed to load), ``rejected_files`` (files refused at scan), ``codes`` (count per refusal code),
-        ``outputs`` (file names written).
+        ``outputs`` (file names written), and with channels ``cases`` (``converted``, ``codes``,
+        ``outputs``).
 
     Raises:
         ConfigError: ``input_dir`` missing or ``output_dir`` inside it.
@@ -159,6 +166,7 @@ def convert_tree(
             per_file[f] = {"status": "converted", "output": nii}
         private_items.append({"output": nii, "files": list(item.files), "ids": item.ids, "code": None})
 
+    cases = _convert_cases(items, out, key, options, data, private_items) if data is not None else None
     summary = {
         "converted": len(outputs),
         "refused": n_refused,
@@ -167,6 +175,8 @@ def convert_tree(
         "outputs": sorted(outputs),
         "options": {"tilt": options.tilt, "uneven_spacing": options.uneven_spacing},
     }
+    if cases is not None:
+        summary["cases"] = cases
     write_json(out / "convert_report.json", summary)
     write_json(
         private / "convert_summary.json",
@@ -174,3 +184,49 @@ def convert_tree(
         mode=0o600,
     )
     return summary
+
+
+def _convert_cases(
+    items: list[SourceItem],
+    out: Path,
+    key: bytes,
+    options: LoadOptions,
+    data: Any,
+    private_items: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The combined channel volumes of ``data.channels`` (see :func:`convert_tree`); None without channels
+    or with CSV-column channels (their cases are named by the labels CSV, which convert does not read)."""
+    from pipeline.ingest.channels import case_units, load_case
+    from pipeline.ingest.nifti import write_nifti
+
+    if not data.channels or data.channels[0].column is not None:
+        return None
+    problems: list[dict[str, Any]] = []
+    units = case_units(data, items, key, problems)
+    codes: dict[str, int] = {}
+    for p in problems:
+        codes[p["code"]] = codes.get(p["code"], 0) + 1
+    outputs = []
+    for unit_key, members in units:
+        case_id = pseudonym(unit_key, key, prefix="C")
+        patient = pseudonym((members[0].ids or {}).get("PatientID") or unit_key, key, prefix="P")
+        try:
+            vol = load_case(data, members, options, case_id)
+        except IngestError as err:
+            codes[err.code] = codes.get(err.code, 0) + 1
+            continue
+        stem = f"{patient}_{case_id}"
+        write_nifti(vol, out / f"{stem}.nii.gz")
+        side = _sidecar(vol, patient, members[0])
+        side.update(channels=[c.name for c in data.channels], kind="case (channels combined)")
+        write_json(out / f"{stem}.json", side)
+        outputs.append(f"{stem}.nii.gz")
+        private_items.append(
+            {
+                "output": f"{stem}.nii.gz",
+                "files": [f for m in members for f in m.files],
+                "ids": {},
+                "code": None,
+            }
+        )
+    return {"converted": len(outputs), "codes": dict(sorted(codes.items())), "outputs": sorted(outputs)}

@@ -104,11 +104,12 @@ def validate_external(
     """
     from pipeline.evaluate.calibration_metrics import calibration_block
     from pipeline.evaluate.discrimination import discrimination_block
+    from pipeline.ingest.channels import case_units
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
     from pipeline.ingest.labels import read_labels
     from pipeline.ingest.sources import scan_sources
     from pipeline.ingest.stage import _case_refs
-    from pipeline.ops.predict import _channel_units, predict_folder
+    from pipeline.ops.predict import predict_folder
     from pipeline.stats.bootstrap import Bootstrap
 
     task = cfg.task
@@ -129,7 +130,7 @@ def validate_external(
     ws = Path(cfg.runtime.workspace)
     key = load_or_create_key(ensure_private_dir(ws / "private"), cfg.deid.key_env)
     items, _ = scan_sources(input_dir, kinds=tuple(cfg.data.kinds))
-    units = _channel_units(cfg, items, key, []) if cfg.data.channels else [(i.key, [i]) for i in items]
+    units = case_units(cfg.data, items, key, []) if cfg.data.channels else [(i.key, [i]) for i in items]
     values = list(task.label_values)
     names = list(task.class_names)
     y, raw, cal, patients, used_refs = [], [], [], [], set()

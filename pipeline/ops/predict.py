@@ -282,6 +282,7 @@ def predict_folder(
         The summary (also the ``summary`` block of ``predictions.json``), including drift figures.
     """
     from pipeline.augment.preprocess import preprocess
+    from pipeline.ingest.channels import case_units, load_case
     from pipeline.ingest.decode_jobs import check_values, unexpected_failure
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
     from pipeline.ingest.sources import LoadOptions, scan_sources
@@ -301,14 +302,14 @@ def predict_folder(
     cases, xs, private_map, problems = [], [], [], []
     for r in rejected:
         problems.append({"file": pseudonym(r.path, key, prefix="F"), "code": r.code})
-    units = _channel_units(cfg, items, key, problems) if spec.channel_names else [(i.key, [i]) for i in items]
+    units = case_units(cfg.data, items, key, problems) if spec.channel_names else [(i.key, [i]) for i in items]
     for unit_key, members in units:
         item = members[0]
         case_id = pseudonym(unit_key, key, prefix="C")
         patient = pseudonym((item.ids or {}).get("PatientID") or unit_key, key, prefix="P")
         private_map.append({"case_id": case_id, "files": ";".join(f for m in members for f in m.files)})
         try:
-            vol = _load_unit(cfg, members, options, case_id)
+            vol = load_case(cfg.data, members, options, case_id)
             # the ingest check on the stored values (before windowing): non_finite, constant, empty are
             # per-case rejections, the others are scored
             check_values(vol.array, f"case {case_id}")
@@ -388,45 +389,6 @@ def _check_channels(cfg: Config, spec: Any) -> None:
             "channels (DICOM)",
             code="multichannel_predict_unsupported",
         )
-
-
-def _channel_units(
-    cfg: Config, items: list[Any], key: bytes, problems: list[dict[str, Any]]
-) -> list[tuple[str, list[Any]]]:
-    """The cases of a folder for a multi-channel model: series grouped by ``data.id_type``, each channel's
-    series picked by its SeriesDescription pattern (:func:`pipeline.ingest.channels.select_cases`); cases
-    without exactly one series per channel are problems (pseudonym and code only)."""
-    from pipeline.ingest.channels import select_cases
-    from pipeline.ingest.deid import pseudonym
-
-    cases, _unused, _ = select_cases(cfg.data, items, {}, set(), lambda item: [])
-    units = []
-    for case in cases:
-        if case.problem is not None:
-            problems.append({"case_id": pseudonym(case.key, key, prefix="C"), "code": case.problem[0],
-                             "channel": cfg.data.channels[case.problem[1]].name})
-            continue
-        units.append((case.key, [items[i] for i in case.items]))
-    return units
-
-
-def _load_unit(cfg: Config, members: list[Any], options: Any, case_id: str) -> Any:
-    """One scan, or the channels of one case combined as Ingest combines them (``(X, Y, Z, C)``)."""
-    from pipeline.ingest.channels import combine
-    from pipeline.ingest.decode_jobs import check_values
-    from pipeline.ingest.sources import load_item
-    from pipeline.ingest.volume import Volume
-
-    if len(members) == 1 and not cfg.data.channels:
-        return load_item(members[0], options)
-    vols = [load_item(m, options) for m in members]
-    for ch, v in zip(cfg.data.channels, vols, strict=True):
-        check_values(v.array, f"case {case_id}: channel {ch.name!r}")
-    array, meta = combine([(v.array, dict(v.meta, affine=v.affine.tolist())) for v in vols],
-                          list(cfg.data.channels), case_id)
-    keep = ("modality", "manufacturer", "flags", "geometry", "source_kind")
-    public = {k: v for k, v in meta.items() if k in keep}
-    return Volume(array, np.asarray(meta["affine"]), dict(public, axis4="channels"))
 
 
 def drift_figures(cases: list[dict[str, Any]], names: list[str], scorer: ModelScorer) -> dict[str, Any]:
