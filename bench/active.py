@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--strategies", default="typiclust,entropy,coreset,random")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (to add seeds)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "results" / "active-work")
     args = ap.parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     data = (x["train"], y["train"], x["val"], y["val"], x["test"], y["test"], spec)
     t0 = time.perf_counter()
     per_seed: dict[str, dict[int, list[float]]] = {s: {} for s in strategies}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for s in strategies:
             per_seed[s][seed] = simulate(args, s, seed, data, cfg_dict, args.workdir / args.npz.stem)
     rounds = [args.start + r * args.per_round for r in range(args.rounds + 1)]

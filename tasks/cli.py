@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         choices=("typiclust", "entropy", "margin", "coreset", "probcover", "random"),
         default=None,
-        help="ranking strategy (default: typiclust)",
+        help="ranking strategy (default: entropy, the bench's choice)",
     )
     sg.set_defaults(func=_cmd_suggest)
 

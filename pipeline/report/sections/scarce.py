@@ -64,7 +64,7 @@ def scarce_labels_section(doc: Doc, run: ReportInputs) -> None:
             )
     doc.p(
         "Which cases to label next: `medtl suggest CONFIG -n N` ranks the unlabelled cases with this model "
-        "(typicality of backbone features by default) and writes the list for the labeller to the private "
+        "(by default the entropy of its calibrated probabilities) and writes the list for the labeller to the private "
         "folder only. The value of labelling more is estimated by the optional label-efficiency study "
         "(evaluate.study_label_fractions), reported below when it is on."
     )
