@@ -1,12 +1,14 @@
-"""Plot the label-efficiency curves of a ``bench/active.py`` result: mean whole-test-set AUC per round and
-strategy, with the range over seeds, as a PNG for BENCHMARKS.md.
+"""Label-efficiency curves of one or more ``bench/active.py`` results (seeds pooled): the mean
+whole-test-set AUC per round and strategy with the range over seeds as a PNG, a Markdown table, and each
+strategy's paired difference with random over seeds x rounds (t interval, as ``bench/active.py``).
 
-    python bench/plot_active.py bench/results/active_breast_3s.json docs/img/active_breastmnist.png
+    python bench/plot_active.py OUT.png RESULT.json [RESULT.json ...]
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,22 +17,51 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy.stats import t  # noqa: E402
+
+
+def merge(paths: list[Path]) -> dict:
+    """Pool the seeds of several results with the same rounds; strategies present in every file."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    rounds = docs[0]["rounds"]
+    if any(d["rounds"] != rounds for d in docs):
+        raise SystemExit("plot_active: the results have different rounds")
+    names = [s for s in docs[0]["per_seed"] if all(s in d["per_seed"] for d in docs)]
+    per_seed = {s: {k: v for d in docs for k, v in d["per_seed"][s].items()} for s in names}
+    return {"dataset": docs[0]["dataset"], "default": docs[-1]["default_strategy"], "rounds": rounds,
+            "per_seed": per_seed}
+
+
+def paired(per_seed: dict, name: str) -> tuple[float, float, float, int]:
+    """Mean difference with random over seeds x chosen rounds (round 0 is the shared start) and its CI."""
+    seeds = sorted(set(per_seed[name]) & set(per_seed["random"]))
+    d = np.array([np.array(per_seed[name][k]) - np.array(per_seed["random"][k]) for k in seeds])[:, 1:].ravel()
+    m, sd = float(d.mean()), float(d.std(ddof=1))
+    h = float(t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d)))
+    return m, m - h, m + h, len(d)
 
 
 def main(argv: list[str] | None = None) -> int:
-    src, dst = (Path(a) for a in (argv or sys.argv[1:]))
-    doc = json.loads(src.read_text())
-    rounds = doc["rounds"]
+    args = argv or sys.argv[1:]
+    dst, srcs = Path(args[0]), [Path(a) for a in args[1:]]
+    doc = merge(srcs)
+    rounds, n_seeds = doc["rounds"], len(next(iter(doc["per_seed"].values())))
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    print("| strategy | " + " | ".join(f"{r} labels" for r in rounds) + " | vs random (95% CI) |")
+    print("|---" * (len(rounds) + 2) + "|")
     for name, seeds in doc["per_seed"].items():
         v = np.array(list(seeds.values()), dtype=float)  # seeds x rounds
-        style = "--" if name == "random" else "-"
-        label = f"{name} (default)" if name == doc["default_strategy"] else name
-        ax.plot(rounds, v.mean(axis=0), style, marker="o", label=label)
+        label = f"{name} (default)" if name == doc["default"] else name
+        ax.plot(rounds, v.mean(axis=0), "--" if name == "random" else "-", marker="o", label=label)
         ax.fill_between(rounds, v.min(axis=0), v.max(axis=0), alpha=0.15)
+        diff = ""
+        if name != "random" and "random" in doc["per_seed"]:
+            m, lo, hi, n = paired(doc["per_seed"], name)
+            diff = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}], n = {n}"
+        print(f"| {label} | " + " | ".join(f"{x:.3f}" for x in v.mean(axis=0)) + f" | {diff} |")
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("test AUC (whole official test set)")
-    ax.set_title(f"{doc['dataset']}: labelling rounds, {doc['seeds']} seeds (band: min-max)", fontsize=9)
+    ax.set_title(f"{doc['dataset']}: labelling rounds, {n_seeds} seeds (band: min-max)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
