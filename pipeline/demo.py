@@ -105,13 +105,14 @@ def write_demo_data(
     ``label_fraction``: ``folder/labels_f<F>.csv``, most train/val labels withheld, :func:`withhold_labels`).
 
     Returns:
-        The number of images written (0 when the folder was already complete).
+        The number of images written (0 when the folder was already complete; images another demo wrote
+        into the same folder are reused).
     """
     labels_csv = folder / labels_name(label_fraction)
     if labels_csv.exists():
         return 0
     data = np.load(npz)
-    rows = []
+    rows, written = [], 0
     for split in ("train", "val", "test"):
         images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
         for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
@@ -126,6 +127,7 @@ def write_demo_data(
                 Manufacturer="MedMNIST (synthetic DICOM wrapper)",
             )
             write_dicom_file(folder / "dicom" / rel, ds)
+            written += 1
     if label_fraction is not None:
         rows = withhold_labels(rows, label_fraction)
     buf = io.StringIO()
@@ -133,7 +135,7 @@ def write_demo_data(
     w.writeheader()
     w.writerows(rows)
     write_text(labels_csv, buf.getvalue())
-    return len(rows)
+    return written
 
 
 def demo_config_text(label_fraction: float | None = None, epochs: int | None = None) -> str:

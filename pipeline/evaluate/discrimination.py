@@ -236,10 +236,11 @@ def discrimination_block(
         return value_ci(value, (lo, hi), "cluster_wilson_t", **info)
 
     def case_sets(name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(numerator, denominator) indicators per case of a binary proportion metric."""
+        """(numerator, denominator) indicators per case of a proportion metric (all but accuracy: binary)."""
+        if name == "accuracy":
+            return hit, np.ones(len(y))
         pos, ppos = y_pos.astype(np.float64), (pred == positive_index).astype(np.float64)
         return {
-            "accuracy": (hit, np.ones(len(y))),
             "sensitivity": (ppos, pos),
             "specificity": (1.0 - ppos, 1.0 - pos),
             "ppv": (pos, ppos),
@@ -248,8 +249,6 @@ def discrimination_block(
 
     def prop(name: str) -> dict:
         if bootstrap.clustered:
-            if name == "accuracy":
-                return clustered_prop(point[name], hit, np.ones(len(y)))
             return clustered_prop(point[name], *case_sets(name))
         num, den = _counts_for(name, cm_point, positive_index)
         return value_ci(point[name], wilson_ci(num, den, level), "wilson", n=den)

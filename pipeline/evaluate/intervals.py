@@ -1,5 +1,6 @@
 """The reported form of a number and its intervals: ``value_ci``, the Wilson score interval of a
-proportion (independent or patient-clustered cases) and the test-inversion interval of a non-negative error (binned calibration errors).
+proportion (independent or patient-clustered cases) and the test-inversion interval of a non-negative
+error (binned calibration errors).
 
 The CI methods and conventions are described in :mod:`pipeline.evaluate.metrics`.
 """

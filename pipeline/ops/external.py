@@ -104,12 +104,10 @@ def validate_external(
     """
     from pipeline.evaluate.calibration_metrics import calibration_block
     from pipeline.evaluate.discrimination import discrimination_block
-    from pipeline.ingest.channels import case_units
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
     from pipeline.ingest.labels import read_labels
-    from pipeline.ingest.sources import scan_sources
     from pipeline.ingest.stage import _case_refs
-    from pipeline.ops.predict import predict_folder
+    from pipeline.ops.predict import predict_folder, require_folder, scan_cases
     from pipeline.stats.bootstrap import Bootstrap
 
     task = cfg.task
@@ -124,13 +122,13 @@ def validate_external(
         raise MedtlError(f"validate --labels: file {labels_csv} does not exist; expected a labels CSV")
     data = cfg.data.model_copy(update={"source": input_dir, "labels_csv": labels_csv, "split_column": None})
     rows, label_problems = read_labels(data, task)
-    summary = predict_folder(cfg, model, input_dir, out_dir / "scored", scorer=scorer)
-    scored = json.loads((out_dir / "scored" / "predictions.json").read_text())["cases"]
-
     ws = Path(cfg.runtime.workspace)
     key = load_or_create_key(ensure_private_dir(ws / "private"), cfg.deid.key_env)
-    items, _ = scan_sources(input_dir, kinds=tuple(cfg.data.kinds))
-    units = case_units(cfg.data, items, key, []) if cfg.data.channels else [(i.key, [i]) for i in items]
+    # the folder is scanned once: the same cases are scored and matched to their label rows
+    found = scan_cases(cfg, require_folder(input_dir), key, bool(cfg.data.channels))
+    summary = predict_folder(cfg, model, input_dir, out_dir / "scored", scorer=scorer, cases=found)
+    scored = json.loads((out_dir / "scored" / "predictions.json").read_text())["cases"]
+    units = found[0]
     values = list(task.label_values)
     names = list(task.class_names)
     y, raw, cal, patients, used_refs = [], [], [], [], set()

@@ -271,38 +271,63 @@ def ood_flags(meta: dict[str, Any], kind: str, array: np.ndarray, ref: dict[str,
     return flags
 
 
+def require_folder(input_dir: Path) -> Path:
+    """``input_dir`` as a Path, refused (before any model is loaded or file scanned) when it is not a folder."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise MedtlError(f"predict --input: folder {input_dir} does not exist; expected a folder of scans")
+    return input_dir
+
+
+def scan_cases(
+    cfg: Config, input_dir: Path, key: bytes, channels: bool
+) -> tuple[list[tuple[str, list[Any]]], list[dict[str, Any]]]:
+    """The cases of a folder of scans (one per series/file, or per case of ``data.channels`` when
+    ``channels``) and the problems met finding them (files refused at scan, cases without their channels),
+    by pseudonym and code."""
+    from pipeline.ingest.channels import case_units
+    from pipeline.ingest.deid import pseudonym
+    from pipeline.ingest.sources import scan_sources
+
+    items, rejected = scan_sources(Path(input_dir), kinds=tuple(cfg.data.kinds))
+    problems = [{"file": pseudonym(r.path, key, prefix="F"), "code": r.code} for r in rejected]
+    units = case_units(cfg.data, items, key, problems) if channels else [(i.key, [i]) for i in items]
+    return units, problems
+
+
 def predict_folder(
-    cfg: Config, model: dict[str, Any], input_dir: Path, out_dir: Path, scorer: ModelScorer | None = None
+    cfg: Config,
+    model: dict[str, Any],
+    input_dir: Path,
+    out_dir: Path,
+    scorer: ModelScorer | None = None,
+    cases: tuple[list[tuple[str, list[Any]]], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Score every readable case under ``input_dir`` with ``model``; write CSV and JSON into ``out_dir``.
 
     ``scorer``: an already loaded model (default: the registered ``model``'s, :class:`ModelScorer`).
+    ``cases``: the folder's :func:`scan_cases`, when the caller has scanned it already.
 
     Returns:
         The summary (also the ``summary`` block of ``predictions.json``), including drift figures.
     """
     from pipeline.augment.preprocess import preprocess
-    from pipeline.ingest.channels import case_units, load_case
+    from pipeline.ingest.channels import load_case
     from pipeline.ingest.decode_jobs import check_values, unexpected_failure
     from pipeline.ingest.deid import ensure_private_dir, load_or_create_key, pseudonym
-    from pipeline.ingest.sources import LoadOptions, scan_sources
+    from pipeline.ingest.sources import LoadOptions
     from pipeline.trained.artefact import preprocess_spec
 
     ws = Path(cfg.runtime.workspace)
-    input_dir = Path(input_dir)
-    if not input_dir.is_dir():
-        raise MedtlError(f"predict --input: folder {input_dir} does not exist; expected a folder of scans")
+    input_dir = require_folder(input_dir)
     private = ensure_private_dir(ws / "private")
     key = load_or_create_key(private, cfg.deid.key_env)
     scorer = scorer or ModelScorer(ws, model, cfg)
     spec = preprocess_spec(scorer.spec)
     _check_channels(cfg, spec)
-    items, rejected = scan_sources(input_dir, kinds=tuple(cfg.data.kinds))
+    units, found = cases if cases is not None else scan_cases(cfg, input_dir, key, bool(spec.channel_names))
     options = LoadOptions(tilt=cfg.ingest.tilt, uneven_spacing=cfg.ingest.uneven_spacing)
-    cases, xs, private_map, problems = [], [], [], []
-    for r in rejected:
-        problems.append({"file": pseudonym(r.path, key, prefix="F"), "code": r.code})
-    units = case_units(cfg.data, items, key, problems) if spec.channel_names else [(i.key, [i]) for i in items]
+    cases, xs, private_map, problems = [], [], [], list(found)
     for unit_key, members in units:
         item = members[0]
         case_id = pseudonym(unit_key, key, prefix="C")

@@ -81,13 +81,13 @@ def warm_start_into(model: nn.Module, work_dir: Path) -> bool:
             f"({type(model).__name__}, {cfg_summary(model)}); expected the same backbone and classes. "
             "Use warm_start: pretrained after changing the backbone or the classes"
         ) from err
-    note = path.with_suffix(".txt")  # who put the weights there, when not the FineTune task's champion copy
-    source = note.read_text().strip()[:200] if note.is_file() else "the champion's weights"
-    log.info("FineTune: warm start from %s", source)
+    log.info(
+        "FineTune: warm start from %s (a champion's weights, or a semi-supervised student's teacher)",
+        WARM_START_FILE,
+    )
     return True
 
 
 def cfg_summary(model: nn.Module) -> str:
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     return f"{getattr(head, 'out_features', '?')} outputs"
-

@@ -126,7 +126,6 @@ def student_config(cfg, teacher: nn.Module, work_dir: Path, **train_update: Any)
     tc = cfg.train
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.save({kk: v.detach().cpu() for kk, v in teacher.state_dict().items()}, work_dir / WARM_START_FILE)
-    (work_dir / WARM_START_FILE).with_suffix(".txt").write_text("the supervised teacher (semi-supervised student)")
     update = {
         "epochs": max(1, math.ceil(tc.epochs * tc.ssl_student_epochs)),
         "warmup_epochs": 0,
