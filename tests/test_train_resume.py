@@ -41,9 +41,11 @@ def _epochs_done(history: Path) -> list[dict[str, str]]:
 
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path: Path) -> None:
     aug = make_augment_dir(tmp_path, n=120, size=24)
-    # dropout, augmentation, cosine schedule, AdamW and EMA state all have to replay exactly
+    # dropout, augmentation, mixup draws, cosine schedule, AdamW and EMA state all have to replay exactly
     cfg = load_config(
-        write_train_config(tmp_path, strategy="finetune", epochs=4, batch_size=4, size=24, ema_decay=0.9)
+        write_train_config(
+            tmp_path, strategy="finetune", epochs=4, batch_size=4, size=24, ema_decay=0.9, mixup_alpha=0.4
+        )
     )
 
     ref = _worker(write_job(cfg, aug, tmp_path / "ref_out", tmp_path / "ref_work"))

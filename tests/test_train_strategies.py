@@ -212,3 +212,47 @@ def test_probe_head_does_not_blow_up_nearly_constant_features(rng: np.random.Gen
     with torch.no_grad():
         p = torch.softmax(m(torch.from_numpy(x[150:]).float()), 1)[:, 1].numpy()
     assert np.corrcoef(p, x[150:, 0])[0, 1] > 0.8
+
+
+def test_mixup_blends_inputs_and_targets_alike() -> None:
+    """The blended loss equals the loss on blended soft targets (weighted, summed CE is linear in them)."""
+    from pipeline.train.epochs import mixup
+
+    torch.manual_seed(3)
+    x = torch.arange(24, dtype=torch.float32).reshape(6, 1, 2, 2)
+    y = torch.tensor([0, 1, 1, 0, 2, 2])
+    mixed, partner, lam = mixup(x, y, 0.4)
+    assert 0.0 < lam < 1.0
+    # each row is lam * itself + (1 - lam) * the row whose label is its partner's
+    torch.manual_seed(3)
+    lam2 = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(6)
+    assert lam2 == lam and torch.equal(partner, y[perm])
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+    logits = torch.randn(6, 3)
+    w = torch.tensor([0.5, 1.0, 2.0])
+    ce = nn.CrossEntropyLoss(weight=w, reduction="sum")
+    blended = lam * ce(logits, y) + (1 - lam) * ce(logits, partner)
+    soft = lam * nn.functional.one_hot(y, 3).float() + (1 - lam) * nn.functional.one_hot(partner, 3).float()
+    torch.testing.assert_close(blended, ce(logits, soft))
+
+
+def test_mixup_trains_and_leaves_old_digests_alone(project) -> None:
+    import hashlib
+
+    root, aug = project
+    plain = load_config(write_train_config(root, strategy="finetune", epochs=1))
+    # a field added later is hashed only when set: mixup_alpha 0 keeps the digest of configs without it
+    dumped = plain.train.model_dump(mode="json")
+    for f in ("device", "amp", "mixup_alpha"):
+        dumped.pop(f)
+    blob = json.dumps({"train": dumped}, sort_keys=True, separators=(",", ":")).encode()
+    assert plain.hashed("train") == hashlib.sha256(blob).hexdigest()[:12]
+    mixed = load_config(write_train_config(root, strategy="finetune", epochs=1, mixup_alpha=0.4))
+    assert mixed.hashed("train") != plain.hashed("train")
+    a = run_finetune(plain, aug, root / "out0", root / "work0", progress=False)
+    b = run_finetune(mixed, aug, root / "out1", root / "work1", progress=False)
+    assert a["mixup_alpha"] == 0.0 and b["mixup_alpha"] == 0.4
+    wa = TrainedModel.load(root / "out0").network.state_dict()
+    wb = TrainedModel.load(root / "out1").network.state_dict()
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if wa[k].is_floating_point())

@@ -52,6 +52,9 @@ class Config(_Section):
             dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
             for field in _UNHASHED.get(name, ()):
                 dumped.pop(field, None)
+            for field, neutral in _HASHED_WHEN_SET.get(name, {}).items():
+                if dumped.get(field) == neutral:
+                    dumped.pop(field)
             payload[name] = dumped
         if extra:
             payload["extra"] = extra
@@ -81,4 +84,10 @@ _UNHASHED: dict[str, tuple[str, ...]] = {
     "data": ("source", "labels_csv"),
     "evaluate": ("external",),  # the external sources' snapshots are hashed instead (plan_stages)
     "model": ("weights", "weights_sha256", "allow_unpinned"),  # the weights' content is hashed instead
+}
+
+# Fields added after workspaces existed, hashed only when set away from the value that reproduces the
+# earlier behaviour: upgrading medtl does not retrain every workspace's model for a feature it does not use.
+_HASHED_WHEN_SET: dict[str, dict[str, Any]] = {
+    "train": {"mixup_alpha": 0.0},
 }

@@ -305,7 +305,8 @@ def train_epochs(
             unit="step",
         )
         total, n_seen, waited = _optimizer_steps(
-            net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, tc.amp, bar, extra
+            net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, tc.amp, bar, extra,
+            mixup_alpha=tc.mixup_alpha,
         )
         bar.close()
         seconds = time.perf_counter() - t0
@@ -411,12 +412,28 @@ def judge(cfg: Config, model: nn.Module, val: SplitData, device: torch.device) -
     return val_score(val.y, probs, cfg.task.positive_index), vloss
 
 
+def mixup(xb: torch.Tensor, yb: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018) of one labelled micro-batch: ``lam * x + (1 - lam) * x[perm]`` with
+    ``lam ~ Beta(alpha, alpha)``; returns the blended inputs, the partners' targets and ``lam``.
+
+    Written here rather than taken from a library: the blend must sit inside this loop's micro-batch
+    accumulation, class-weighted summed loss and checkpointed torch RNG (the draws come from the global
+    torch generator, whose state ``last.pt`` saves, so a resumed run mixes exactly as an uninterrupted one).
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(yb))
+    return lam * xb + (1.0 - lam) * xb[perm], yb[perm], lam
+
+
 def _optimizer_steps(
-    net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, amp, bar, extra=None
+    net, model, loader, steps, loss_fn, opt, sched, scaler, ema, device, dist, amp, bar, extra=None,
+    mixup_alpha: float = 0.0,
 ):
     """One epoch's optimizer steps (micro-batches accumulated); returns summed loss, cases seen, data wait.
 
     ``extra``: ``(ExtraLoss, its batches of this epoch)``; their inputs share the labelled forward pass.
+    ``mixup_alpha`` > 0 blends each labelled micro-batch (:func:`mixup`); the loss is blended alike (the
+    loss is linear in the target, so this equals the loss on blended targets).
     """
     total, n_seen, waited = 0.0, 0, 0.0
     it = iter(loader)
@@ -427,6 +444,10 @@ def _optimizer_steps(
             tw = time.perf_counter()
             xb, yb = next(it)
             n_lab = len(yb)
+            partner, lam = None, 1.0
+            if mixup_alpha > 0:
+                xb, partner, lam = mixup(xb, yb, mixup_alpha)
+                partner = partner.to(device, non_blocking=True)
             if extra is not None:
                 xu, payload = next(extra[1])
                 xb = torch.cat([xb, xu])
@@ -441,7 +462,10 @@ def _optimizer_steps(
             with ctx:
                 with autocast(device, amp):
                     out = net(xb)
-                    loss = loss_fn(out[:n_lab], yb) / n_local
+                    loss = loss_fn(out[:n_lab], yb)
+                    if partner is not None:
+                        loss = lam * loss + (1.0 - lam) * loss_fn(out[:n_lab], partner)
+                    loss = loss / n_local
                     if extra is not None:
                         teacher = ema.module if ema is not None else None
                         loss = loss + extra[0].loss(out[n_lab:], payload, teacher)

@@ -241,6 +241,7 @@ def run_finetune(
         "probe": result.get("probe"),
         "probe_init": result.get("probe_init"),
         "ema_decay": tc.ema_decay,
+        "mixup_alpha": tc.mixup_alpha,
         "bn_reestimated_layers": result.get("bn_reestimated_layers"),
         "train_cases": len(train),
         "train_class_counts": counts.astype(int).tolist(),
