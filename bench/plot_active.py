@@ -1,6 +1,7 @@
 """Label-efficiency curves of one or more ``bench/active.py`` results (seeds pooled): the mean
 whole-test-set AUC per round and strategy with the range over seeds as a PNG, a Markdown table, and each
-strategy's paired difference with random over seeds x rounds (t interval, as ``bench/active.py``).
+strategy's paired difference with random over seeds x rounds (t interval, as ``bench/active.py``) and
+over per-seed means (t interval on seeds - 1 dof).
 
     python bench/plot_active.py OUT.png RESULT.json [RESULT.json ...]
 """
@@ -41,23 +42,37 @@ def paired(per_seed: dict, name: str) -> tuple[float, float, float, int]:
     return m, m - h, m + h, len(d)
 
 
+def per_seed_paired(per_seed: dict, name: str) -> tuple[float, float, float, int]:
+    """The same difference averaged within each seed first, t interval over seeds: the rounds of one seed
+    share their starting set and model, so they are not independent pairs."""
+    seeds = sorted(set(per_seed[name]) & set(per_seed["random"]))
+    d = np.array([np.mean(np.array(per_seed[name][k][1:]) - np.array(per_seed["random"][k][1:])) for k in seeds])
+    m, sd = float(d.mean()), float(d.std(ddof=1))
+    h = float(t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d)))
+    return m, m - h, m + h, len(d)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv or sys.argv[1:]
     dst, srcs = Path(args[0]), [Path(a) for a in args[1:]]
     doc = merge(srcs)
     rounds, n_seeds = doc["rounds"], len(next(iter(doc["per_seed"].values())))
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    print("| strategy | " + " | ".join(f"{r} labels" for r in rounds) + " | vs random (95% CI) |")
-    print("|---" * (len(rounds) + 2) + "|")
+    print(
+        "| strategy | " + " | ".join(f"{r} labels" for r in rounds)
+        + " | vs random, seeds x rounds (95% CI) | vs random, per-seed means (95% CI) |"
+    )
+    print("|---" * (len(rounds) + 3) + "|")
     for name, seeds in doc["per_seed"].items():
         v = np.array(list(seeds.values()), dtype=float)  # seeds x rounds
         label = f"{name} (default)" if name == doc["default"] else name
         ax.plot(rounds, v.mean(axis=0), "--" if name == "random" else "-", marker="o", label=label)
         ax.fill_between(rounds, v.min(axis=0), v.max(axis=0), alpha=0.15)
-        diff = ""
+        diff = " | "
         if name != "random" and "random" in doc["per_seed"]:
             m, lo, hi, n = paired(doc["per_seed"], name)
-            diff = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}], n = {n}"
+            ms, los, his, ns = per_seed_paired(doc["per_seed"], name)
+            diff = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}], n = {n} | {ms:+.3f} [{los:+.3f}, {his:+.3f}], {ns} seeds"
         print(f"| {label} | " + " | ".join(f"{x:.3f}" for x in v.mean(axis=0)) + f" | {diff} |")
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("test AUC (whole official test set)")
