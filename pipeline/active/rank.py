@@ -24,7 +24,8 @@ __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "rank_candidates"]
 STRATEGIES = ("typiclust", "entropy", "margin", "coreset", "probcover", "random")
 #: The shipped default, chosen on the bench (BENCHMARKS.md, "Active learning"): on BreastMNIST (20 labels,
 #: +20 per round, 3 seeds x 4 rounds) entropy led random by +0.022 test AUC and TypiClust trailed it by
-#: -0.029, although TypiClust is made for the tens-of-labels regime.
+#: -0.029, although TypiClust is made for the tens-of-labels regime. Confirmed on 7 fresh seeds: over 10
+#: seeds x 4 rounds entropy leads random by +0.018 [+0.001, +0.035] (95% CI).
 DEFAULT_STRATEGY = "entropy"
 
 
