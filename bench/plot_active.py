@@ -37,9 +37,7 @@ def paired(per_seed: dict, name: str) -> tuple[float, float, float, int]:
     """Mean difference with random over seeds x chosen rounds (round 0 is the shared start) and its CI."""
     seeds = sorted(set(per_seed[name]) & set(per_seed["random"]))
     d = np.array([np.array(per_seed[name][k]) - np.array(per_seed["random"][k]) for k in seeds])[:, 1:].ravel()
-    m, sd = float(d.mean()), float(d.std(ddof=1))
-    h = float(t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d)))
-    return m, m - h, m + h, len(d)
+    return _t_interval(d)
 
 
 def per_seed_paired(per_seed: dict, name: str) -> tuple[float, float, float, int]:
@@ -47,6 +45,11 @@ def per_seed_paired(per_seed: dict, name: str) -> tuple[float, float, float, int
     share their starting set and model, so they are not independent pairs."""
     seeds = sorted(set(per_seed[name]) & set(per_seed["random"]))
     d = np.array([np.mean(np.array(per_seed[name][k][1:]) - np.array(per_seed["random"][k][1:])) for k in seeds])
+    return _t_interval(d)
+
+
+def _t_interval(d: np.ndarray) -> tuple[float, float, float, int]:
+    """Mean of the differences ``d``, its 95% t interval and the count."""
     m, sd = float(d.mean()), float(d.std(ddof=1))
     h = float(t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d)))
     return m, m - h, m + h, len(d)

@@ -416,7 +416,8 @@ def mixup(xb: torch.Tensor, yb: torch.Tensor, alpha: float) -> tuple[torch.Tenso
     """Mixup (Zhang et al. 2018) of one labelled micro-batch: ``lam * x + (1 - lam) * x[perm]`` with
     ``lam ~ Beta(alpha, alpha)``; returns the blended inputs, the partners' targets and ``lam``.
 
-    Written here rather than taken from a library: the blend must sit inside this loop's micro-batch
+    Written here rather than with ``timm.data.Mixup`` (which draws from numpy's global generator, needs an
+    even batch and returns label-smoothed soft targets): the blend must sit inside this loop's micro-batch
     accumulation, class-weighted summed loss and checkpointed torch RNG (the draws come from the global
     torch generator, whose state ``last.pt`` saves, so a resumed run mixes exactly as an uninterrupted one).
     """
