@@ -69,3 +69,46 @@ def test_ece_interval_covers_where_the_bias_shifted_interval_did_not(sc: cov.Sce
     # 80 replicates: a 95% interval covers at least 85% of them except with probability < 0.1%
     assert new >= 0.85, f"new ECE interval covered {new:.2f}"
     assert old < 0.85, f"bias-shifted interval covered {old:.2f}"
+
+
+def _world_draws(monkeypatch: pytest.MonkeyPatch, conf: np.ndarray, y: np.ndarray, bs: Bootstrap):
+    """The perfect world's (u = 0) simulated ECEs and the resample sizes of ``binned_error_ci``."""
+    import pipeline.evaluate.calibration_metrics as cm
+
+    seen = {}
+
+    def spy(observed, world, level):
+        seen["theta"], seen["samples"] = world(0.0)
+        return [(0.0, 1.0)] * len(observed)
+
+    monkeypatch.setattr(cm, "inverted_ci", spy)
+    cm.binned_error_ci(conf, y, bs, cov.N_BINS)
+    n_star = np.concatenate(list(bs.counts())).sum(axis=1)
+    return seen["samples"][:, 0], n_star
+
+
+def test_world_copies_are_new_cases(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every case at p = 0.5, one bin: a world resample's ECE is |events - n*/2| / n*, and a copy of a drawn
+    # case is a new case, so the events are a whole number from Binomial(n*, 0.5).
+    n = 120
+    conf = np.full(n, 0.5)
+    y = (np.arange(n) % 2).astype(np.float64)
+    ece_w, n_star = _world_draws(monkeypatch, conf, y, Bootstrap(n, 400, seed=5))
+    dev = ece_w * n_star  # |events - n*/2|
+    frac = np.abs(dev - 0.5 * n_star - np.round(dev - 0.5 * n_star))
+    assert np.all(frac < 1e-9), "events per world resample must be whole numbers"
+    assert np.mean(dev**2 / n_star) == pytest.approx(0.25, rel=0.15)  # binomial variance n* / 4
+
+
+def test_world_patient_copies_move_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two images per patient with the same outcome: within a drawn copy of a patient the outcomes are
+    # comonotone (rho = 1), so each copy adds 0 or 2 events and the event count is even.
+    g = 80
+    conf = np.full(2 * g, 0.5)
+    y = np.repeat((np.arange(g) % 2).astype(np.float64), 2)
+    patients = np.repeat(np.arange(g), 2)
+    ece_w, n_star = _world_draws(monkeypatch, conf, y, Bootstrap(2 * g, 400, seed=5, clusters=patients))
+    events = np.round(0.5 * n_star + ece_w * n_star)  # |events - n*/2| = dev: both roots are even
+    other = np.round(0.5 * n_star - ece_w * n_star)
+    assert np.all((events % 2 == 0) & (other % 2 == 0))
+    assert np.mean((ece_w * n_star) ** 2 / n_star) == pytest.approx(0.5, rel=0.2)  # pairs: variance doubles
